@@ -1,0 +1,1 @@
+"""mergec: merge trained networks without training."""
