@@ -1,1 +1,14 @@
-"""mergec: merge trained networks without training."""
+"""mergec: a graph-rewriting compiler over torch.fx that merges trained networks without
+training.
+
+    import mergec
+    spec = mergec.discover(model, example_inputs)   # which units can be permuted
+    twin = mergec.permute(model, example_inputs)    # same function, units shuffled
+"""
+from mergec.errors import (CheckpointError, MergecError, MergeError, SpecError,  # noqa: F401
+                           TraceError)
+from mergec.spec import Binding, Space, UnitSpec  # noqa: F401
+from mergec.passes.trace import trace  # noqa: F401
+from mergec.api import discover, permute  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""Applying permutations of spaces to a state dict (invariant 1 of the design).
+
+A permutation is an index tensor ``perm`` with ``new = old.index_select(axis, perm)``. Structured
+spaces compose the permutations of their parts: blocks move as wholes and are permuted inside,
+composite spaces concatenate their parts, tiled spaces act on their factors row-major.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from mergec.errors import SpecError
+from mergec.spec import Binding, UnitSpec
+
+
+def _identity(size: int) -> torch.Tensor:
+    return torch.arange(size)
+
+
+def full_permutations(spec: UnitSpec, leaf: Callable[[str, int], torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+    """The permutation of every space, built from ``leaf(space_id, size)`` for the spaces (or
+    inner blocks) that choose freely. Fixed spaces get the identity."""
+    result: dict[str, torch.Tensor] = {}
+
+    def of(space_id: str) -> torch.Tensor:
+        if space_id in result:
+            return result[space_id]
+        space = spec.spaces[space_id]
+        if space.fixed is not None:
+            perm = _identity(space.size)
+        elif space.kind == "composite":
+            offsets, pieces = 0, []
+            for part in space.parts:
+                pieces.append(of(part) + offsets)
+                offsets += spec.spaces[part].size
+            perm = torch.cat(pieces)
+        elif space.kind == "tiled":
+            perm = _tiled([(_identity(n) if f is None else of(f)) for f, n in space.factors])
+        elif space.kind == "blocks":
+            perm = _blocks(spec, space_id, of, leaf)
+        else:
+            perm = leaf(space_id, space.size)
+        result[space_id] = perm
+        return perm
+
+    for space_id in spec.spaces:
+        of(space_id)
+    return result
+
+
+def _tiled(factors: list[torch.Tensor]) -> torch.Tensor:
+    perm = torch.zeros(1, dtype=torch.long)
+    for factor in factors:
+        perm = (perm[:, None] * len(factor) + factor[None, :]).reshape(-1)
+    return perm
+
+
+def _blocks(spec: UnitSpec, space_id: str, of: Callable, leaf: Callable) -> torch.Tensor:
+    space = spec.spaces[space_id]
+    count, size = space.block_count, space.block_size
+    order = of(space.block_space) if space.block_space else _identity(count)
+    inner = []
+    for block in range(count):
+        if space.parts:
+            inner.append(of(space.parts[block]))
+        elif space.within_fixed is not None:
+            inner.append(_identity(size))
+        else:
+            inner.append(leaf(f"{space_id}/{block}", size))
+    return torch.cat([order[h] * size + inner[int(order[h])] for h in range(count)])
+
+
+def random_permutations(spec: UnitSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random allowed permutation of every space."""
+    generator = torch.Generator().manual_seed(seed)
+    return full_permutations(spec, lambda _, size: torch.randperm(size, generator=generator))
+
+
+def permute_state_dict(state: Mapping[str, torch.Tensor], spec: UnitSpec,
+                       perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Applies the permutation of each space to every axis bound to it."""
+    out = dict(state)
+    by_key: dict[str, list[Binding]] = {}
+    for binding in spec.bindings:
+        by_key.setdefault(binding.key, []).append(binding)
+    for key, bindings in by_key.items():
+        if key not in out:
+            raise SpecError(f"permute: the spec binds {key!r}, which the model does not have")
+        tensor = out[key]
+        grouped = [b for b in bindings if b.groups > 1]
+        if grouped:
+            tensor = _permute_grouped(tensor, bindings, perms)
+        else:
+            for binding in bindings:
+                perm = perms[binding.space].to(tensor.device)
+                if tensor.shape[binding.axis] != len(perm):
+                    raise SpecError(
+                        f"permute: axis {binding.axis} of {key!r} has size "
+                        f"{tensor.shape[binding.axis]}, space {binding.space} has {len(perm)}")
+                tensor = tensor.index_select(binding.axis, perm)
+        out[key] = tensor
+    return out
+
+
+def _permute_grouped(weight: torch.Tensor, bindings: list[Binding],
+                     perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A grouped conv weight holds the diagonal blocks of a block-diagonal matrix: expand it,
+    permute both axes, take the diagonal blocks back."""
+    groups = next(b.groups for b in bindings if b.groups > 1)
+    dense = block_diagonal(weight, groups)
+    for binding in bindings:
+        dense = dense.index_select(binding.axis, perms[binding.space].to(weight.device))
+    return diagonal_blocks(dense, groups)
+
+
+def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """(out, in/groups, ...) grouped weight -> (out, in, ...) block-diagonal weight."""
+    out_channels, per_group = weight.shape[:2]
+    dense = weight.new_zeros((out_channels, per_group * groups) + tuple(weight.shape[2:]))
+    rows = out_channels // groups
+    for g in range(groups):
+        dense[g * rows:(g + 1) * rows, g * per_group:(g + 1) * per_group] = \
+            weight[g * rows:(g + 1) * rows]
+    return dense
+
+
+def diagonal_blocks(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`block_diagonal`."""
+    out_channels, in_channels = dense.shape[:2]
+    rows, per_group = out_channels // groups, in_channels // groups
+    return torch.cat([dense[g * rows:(g + 1) * rows, g * per_group:(g + 1) * per_group]
+                      for g in range(groups)])
+
+
+def permute_model(model: nn.Module, spec: UnitSpec, seed: int = 0) -> nn.Module:
+    """A deep copy of ``model`` with every free space randomly permuted."""
+    perms = random_permutations(spec, seed)
+    clone = copy.deepcopy(model)
+    state = permute_state_dict(clone.state_dict(), spec, perms)
+    clone.load_state_dict(state)
+    return clone

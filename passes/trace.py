@@ -1,0 +1,139 @@
+"""trace: the frontend. Exports a model to an aten-level fx ``GraphModule``.
+
+The canonical IR of mergec is the graph of ``torch.export.export(model.eval(), args,
+strict=False)``, unlifted (``ExportedProgram.module()``): parameters and buffers are ``get_attr``
+nodes whose targets are the model's state-dict keys, every node carries a fake tensor in
+``meta["val"]`` and call nodes carry ``meta["nn_module_stack"]``. One op vocabulary serves
+torchvision, transformers and user models alike.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from mergec.errors import TraceError
+
+log = logging.getLogger(__name__)
+
+#: ``meta`` key of the graph module under which the traced model's state-dict keys are kept.
+STATE_KEYS = "mergec_state_keys"
+
+
+def as_args(example_inputs: Any) -> tuple:
+    """Normalises example inputs: a bare tensor is one positional input."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise TraceError(
+            f"trace: example inputs must be a tensor or a tuple of positional inputs, "
+            f"got {type(example_inputs).__name__}"
+        )
+    return example_inputs
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments that make a model exportable as a user loads it.
+
+    transformers decoders return cache objects (``DynamicCache``) that are no pytree; asking
+    for no cache gives plain tensors and the same hidden states.
+    """
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    config = getattr(model, "config", None)
+    if "use_cache" in parameters and config is not None:
+        return {"use_cache": False}
+    return {}
+
+
+def _failing_construct(error: BaseException) -> str:
+    """The first line of an export error, with the user code location it names."""
+    text = str(error).strip()
+    first = text.splitlines()[0][:300] if text else type(error).__name__
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', text)
+    user = [frame for frame in frames if "site-packages/torch" not in frame[0]]
+    if user:
+        file, line, function = user[-1]
+        return f"{first} (at {file}:{line}, in {function})"
+    return first
+
+
+def _module_path(error: BaseException, model: nn.Module) -> str:
+    """The module path (``layer1.0.conv1``) whose forward raised, if the traceback shows one."""
+    modules = {id(module): name for name, module in model.named_modules()}
+    traceback = error.__traceback__
+    path = ""
+    while traceback is not None:
+        frame_self = traceback.tb_frame.f_locals.get("self")
+        if isinstance(frame_self, nn.Module) and id(frame_self) in modules:
+            path = modules[id(frame_self)] or "<root>"
+        traceback = traceback.tb_next
+    return path
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """Options of the trace pass."""
+
+    dynamic_batch: bool = True
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
+    if dynamic_batch:
+        dynamic = tuple({0: Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
+                        for a in args)
+        if kwargs:
+            names = list(inspect.signature(model.forward).parameters)
+            dynamic = {**dict(zip(names, dynamic)), **{k: None for k in kwargs}}
+        try:
+            return torch.export.export(model, args, kwargs or None, strict=False,
+                                       dynamic_shapes=dynamic)
+        except Exception as error:  # noqa: BLE001 - retried statically, then reported
+            log.info("trace: dynamic batch failed (%s); exporting with static shapes",
+                     _failing_construct(error))
+    return torch.export.export(model, args, kwargs or None, strict=False)
+
+
+def trace(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = True
+          ) -> torch.fx.GraphModule:
+    """Exports ``model`` to an aten-level ``torch.fx.GraphModule``.
+
+    The model is deep-copied and put in eval mode; the caller's model is not touched. The batch
+    dimension is dynamic where the model allows it. Raises :class:`TraceError` naming the failing
+    construct and module path, with the export error chained.
+
+    Example::
+
+        gm = mergec.trace(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))
+        gm(torch.randn(5, 3, 64, 64))
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"trace: expected a torch.nn.Module, got {type(model).__name__}")
+    args = as_args(example_inputs)
+    model = copy.deepcopy(model).eval()
+    kwargs = _forward_kwargs(model)
+    try:
+        with torch.no_grad():
+            program = _export(model, args, kwargs, dynamic_batch)
+    except Exception as error:  # noqa: BLE001 - every export failure becomes a TraceError
+        where = _module_path(error, model)
+        raise TraceError(
+            f"trace: torch.export could not export {type(model).__name__}"
+            f"{f' (in module {where!r})' if where else ''}: {_failing_construct(error)}. "
+            "Make the construct traceable (no data-dependent Python control flow, no "
+            "unsupported outputs) or pass example inputs that the model accepts."
+        ) from error
+    graph_module = program.module()
+    graph_module.meta[STATE_KEYS] = tuple(model.state_dict().keys())
+    return graph_module
