@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up (scripts/setup.sh) and runs mergec's main job on a bundled default, no download.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/mergec inspect torchvision:resnet18 --input-shape 2,3,64,64 "$@"
