@@ -1,0 +1,146 @@
+"""Streaming joint moments of two models' features, for the correlation that ZipIt! matches on.
+
+``collect-stats`` runs calibration data through both models and, for every matched pair of
+spaces, feeds the features of A and B at the probe node to a :class:`JointMoments`. Only the
+count, the sum and the sum of outer products of the concatenated vector ``[x_a; x_b]`` are kept,
+in float64, so memory is O(d^2) whatever the amount of data, and accumulators from several
+batches, processes or hosts add up to exactly the statistics of one pass over all the data.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mergec.algorithms._distributed import all_reduce_sum_
+from mergec.errors import MergeError
+
+# A unit whose variance is below this fraction of its mean square is treated as constant ("dead"):
+# float64 cancellation in E[x^2] - E[x]^2 leaves noise of about 1e-16 relative, never zero.
+DEAD_UNIT_RELATIVE_VARIANCE = 1e-12
+
+
+def feature_rows(x: Tensor, axis: int) -> Tensor:
+    """Move the feature ``axis`` last and flatten every other axis into samples.
+
+    A conv feature map ``[batch, channels, height, width]`` with ``axis=1`` becomes
+    ``[batch * height * width, channels]``: every pixel is a sample of the channel space, as in
+    ZipIt! and Git Re-Basin's activation matching.
+
+    >>> feature_rows(torch.zeros(2, 3, 4, 5), axis=1).shape
+    torch.Size([40, 3])
+    """
+    if x.dim() == 0:
+        raise MergeError("feature_rows: a scalar has no feature axis")
+    if not -x.dim() <= axis < x.dim():
+        raise MergeError(
+            f"feature_rows: axis {axis} is out of range for a tensor of shape {tuple(x.shape)}"
+        )
+    features = x.movedim(axis, -1)
+    return features.reshape(-1, features.shape[-1])
+
+
+class JointMoments:
+    """Count, sum and sum of outer products of ``[x_a; x_b]``, accumulated in float64.
+
+    Example:
+        >>> moments = JointMoments(dim_a=3, dim_b=2)
+        >>> x = torch.randn(100, 3)
+        >>> moments.update(x, x[:, :2])
+        >>> moments.correlation().shape
+        torch.Size([5, 5])
+    """
+
+    def __init__(self, dim_a: int, dim_b: int, device: torch.device | str | None = None) -> None:
+        if dim_a < 1 or dim_b < 1:
+            raise MergeError(
+                f"JointMoments: feature widths must be positive, got dim_a={dim_a}, dim_b={dim_b}"
+            )
+        self.dim_a = dim_a
+        self.dim_b = dim_b
+        dim = dim_a + dim_b
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sum.device
+
+    def update(self, x_a: Tensor, x_b: Tensor) -> None:
+        """Add ``n`` samples: ``x_a`` is ``[n, dim_a]``, ``x_b`` is ``[n, dim_b]``.
+
+        Flatten non-feature axes into samples first with :func:`feature_rows`.
+        """
+        self._check_batch(x_a, x_b)
+        joint = torch.cat(
+            [
+                x_a.detach().to(self.device, torch.float64),
+                x_b.detach().to(self.device, torch.float64),
+            ],
+            dim=1,
+        )
+        self.count += joint.shape[0]
+        self.sum += joint.sum(dim=0)
+        self.sum_outer += joint.T @ joint
+
+    def _check_batch(self, x_a: Tensor, x_b: Tensor) -> None:
+        for name, x, dim in (("x_a", x_a, self.dim_a), ("x_b", x_b, self.dim_b)):
+            if x.dim() != 2 or x.shape[1] != dim:
+                raise MergeError(
+                    f"JointMoments.update: {name} must be [samples, {dim}], got {tuple(x.shape)}; "
+                    "use feature_rows(x, axis) to flatten non-feature axes"
+                )
+        if x_a.shape[0] != x_b.shape[0]:
+            raise MergeError(
+                f"JointMoments.update: x_a has {x_a.shape[0]} samples but x_b has {x_b.shape[0]}; "
+                "both models must see the same inputs"
+            )
+
+    def merge(self, other: JointMoments) -> None:
+        """Add ``other``'s accumulators into this one (the statistics of both sample sets)."""
+        if (other.dim_a, other.dim_b) != (self.dim_a, self.dim_b):
+            raise MergeError(
+                f"JointMoments.merge: widths differ, ({self.dim_a}, {self.dim_b}) "
+                f"vs ({other.dim_a}, {other.dim_b})"
+            )
+        self.count += other.count.to(self.device)
+        self.sum += other.sum.to(self.device)
+        self.sum_outer += other.sum_outer.to(self.device)
+
+    def all_reduce(self) -> None:
+        """Sum the accumulators over all processes if torch.distributed is initialised."""
+        all_reduce_sum_([self.count, self.sum, self.sum_outer])
+
+    def _require_samples(self) -> None:
+        if self.count.item() == 0:
+            raise MergeError(
+                "JointMoments: no samples were accumulated; run calibration data first"
+            )
+
+    @property
+    def mean(self) -> Tensor:
+        """Mean of ``[x_a; x_b]``, shape ``[dim_a + dim_b]``."""
+        self._require_samples()
+        return self.sum / self.count
+
+    def covariance(self) -> Tensor:
+        """Population covariance (divided by the count) of ``[x_a; x_b]``, ``[d, d]``."""
+        mean = self.mean
+        covariance = self.sum_outer / self.count - torch.outer(mean, mean)
+        return (covariance + covariance.T) / 2
+
+    def correlation(self) -> Tensor:
+        """Pearson correlation ``cov / outer(std, std)`` of ``[x_a; x_b]``.
+
+        A dead unit (constant over the data) has no defined correlation; it gets 0 with every
+        unit, itself included, so matchers see "no evidence" instead of NaN.
+        """
+        covariance = self.covariance()
+        variance = covariance.diagonal()
+        mean_square = self.sum_outer.diagonal() / self.count
+        alive = variance > DEAD_UNIT_RELATIVE_VARIANCE * mean_square
+        std = torch.where(alive, variance.clamp(min=0).sqrt(), torch.ones_like(variance))
+        correlation = covariance / torch.outer(std, std)
+        correlation = correlation * torch.outer(alive, alive)
+        return correlation.clamp(-1.0, 1.0)

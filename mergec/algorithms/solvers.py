@@ -1,0 +1,464 @@
+"""Solvers that turn a similarity between two models' features into merge and unmerge matrices.
+
+Every solver returns a :class:`MergePlan`. For a space of width ``d_a`` in model A and ``d_b``
+in model B, merged to width ``r``, the merged features are ``z = M_a x_a + M_b x_b`` and the
+originals are recovered approximately as ``x_a = U_a z``, ``x_b = U_b z``. A permutation is the
+special case where every merged feature averages exactly one feature of each model.
+
+The solvers know nothing of graphs: ``match`` builds the similarity (activation correlation,
+weight similarity, or MuDSC's mix of both), picks a solver per space and hands the plan to
+``zip``. Note that :func:`zip` shadows the builtin inside this module on purpose: it is the name
+of the ZipIt! algorithm.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from mergec.errors import MergeError
+
+logger = logging.getLogger(__name__)
+
+#: A within-block solver for :func:`match_blocks`: ``(joint_similarity, d_a, d_b) -> MergePlan``,
+#: where ``joint_similarity`` is the ``(d_a + d_b)`` square similarity of one block of A and one
+#: block of B. :func:`zip`, :func:`elastic_zip` and :func:`permute_joint` have this signature.
+BlockSolver = Callable[[Tensor, int, int], "MergePlan"]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """How to merge one space: ``z = merge_a @ x_a + merge_b @ x_b``, ``x_a ≈ unmerge_a @ z``.
+
+    Shapes: ``merge_a`` r×d_a, ``merge_b`` r×d_b, ``unmerge_a`` d_a×r, ``unmerge_b`` d_b×r.
+
+    Example:
+        >>> plan = average(4)
+        >>> plan.width, plan.dim_a, plan.dim_b
+        (4, 4, 4)
+    """
+
+    merge_a: Tensor
+    merge_b: Tensor
+    unmerge_a: Tensor
+    unmerge_b: Tensor
+
+    def __post_init__(self) -> None:
+        shapes = [
+            tuple(m.shape) for m in (self.merge_a, self.merge_b, self.unmerge_a, self.unmerge_b)
+        ]
+        if any(len(shape) != 2 for shape in shapes):
+            raise MergeError(f"MergePlan: every matrix must be 2-D, got shapes {shapes}")
+        width = self.merge_a.shape[0]
+        consistent = (
+            self.merge_b.shape[0] == width
+            and self.unmerge_a.shape == (self.merge_a.shape[1], width)
+            and self.unmerge_b.shape == (self.merge_b.shape[1], width)
+        )
+        if not consistent:
+            raise MergeError(
+                "MergePlan: expected merge_a r×d_a, merge_b r×d_b, "
+                "unmerge_a d_a×r, unmerge_b d_b×r; "
+                f"got {shapes}"
+            )
+
+    @property
+    def width(self) -> int:
+        """Merged width r."""
+        return self.merge_a.shape[0]
+
+    @property
+    def dim_a(self) -> int:
+        return self.merge_a.shape[1]
+
+    @property
+    def dim_b(self) -> int:
+        return self.merge_b.shape[1]
+
+    def merge_features(self, x_a: Tensor, x_b: Tensor) -> Tensor:
+        """Merged features ``[..., r]`` of feature-last ``x_a [..., d_a]``, ``x_b [..., d_b]``."""
+        return x_a @ self.merge_a.T.to(x_a) + x_b @ self.merge_b.T.to(x_b)
+
+    def unmerge_features(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Each model's features recovered from merged features ``z [..., r]``."""
+        return z @ self.unmerge_a.T.to(z), z @ self.unmerge_b.T.to(z)
+
+
+def average(d: int) -> MergePlan:
+    """Plain weight averaging: feature i of A merges with feature i of B (no matching).
+
+    >>> average(2).merge_a
+    tensor([[0.5000, 0.0000],
+            [0.0000, 0.5000]])
+    """
+    if d < 1:
+        raise MergeError(f"average: width must be positive, got {d}")
+    identity = torch.eye(d)
+    return MergePlan(identity / 2, identity / 2, identity.clone(), identity.clone())
+
+
+def _pair_plan(partner_of_a: Tensor, d: int, device: torch.device) -> MergePlan:
+    """Plan whose merged feature k averages feature k of A with feature ``partner_of_a[k]`` of B."""
+    identity = torch.eye(d, device=device)
+    pairing = identity[partner_of_a.to(device)]  # pairing[k, partner_of_a[k]] = 1
+    return MergePlan(identity / 2, pairing / 2, identity.clone(), pairing.T.contiguous())
+
+
+def _hungarian(similarity: Tensor) -> Tensor:
+    """Column matched to each row, maximising the total similarity (rows sorted 0..n-1)."""
+    rows, columns = linear_sum_assignment(similarity.detach().double().cpu().numpy(), maximize=True)
+    matched = torch.empty(len(rows), dtype=torch.long)
+    matched[torch.as_tensor(rows)] = torch.as_tensor(columns)
+    return matched
+
+
+def permute(similarity_ab: Tensor) -> MergePlan:
+    """Best one-to-one matching of A's features to B's (Hungarian), each pair averaged.
+
+    ``similarity_ab[i, j]`` is how alike feature i of A and feature j of B are (activation
+    correlation, weight similarity, ...). This is Git Re-Basin's / ZipIt's "permute" baseline.
+
+    >>> plan = permute(torch.tensor([[0.1, 0.9], [0.8, 0.2]]))
+    >>> plan.merge_b
+    tensor([[0.0000, 0.5000],
+            [0.5000, 0.0000]])
+    """
+    if similarity_ab.dim() != 2 or similarity_ab.shape[0] != similarity_ab.shape[1]:
+        raise MergeError(
+            "permute: needs a square d_a×d_b similarity (equal widths), "
+            f"got {tuple(similarity_ab.shape)}; "
+            "use elastic_zip for models of different width"
+        )
+    if not torch.isfinite(similarity_ab).all():
+        raise MergeError("permute: the similarity contains NaN or infinite values")
+    return _pair_plan(_hungarian(similarity_ab), similarity_ab.shape[0], similarity_ab.device)
+
+
+def permute_joint(similarity: Tensor, d_a: int, d_b: int) -> MergePlan:
+    """:func:`permute` on the cross-model block of a joint ``(d_a + d_b)`` square similarity.
+
+    It has the :data:`BlockSolver` signature, for :func:`match_blocks`.
+    """
+    _check_joint(similarity, d_a, d_b, "permute_joint")
+    return permute(similarity[:d_a, d_a:])
+
+
+def _check_joint(similarity: Tensor, d_a: int, d_b: int, solver: str) -> None:
+    if d_a < 1 or d_b < 1:
+        raise MergeError(f"{solver}: widths must be positive, got d_a={d_a}, d_b={d_b}")
+    size = d_a + d_b
+    if tuple(similarity.shape) != (size, size):
+        raise MergeError(
+            f"{solver}: needs the joint similarity of [x_a; x_b], shape ({size}, {size}) for "
+            f"d_a={d_a}, d_b={d_b}; got {tuple(similarity.shape)}"
+        )
+    if torch.isnan(similarity).any() or (similarity == float("inf")).any():
+        raise MergeError(
+            f"{solver}: the similarity contains NaN or +inf (-inf is allowed: never merge)"
+        )
+
+
+def _check_target(target: int, d_a: int, d_b: int, solver: str) -> None:
+    if not 1 <= target <= d_a + d_b:
+        raise MergeError(
+            f"{solver}: target width must be in [1, d_a + d_b] = [1, {d_a + d_b}], got {target}"
+        )
+
+
+def zip(  # noqa: A001 - the name of the ZipIt! algorithm
+    correlation: Tensor,
+    d_a: int,
+    d_b: int,
+    target: int | None = None,
+    alpha: float = 0.0,
+    beta: float = 0.0,
+) -> MergePlan:
+    """ZipIt!: greedily merge the most correlated pair of features, within or across models.
+
+    ``correlation`` is the joint ``(d_a + d_b)`` square matrix of ``[x_a; x_b]`` (see
+    :meth:`JointMoments.correlation`). Each step merges the most similar pair of current features
+    (a current feature is a set of originals); the merged feature's similarity to every other
+    becomes ``alpha * min`` of the two rows (ZipIt's decay: alpha=0 makes it look uncorrelated).
+    ``beta`` is each model's budget of within-model merges as a fraction of its width; a merge is
+    within model m when both sides already contain a feature of m. With ``beta=0`` only
+    cross-model merges happen and every feature merges at most once, so with ``target = d_a = d_b``
+    the result is a greedy one-to-one matching. Stops at ``target`` features (default
+    ``max(d_a, d_b)``). Merged features average their originals (rows of ``[M_a M_b]`` sum to 1);
+    ``U`` copies a merged feature back to every original it absorbed.
+
+    Cost: O((d_a + d_b)^2) per merge at worst, usually O(d_a + d_b).
+
+    >>> x = torch.randn(100, 3)
+    >>> joint = torch.corrcoef(torch.cat([x, x[:, [2, 0, 1]]], dim=1).T)
+    >>> zip(joint, 3, 3).merge_b
+    tensor([[0.0000, 0.5000, 0.0000],
+            [0.0000, 0.0000, 0.5000],
+            [0.5000, 0.0000, 0.0000]])
+    """
+    _check_joint(correlation, d_a, d_b, "zip")
+    target = max(d_a, d_b) if target is None else target
+    _check_target(target, d_a, d_b, "zip")
+    if not 0.0 <= alpha <= 1.0:
+        raise MergeError(f"zip: alpha (similarity decay) must be in [0, 1], got {alpha}")
+    if not 0.0 <= beta <= 1.0:
+        raise MergeError(f"zip: beta (within-model budget) must be in [0, 1], got {beta}")
+    budgets = (math.floor(beta * d_a + 1e-9), math.floor(beta * d_b + 1e-9))
+    narrowest = max(d_a - budgets[0], d_b - budgets[1])
+    if target < narrowest:
+        raise MergeError(
+            f"zip: width {target} is out of reach with beta={beta}: within-model budgets "
+            f"{budgets} leave at least {narrowest} features for d_a={d_a}, d_b={d_b}; "
+            "raise beta or the target"
+        )
+    labels = _greedy_zip(correlation, d_a, d_b, target, alpha, budgets)
+    return _plan_from_labels(labels, d_a, d_b, correlation.device)
+
+
+def elastic_zip(
+    correlation: Tensor,
+    d_a: int,
+    d_b: int,
+    target: int | None = None,
+    *,
+    alpha: float = 0.0,
+) -> MergePlan:
+    """ZipIt! for models of different width: merge ``[x_a; x_b]`` down to any width ``target``.
+
+    The default ``target`` is ``max(d_a, d_b)``; any ``1 <= target <= d_a + d_b`` works. Each
+    model's within-model budget is proportional to its width, ``ceil(d_m * merges / (d_a + d_b))``
+    for ``merges = d_a + d_b - target``, which always suffices to reach ``target``. With
+    ``target = d_a + d_b`` nothing is merged: the plan is the concatenation ``z = [x_a; x_b]``.
+
+    >>> plan = elastic_zip(torch.eye(6), 2, 4)
+    >>> plan.width
+    4
+    """
+    _check_joint(correlation, d_a, d_b, "elastic_zip")
+    target = max(d_a, d_b) if target is None else target
+    _check_target(target, d_a, d_b, "elastic_zip")
+    if not 0.0 <= alpha <= 1.0:
+        raise MergeError(f"elastic_zip: alpha (similarity decay) must be in [0, 1], got {alpha}")
+    merges = d_a + d_b - target
+    budgets = tuple(math.ceil(d * merges / (d_a + d_b)) for d in (d_a, d_b))
+    labels = _greedy_zip(correlation, d_a, d_b, target, alpha, budgets)
+    return _plan_from_labels(labels, d_a, d_b, correlation.device)
+
+
+class _ZipState:
+    """Working state of the greedy zip: similarities between current features, and per row its best.
+
+    Feature ``k`` stands for the set ``labels == k``; a merge of ``k`` and ``gone`` keeps the lower
+    index. ``row_best``/``row_best_index`` cache each row's maximum so that a step costs O(n)
+    unless a row's best partner was one of the merged pair.
+    """
+
+    def __init__(self, similarity: Tensor, d_a: int, budgets: tuple[int, int]) -> None:
+        size = similarity.shape[0]
+        self.similarity = similarity.detach().to("cpu", torch.float64, copy=True)
+        self.similarity.fill_diagonal_(-math.inf)
+        self.labels = torch.arange(size)
+        self.has_model = torch.zeros(size, 2, dtype=torch.bool)
+        self.has_model[:d_a, 0] = True
+        self.has_model[d_a:, 1] = True
+        self.budgets = list(budgets)
+        for model in (0, 1):
+            if self.budgets[model] == 0:
+                self._forbid_within(model)
+        self.row_best, self.row_best_index = self.similarity.max(dim=1)
+
+    def _forbid_within(self, model: int) -> None:
+        members = self.has_model[:, model]
+        self.similarity[members[:, None] & members[None, :]] = -math.inf
+
+    def best_pair(self) -> tuple[int, int]:
+        row = int(self.row_best.argmax())
+        if self.row_best[row] == -math.inf:
+            raise MergeError(
+                "zip: no mergeable pair is left before the target width (every similarity is -inf)"
+            )
+        column = int(self.row_best_index[row])
+        return min(row, column), max(row, column)
+
+    def merge(self, keep: int, gone: int, alpha: float) -> None:
+        within = self.has_model[keep] & self.has_model[gone]
+        self.labels[self.labels == gone] = keep
+        self.has_model[keep] |= self.has_model[gone]
+        decayed = torch.minimum(self.similarity[keep], self.similarity[gone])
+        decayed = torch.where(torch.isfinite(decayed), alpha * decayed, decayed)
+        self.similarity[gone, :] = -math.inf
+        self.similarity[:, gone] = -math.inf
+        newly_exhausted = self._spend_budget(within)
+        for model in newly_exhausted:
+            self._forbid_within(model)
+        exhausted = torch.tensor([budget == 0 for budget in self.budgets])
+        conflicts = (self.has_model & self.has_model[keep] & exhausted).any(dim=1)
+        decayed[conflicts] = -math.inf
+        decayed[[keep, gone]] = -math.inf
+        self.similarity[keep, :] = decayed
+        self.similarity[:, keep] = decayed
+        self._refresh_row_best(keep, gone, full=bool(newly_exhausted))
+
+    def _spend_budget(self, within: Tensor) -> list[int]:
+        newly_exhausted = []
+        for model in (0, 1):
+            if within[model]:
+                self.budgets[model] -= 1
+                if self.budgets[model] == 0:
+                    newly_exhausted.append(model)
+        return newly_exhausted
+
+    def _refresh_row_best(self, keep: int, gone: int, full: bool) -> None:
+        if full:
+            self.row_best, self.row_best_index = self.similarity.max(dim=1)
+            return
+        stale = (self.row_best_index == keep) | (self.row_best_index == gone)
+        stale[[keep, gone]] = True
+        rows = stale.nonzero().squeeze(1)
+        self.row_best[rows], self.row_best_index[rows] = self.similarity[rows].max(dim=1)
+        column = self.similarity[:, keep]
+        improved = (column > self.row_best) & ~stale
+        self.row_best[improved] = column[improved]
+        self.row_best_index[improved] = keep
+
+
+def _greedy_zip(
+    similarity: Tensor, d_a: int, d_b: int, target: int, alpha: float, budgets: tuple[int, int]
+) -> Tensor:
+    """Label of the merged feature of every original feature after greedy merging to ``target``."""
+    state = _ZipState(similarity, d_a, budgets)
+    for _ in range(d_a + d_b - target):
+        keep, gone = state.best_pair()
+        state.merge(keep, gone, alpha)
+    logger.debug("zip: %d + %d features -> %d, budgets left %s", d_a, d_b, target, state.budgets)
+    return state.labels
+
+
+def _plan_from_labels(labels: Tensor, d_a: int, d_b: int, device: torch.device) -> MergePlan:
+    """Averaging merge and copying unmerge for a clustering of the original features."""
+    survivors, merged_index = torch.unique(labels, sorted=True, return_inverse=True)
+    unmerge = torch.zeros(d_a + d_b, len(survivors))
+    unmerge[torch.arange(d_a + d_b), merged_index] = 1.0
+    merge = (unmerge / unmerge.sum(dim=0, keepdim=True)).T.contiguous()
+    unmerge, merge = unmerge.to(device), merge.to(device)
+    return MergePlan(
+        merge[:, :d_a].contiguous(),
+        merge[:, d_a:].contiguous(),
+        unmerge[:d_a].contiguous(),
+        unmerge[d_a:].contiguous(),
+    )
+
+
+def match_blocks(
+    similarity: Tensor,
+    blocks_a: tuple[int, int],
+    blocks_b: tuple[int, int],
+    within_solver: BlockSolver = permute_joint,
+) -> MergePlan:
+    """Two-level matching for structured spaces (attention heads, GroupNorm groups).
+
+    ``blocks_a = (number of blocks, block width)`` of A, likewise ``blocks_b``; both models need
+    the same number of blocks. Features of block i are ``i * width ... (i + 1) * width - 1``.
+    For every pair (block i of A, block j of B) ``within_solver`` matches the pair's features and
+    the pair is scored by the mean similarity of the features it put together; the Hungarian
+    algorithm pairs the blocks on those scores, and the result is the within-block solutions of
+    the paired blocks, block-diagonal after the block permutation (merged block k comes from
+    block k of A), so merged features keep the block structure.
+
+    ``similarity`` is the joint ``(d_a + d_b)`` square similarity of ``[x_a; x_b]``, or only its
+    cross-model ``d_a × d_b`` block: within-model similarities then count as unknown (-inf), and
+    a zip within-solver merges only across models.
+
+    >>> x = torch.randn(200, 4)
+    >>> joint = torch.corrcoef(torch.cat([x, x[:, [2, 3, 0, 1]]], dim=1).T)  # B swaps A's 2 heads
+    >>> match_blocks(joint, (2, 2), (2, 2), zip).merge_b
+    tensor([[0.0000, 0.0000, 0.5000, 0.0000],
+            [0.0000, 0.0000, 0.0000, 0.5000],
+            [0.5000, 0.0000, 0.0000, 0.0000],
+            [0.0000, 0.5000, 0.0000, 0.0000]])
+    """
+    count, width_a = blocks_a
+    count_b, width_b = blocks_b
+    if count != count_b or count < 1:
+        raise MergeError(
+            "match_blocks: both models need the same positive number of blocks, "
+            f"got {count} and {count_b}"
+        )
+    joint = _as_joint(similarity, count * width_a, count * width_b)
+    plans: dict[tuple[int, int], MergePlan] = {}
+    scores = torch.empty(count, count, dtype=torch.float64)
+    for block_a in range(count):
+        for block_b in range(count):
+            index = _block_pair_index(block_a, block_b, width_a, width_b, count * width_a).to(
+                joint.device
+            )
+            block_similarity = joint[index][:, index]
+            plan = within_solver(block_similarity, width_a, width_b)
+            plans[block_a, block_b] = plan
+            scores[block_a, block_b] = _mean_merged_similarity(plan, block_similarity)
+    partner = _hungarian(scores)
+    logger.debug("match_blocks: block pairing %s", partner.tolist())
+    return _assemble_blocks(
+        [plans[i, int(partner[i])] for i in range(count)], partner, width_a, width_b
+    )
+
+
+def _as_joint(similarity: Tensor, d_a: int, d_b: int) -> Tensor:
+    """The joint similarity; from a cross-model block, with unknown (-inf) within-model parts."""
+    if tuple(similarity.shape) == (d_a + d_b, d_a + d_b):
+        return similarity
+    if tuple(similarity.shape) != (d_a, d_b):
+        raise MergeError(
+            f"match_blocks: similarity must be ({d_a + d_b}, {d_a + d_b}) (joint) "
+            f"or ({d_a}, {d_b}) (cross-model) "
+            f"for these blocks, got {tuple(similarity.shape)}"
+        )
+    joint = similarity.new_full((d_a + d_b, d_a + d_b), -math.inf)
+    joint[:d_a, d_a:] = similarity
+    joint[d_a:, :d_a] = similarity.T
+    return joint
+
+
+def _block_pair_index(block_a: int, block_b: int, width_a: int, width_b: int, d_a: int) -> Tensor:
+    features_a = torch.arange(block_a * width_a, (block_a + 1) * width_a)
+    features_b = d_a + torch.arange(block_b * width_b, (block_b + 1) * width_b)
+    return torch.cat([features_a, features_b])
+
+
+def _mean_merged_similarity(plan: MergePlan, joint: Tensor) -> float:
+    """Mean similarity over the pairs of distinct original features that share a merged feature."""
+    unmerge = torch.cat([plan.unmerge_a, plan.unmerge_b]).to(torch.float64).cpu()
+    together = (unmerge @ unmerge.T).triu(diagonal=1) > 0
+    if not together.any():
+        return 0.0
+    return float(joint.detach().to("cpu", torch.float64)[together].mean())
+
+
+def _assemble_blocks(
+    pair_plans: list[MergePlan], partner: Tensor, width_a: int, width_b: int
+) -> MergePlan:
+    """Full plan from the plan of each block pair (block k of A with block ``partner[k]`` of B)."""
+    widths = [plan.width for plan in pair_plans]
+    total, count = sum(widths), len(pair_plans)
+    reference = pair_plans[0].merge_a
+    merge_a = reference.new_zeros(total, count * width_a)
+    merge_b = reference.new_zeros(total, count * width_b)
+    unmerge_a = reference.new_zeros(count * width_a, total)
+    unmerge_b = reference.new_zeros(count * width_b, total)
+    start = 0
+    for block_a, plan in enumerate(pair_plans):
+        merged = slice(start, start + plan.width)
+        features_a = slice(block_a * width_a, (block_a + 1) * width_a)
+        block_b = int(partner[block_a])
+        features_b = slice(block_b * width_b, (block_b + 1) * width_b)
+        merge_a[merged, features_a] = plan.merge_a
+        merge_b[merged, features_b] = plan.merge_b
+        unmerge_a[features_a, merged] = plan.unmerge_a
+        unmerge_b[features_b, merged] = plan.unmerge_b
+        start += plan.width
+    return MergePlan(merge_a, merge_b, unmerge_a, unmerge_b)

@@ -1,0 +1,680 @@
+"""Tests of the graph-free algorithms: statistics, solvers, weight matching, CKA, alignment."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import itertools
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergec.algorithms import alignment, cka, covariance, solvers
+from mergec.algorithms.alignment import align_depth
+from mergec.algorithms.cka import LinearCKA, linear_cka
+from mergec.algorithms.covariance import JointMoments, feature_rows
+from mergec.algorithms.solvers import (
+    MergePlan,
+    average,
+    elastic_zip,
+    match_blocks,
+    permute,
+    permute_joint,
+)
+from mergec.algorithms.weight_matching import weight_matching as match_weights
+from mergec.algorithms.weight_matching import weight_similarity
+from mergec.errors import MergeError
+
+FAST = settings(max_examples=100, deadline=None)
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+
+
+def random_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("name", ["alignment", "cka", "covariance", "solvers", "weight_matching"])
+def test_docstring_examples_run(name: str) -> None:
+    # importlib: the package attribute `weight_matching` is the function, not the module
+    module = importlib.import_module(f"mergec.algorithms.{name}")
+    torch.manual_seed(0)
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+# ----------------------------------------------------------------------------- covariance
+
+
+def test_feature_rows_makes_every_pixel_a_sample() -> None:
+    x = torch.randn(2, 3, 4, 5)
+    rows = feature_rows(x, axis=1)
+    assert rows.shape == (2 * 4 * 5, 3)
+    assert torch.equal(rows[1 * 20 + 2 * 5 + 3], x[1, :, 2, 3])
+    assert torch.equal(feature_rows(x, axis=-1), x.reshape(-1, 5))
+
+
+def test_feature_rows_rejects_a_bad_axis() -> None:
+    with pytest.raises(MergeError, match="axis 4 is out of range"):
+        feature_rows(torch.zeros(2, 3), axis=4)
+
+
+@FAST
+@given(
+    seed=seeds,
+    dim_a=st.integers(1, 5),
+    dim_b=st.integers(1, 5),
+    chunks=st.lists(st.integers(1, 30), min_size=1, max_size=5),
+)
+def test_streaming_moments_equal_the_moments_of_all_data(
+    seed: int, dim_a: int, dim_b: int, chunks: list[int]
+) -> None:
+    generator = random_generator(seed)
+    data = (
+        torch.randn(sum(chunks) + 2, dim_a + dim_b, generator=generator, dtype=torch.float64) * 3
+        + 1
+    )
+    first, second = JointMoments(dim_a, dim_b), JointMoments(dim_a, dim_b)
+    for index, batch in enumerate(torch.split(data, chunks + [2])):
+        (first if index % 2 == 0 else second).update(batch[:, :dim_a], batch[:, dim_a:])
+    first.merge(second)
+    assert first.count.item() == len(data)
+    torch.testing.assert_close(first.mean, data.mean(dim=0))
+    torch.testing.assert_close(first.covariance(), torch.cov(data.T, correction=0))
+    torch.testing.assert_close(first.correlation(), torch.corrcoef(data.T))
+
+
+def test_dead_units_correlate_zero_never_nan() -> None:
+    data = torch.randn(500, 4, dtype=torch.float64)
+    data[:, 1] = 0.0
+    data[:, 3] = 1234.5  # constant but large: E[x^2] - E[x]^2 is rounding noise, not 0
+    moments = JointMoments(2, 2)
+    moments.update(data[:, :2], data[:, 2:])
+    correlation = moments.correlation()
+    assert torch.isfinite(correlation).all()
+    for dead in (1, 3):
+        assert torch.all(correlation[dead] == 0) and torch.all(correlation[:, dead] == 0)
+    assert correlation[0, 0] == pytest.approx(1.0)
+    assert correlation[0, 2] == pytest.approx(torch.corrcoef(data[:, [0, 2]].T)[0, 1].item())
+
+
+def test_joint_moments_reject_mismatched_batches() -> None:
+    moments = JointMoments(3, 2)
+    with pytest.raises(MergeError, match="x_b must be"):
+        moments.update(torch.zeros(4, 3), torch.zeros(4, 3))
+    with pytest.raises(MergeError, match="same inputs"):
+        moments.update(torch.zeros(4, 3), torch.zeros(5, 2))
+    with pytest.raises(MergeError, match="no samples"):
+        moments.correlation()
+
+
+def test_all_reduce_is_a_no_op_without_torch_distributed() -> None:
+    moments = JointMoments(2, 1)
+    moments.update(torch.ones(3, 2), torch.ones(3, 1))
+    moments.all_reduce()
+    assert moments.count.item() == 3
+    assert torch.equal(moments.sum, torch.full((3,), 3.0, dtype=torch.float64))
+
+
+def _distributed_worker(rank: int, init_file: str, data: torch.Tensor, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        moments = JointMoments(2, 1)
+        half = data[rank::2]
+        moments.update(half[:, :2], half[:, 2:])
+        moments.all_reduce()
+        statistics = LinearCKA(1, 1)
+        statistics.update([data[rank * 8 : rank * 8 + 8]], [data[rank * 8 : rank * 8 + 8, :1]])
+        statistics.all_reduce()
+        results[rank] = (moments.count.item(), moments.covariance(), statistics.matrix())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_over_two_processes_equals_one_process() -> None:
+    data = torch.randn(16, 3, generator=random_generator(1), dtype=torch.float64)
+    with tempfile.TemporaryDirectory() as directory, mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(
+            _distributed_worker, args=(os.path.join(directory, "init"), data, results), nprocs=2
+        )
+        results = dict(results)
+    expected_cka = LinearCKA(1, 1)
+    for rank in (0, 1):
+        expected_cka.update([data[rank * 8 : rank * 8 + 8]], [data[rank * 8 : rank * 8 + 8, :1]])
+    for rank in (0, 1):
+        count, covariance_matrix, cka_matrix = results[rank]
+        assert count == 16
+        torch.testing.assert_close(covariance_matrix, torch.cov(data.T, correction=0))
+        torch.testing.assert_close(cka_matrix, expected_cka.matrix())
+
+
+# ----------------------------------------------------------------------------- solvers
+
+
+def assert_averaging_plan(plan: MergePlan, dim_a: int, dim_b: int, width: int) -> None:
+    """Every original feature goes to exactly one merged feature, which averages its members."""
+    assert (plan.dim_a, plan.dim_b, plan.width) == (dim_a, dim_b, width)
+    unmerge = torch.cat([plan.unmerge_a, plan.unmerge_b])
+    merge = torch.cat([plan.merge_a, plan.merge_b], dim=1)
+    assert set(unmerge.unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(unmerge.sum(dim=1) == 1)
+    torch.testing.assert_close(merge.sum(dim=1), torch.ones(width))
+    torch.testing.assert_close(merge @ unmerge, torch.eye(width))
+    torch.testing.assert_close(merge, (unmerge / unmerge.sum(dim=0)).T)
+
+
+def members(plan: MergePlan) -> list[frozenset[int]]:
+    """Original features (A first, then B) of every merged feature."""
+    unmerge = torch.cat([plan.unmerge_a, plan.unmerge_b])
+    return [frozenset(unmerge[:, k].nonzero().flatten().tolist()) for k in range(plan.width)]
+
+
+def correlation_of_permuted_copy(dim: int, permutation: torch.Tensor, seed: int) -> torch.Tensor:
+    """Joint correlation of features x (model A) and x[:, permutation] (model B)."""
+    x = torch.randn(20 * dim + 20, dim, generator=random_generator(seed), dtype=torch.float64)
+    moments = JointMoments(dim, dim)
+    moments.update(x, x[:, permutation])
+    return moments.correlation()
+
+
+def random_symmetric(size: int, seed: int) -> torch.Tensor:
+    values = torch.rand(size, size, generator=random_generator(seed), dtype=torch.float64) * 2 - 1
+    return (values + values.T) / 2
+
+
+def test_average_is_identity_averaging() -> None:
+    plan = average(3)
+    assert_averaging_plan(plan, 3, 3, 3)
+    assert members(plan) == [frozenset({0, 3}), frozenset({1, 4}), frozenset({2, 5})]
+
+
+def test_merge_plan_rejects_inconsistent_shapes() -> None:
+    with pytest.raises(MergeError, match="merge_a r×d_a"):
+        MergePlan(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3, 2), torch.zeros(2, 3))
+
+
+@FAST
+@given(seed=seeds, dim=st.integers(1, 5))
+def test_permute_is_the_optimal_assignment(seed: int, dim: int) -> None:
+    similarity = torch.rand(dim, dim, generator=random_generator(seed), dtype=torch.float64)
+    plan = permute(similarity)
+    assert_averaging_plan(plan, dim, dim, dim)
+    partner = plan.unmerge_b.argmax(dim=0)  # B feature merged with A feature k
+    achieved = similarity[torch.arange(dim), partner].sum().item()
+    best = max(
+        similarity[torch.arange(dim), list(p)].sum().item()
+        for p in itertools.permutations(range(dim))
+    )
+    assert achieved == pytest.approx(best)
+
+
+def test_permute_recovers_a_permuted_copy_and_rejects_rectangles() -> None:
+    permutation = torch.randperm(12, generator=random_generator(3))
+    joint = correlation_of_permuted_copy(12, permutation, seed=4)
+    plan = permute(joint[:12, 12:])
+    x = torch.randn(5, 12)
+    merged = plan.merge_features(x, x[:, permutation])
+    torch.testing.assert_close(merged, x)
+    with pytest.raises(MergeError, match="square"):
+        permute(torch.zeros(3, 4))
+
+
+def naive_zip(
+    similarity: torch.Tensor, dim_a: int, target: int, alpha: float, budgets: list[int]
+) -> list[frozenset[int]]:
+    """ZipIt! written the obvious O(n^3)-per-step way, as the reference for :func:`solvers.zip`."""
+    clusters = {i: {i} for i in range(len(similarity))}
+    value = {(i, j): similarity[i, j].item() for i in clusters for j in clusters if i != j}
+    budgets = list(budgets)
+
+    def models(label: int) -> set[int]:
+        return {0 if feature < dim_a else 1 for feature in clusters[label]}
+
+    while len(clusters) > target:
+        candidates = [
+            (value[i, j], i, j)
+            for i, j in itertools.combinations(sorted(clusters), 2)
+            if all(budgets[m] > 0 for m in models(i) & models(j)) and value[i, j] > -math.inf
+        ]
+        _, keep, gone = max(candidates, key=lambda candidate: candidate[0])
+        for model in models(keep) & models(gone):
+            budgets[model] -= 1
+        clusters[keep] |= clusters.pop(gone)
+        for other in clusters:
+            if other != keep:
+                value[keep, other] = value[other, keep] = alpha * min(
+                    value[keep, other], value[gone, other]
+                )
+    return sorted((frozenset(c) for c in clusters.values()), key=min)
+
+
+@FAST
+@given(
+    seed=seeds,
+    dim_a=st.integers(1, 6),
+    dim_b=st.integers(1, 6),
+    alpha=st.floats(0.05, 1.0),
+    beta=st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+    data=st.data(),
+)
+def test_zip_agrees_with_the_naive_algorithm(
+    seed: int, dim_a: int, dim_b: int, alpha: float, beta: float, data
+) -> None:
+    budgets = [math.floor(beta * dim_a + 1e-9), math.floor(beta * dim_b + 1e-9)]
+    narrowest = max(dim_a - budgets[0], dim_b - budgets[1])
+    target = data.draw(st.integers(max(1, narrowest), dim_a + dim_b), label="target")
+    similarity = random_symmetric(dim_a + dim_b, seed)
+    original = similarity.clone()
+    plan = solvers.zip(similarity, dim_a, dim_b, target=target, alpha=alpha, beta=beta)
+    assert torch.equal(similarity, original)  # the caller's matrix is left alone
+    assert_averaging_plan(plan, dim_a, dim_b, target)
+    assert members(plan) == naive_zip(similarity, dim_a, target, alpha, budgets)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_zip_agrees_with_the_naive_algorithm_on_wider_spaces(seed: int) -> None:
+    similarity = random_symmetric(27, seed)
+    plan = solvers.zip(similarity, 15, 12, target=14, alpha=0.5, beta=0.5)
+    assert members(plan) == naive_zip(similarity, 15, 14, 0.5, [7, 6])
+
+
+@FAST
+@given(
+    seed=seeds,
+    dim_a=st.integers(1, 8),
+    dim_b=st.integers(1, 8),
+    beta=st.floats(0.0, 1.0),
+    alpha=st.floats(0.0, 1.0),
+)
+def test_zip_respects_the_within_model_budgets(
+    seed: int, dim_a: int, dim_b: int, beta: float, alpha: float
+) -> None:
+    budgets = [math.floor(beta * dim_a + 1e-9), math.floor(beta * dim_b + 1e-9)]
+    target = max(dim_a - budgets[0], dim_b - budgets[1], math.ceil((dim_a + dim_b) / 2))
+    plan = solvers.zip(
+        random_symmetric(dim_a + dim_b, seed), dim_a, dim_b, target=target, alpha=alpha, beta=beta
+    )
+    assert_averaging_plan(plan, dim_a, dim_b, target)
+    # within-model merges spent by model m = d_m - (merged features containing a feature of m)
+    assert dim_a - int((plan.unmerge_a.sum(dim=0) > 0).sum()) <= budgets[0]
+    assert dim_b - int((plan.unmerge_b.sum(dim=0) > 0).sum()) <= budgets[1]
+
+
+@FAST
+@given(seed=seeds, dim=st.integers(1, 10))
+def test_zip_without_budget_recovers_a_permuted_copy(seed: int, dim: int) -> None:
+    permutation = torch.randperm(dim, generator=random_generator(seed))
+    plan = solvers.zip(correlation_of_permuted_copy(dim, permutation, seed), dim, dim)
+    assert_averaging_plan(plan, dim, dim, dim)
+    assert members(plan) == [
+        frozenset({k, dim + int(permutation.argsort()[k])}) for k in range(dim)
+    ]
+
+
+def test_zip_merges_within_a_model_when_the_budget_allows() -> None:
+    x = torch.randn(400, 2, generator=random_generator(0), dtype=torch.float64)
+    # A has two copies of feature 0; B has feature 0 and an unrelated feature 1
+    features = torch.stack([x[:, 0], x[:, 0], x[:, 0] + 0.5 * x[:, 1], x[:, 1]], dim=1)
+    joint = torch.corrcoef(features.T)
+    assert frozenset({0, 1}) in members(solvers.zip(joint, 2, 2, target=3, beta=0.5))
+    assert frozenset({0, 1}) not in members(solvers.zip(joint, 2, 2, target=2, beta=0.0))
+
+
+def test_zip_reports_an_unreachable_width_and_bad_options() -> None:
+    joint = torch.eye(6)
+    with pytest.raises(MergeError, match="out of reach with beta=0.0"):
+        solvers.zip(joint, 3, 3, target=2)
+    with pytest.raises(MergeError, match="alpha"):
+        solvers.zip(joint, 3, 3, alpha=2.0)
+    with pytest.raises(MergeError, match=r"shape \(6, 6\)"):
+        solvers.zip(torch.eye(5), 3, 3)
+    with pytest.raises(MergeError, match="NaN"):
+        solvers.zip(torch.full((6, 6), math.nan), 3, 3)
+
+
+@FAST
+@given(seed=seeds, dim_a=st.integers(1, 8), dim_b=st.integers(1, 8), data=st.data())
+def test_elastic_zip_reaches_any_width(seed: int, dim_a: int, dim_b: int, data) -> None:
+    target = data.draw(st.integers(1, dim_a + dim_b), label="target")
+    plan = elastic_zip(random_symmetric(dim_a + dim_b, seed), dim_a, dim_b, target=target)
+    assert_averaging_plan(plan, dim_a, dim_b, target)
+    assert elastic_zip(random_symmetric(dim_a + dim_b, seed), dim_a, dim_b).width == max(
+        dim_a, dim_b
+    )
+
+
+@FAST
+@given(seed=seeds, dim_a=st.integers(1, 8), dim_b=st.integers(1, 8))
+def test_elastic_zip_to_the_full_width_is_the_concatenation(
+    seed: int, dim_a: int, dim_b: int
+) -> None:
+    plan = elastic_zip(random_symmetric(dim_a + dim_b, seed), dim_a, dim_b, target=dim_a + dim_b)
+    identity = torch.eye(dim_a + dim_b)
+    assert torch.equal(plan.merge_a, identity[:, :dim_a]) and torch.equal(
+        plan.merge_b, identity[:, dim_a:]
+    )
+    assert torch.equal(plan.unmerge_a, identity[:dim_a]) and torch.equal(
+        plan.unmerge_b, identity[dim_a:]
+    )
+
+
+def heads_permuted_copy(heads: int, head_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint correlation of A's features and B = A with heads and within-head units permuted."""
+    generator = random_generator(seed)
+    head_order = torch.randperm(heads, generator=generator)
+    permutation = torch.cat(
+        [h * head_dim + torch.randperm(head_dim, generator=generator) for h in head_order]
+    )
+    return correlation_of_permuted_copy(heads * head_dim, permutation, seed), permutation
+
+
+@pytest.mark.parametrize("within_solver", [permute_joint, solvers.zip], ids=["permute", "zip"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_match_blocks_recovers_permuted_heads(within_solver, seed: int) -> None:
+    heads, head_dim = 4, 3
+    dim = heads * head_dim
+    joint, permutation = heads_permuted_copy(heads, head_dim, seed)
+    plan = match_blocks(joint, (heads, head_dim), (heads, head_dim), within_solver)
+    assert_averaging_plan(plan, dim, dim, dim)
+    x = torch.randn(6, dim)
+    torch.testing.assert_close(plan.merge_features(x, x[:, permutation]), x)
+    cross_only = match_blocks(
+        joint[:dim, dim:], (heads, head_dim), (heads, head_dim), within_solver
+    )
+    assert members(cross_only) == members(plan)
+
+
+@FAST
+@given(
+    seed=seeds, heads=st.integers(1, 3), head_dim_a=st.integers(1, 3), head_dim_b=st.integers(1, 3)
+)
+def test_match_blocks_keeps_merged_features_inside_one_block_pair(
+    seed: int, heads: int, head_dim_a: int, head_dim_b: int
+) -> None:
+    dim_a, dim_b = heads * head_dim_a, heads * head_dim_b
+    plan = match_blocks(
+        random_symmetric(dim_a + dim_b, seed), (heads, head_dim_a), (heads, head_dim_b), elastic_zip
+    )
+    merged_per_pair = max(head_dim_a, head_dim_b)
+    assert_averaging_plan(plan, dim_a, dim_b, heads * merged_per_pair)
+    partners = []
+    for pair in range(heads):
+        rows = slice(pair * merged_per_pair, (pair + 1) * merged_per_pair)
+        blocks_a = (
+            (plan.merge_a[rows].reshape(merged_per_pair, heads, head_dim_a) != 0)
+            .any(dim=2)
+            .any(dim=0)
+        )
+        blocks_b = (
+            (plan.merge_b[rows].reshape(merged_per_pair, heads, head_dim_b) != 0)
+            .any(dim=2)
+            .any(dim=0)
+        )
+        assert blocks_a.nonzero().flatten().tolist() == [pair]
+        assert len(blocks_b.nonzero()) == 1
+        partners.append(int(blocks_b.nonzero()))
+    assert sorted(partners) == list(range(heads))  # the blocks of B are paired one-to-one
+
+
+def test_match_blocks_rejects_different_block_counts() -> None:
+    with pytest.raises(MergeError, match="same positive number of blocks"):
+        match_blocks(torch.eye(12), (2, 3), (3, 2))
+
+
+# ----------------------------------------------------------------------------- weight matching
+
+
+def mlp_spec() -> tuple[dict[str, tuple[str | None, ...]], dict[str, int]]:
+    """A conv, a linear layer and a head: spaces "conv" (8 channels) and "hidden" (6 units)."""
+    axes = {
+        "conv.weight": ("conv", None, None, None),
+        "conv.bias": ("conv",),
+        "fc.weight": ("hidden", "conv"),
+        "fc.bias": ("hidden",),
+        "head.weight": (None, "hidden"),
+        "head.bias": (None,),
+    }
+    return axes, {"conv": 8, "hidden": 6}
+
+
+def random_mlp(seed: int) -> dict[str, torch.Tensor]:
+    generator = random_generator(seed)
+    shapes = {
+        "conv.weight": (8, 3, 3, 3),
+        "conv.bias": (8,),
+        "fc.weight": (6, 8),
+        "fc.bias": (6,),
+        "head.weight": (4, 6),
+        "head.bias": (4,),
+    }
+    return {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+
+
+def permute_params(params, axes, perms) -> dict[str, torch.Tensor]:
+    permuted = {}
+    for key, weight in params.items():
+        for axis, space in enumerate(axes[key]):
+            if space is not None:
+                weight = weight.index_select(axis, perms[space])
+        permuted[key] = weight
+    return permuted
+
+
+def total_inner_product(params_a, params_b) -> float:
+    return sum(float((params_a[key].double() * params_b[key].double()).sum()) for key in params_a)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_weight_matching_undoes_a_permutation(seed: int) -> None:
+    axes, sizes = mlp_spec()
+    params_a = random_mlp(seed)
+    generator = random_generator(seed + 100)
+    scrambles = {space: torch.randperm(size, generator=generator) for space, size in sizes.items()}
+    params_b = permute_params(params_a, axes, scrambles)
+    perms = match_weights(params_a, params_b, axes, sizes, seed=seed)
+    realigned = permute_params(params_b, axes, perms)
+    for key in params_a:
+        torch.testing.assert_close(realigned[key], params_a[key])
+
+
+@FAST
+@given(seed_a=seeds, seed_b=seeds, seed=st.integers(0, 3))
+def test_weight_matching_never_lowers_the_alignment(seed_a: int, seed_b: int, seed: int) -> None:
+    axes, sizes = mlp_spec()
+    params_a, params_b = random_mlp(seed_a), random_mlp(seed_b)
+    perms = match_weights(params_a, params_b, axes, sizes, seed=seed)
+    for space, perm in perms.items():
+        assert sorted(perm.tolist()) == list(range(sizes[space]))
+    realigned = permute_params(params_b, axes, perms)
+    assert (
+        total_inner_product(params_a, realigned) >= total_inner_product(params_a, params_b) - 1e-9
+    )
+    assert all(
+        torch.equal(perms[s], p)
+        for s, p in match_weights(params_a, params_b, axes, sizes, seed=seed).items()
+    )
+
+
+def test_weight_similarity_sums_every_bound_slice() -> None:
+    axes, sizes = mlp_spec()
+    params_a, params_b = random_mlp(0), random_mlp(1)
+    conv_perm = torch.randperm(8, generator=random_generator(2))
+    similarity = weight_similarity(params_a, params_b, axes, sizes, "hidden", {"conv": conv_perm})
+    expected = (
+        params_a["fc.weight"] @ params_b["fc.weight"][:, conv_perm].T
+        + torch.outer(params_a["fc.bias"], params_b["fc.bias"])
+        + params_a["head.weight"].T @ params_b["head.weight"]
+    )
+    torch.testing.assert_close(similarity, expected.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_matching_reports_a_spec_that_does_not_fit() -> None:
+    axes, sizes = mlp_spec()
+    params = random_mlp(0)
+    with pytest.raises(MergeError, match="space 'hidden' has size 7"):
+        match_weights(params, params, axes, {**sizes, "hidden": 7})
+    with pytest.raises(MergeError, match="missing from model B"):
+        match_weights(params, {k: v for k, v in params.items() if k != "fc.bias"}, axes, sizes)
+    with pytest.raises(MergeError, match="no parameter axis is bound"):
+        weight_similarity(params, params, axes, {**sizes, "unused": 2}, "unused")
+
+
+# ----------------------------------------------------------------------------- CKA
+
+
+def u_statistic_hsic(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Song et al.'s unbiased HSIC as a U-statistic over distinct 4-tuples (independent check)."""
+    k, l = x @ x.T, y @ y.T
+    n = len(x)
+    total = 0.0
+    for i, j, q, r in itertools.permutations(range(n), 4):
+        total += (k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]).item()
+    return total / math.perm(n, 4)
+
+
+def test_unbiased_hsic_matches_the_u_statistic() -> None:
+    generator = random_generator(0)
+    x = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    y = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    grams = [cka._gram_without_diagonal(f)[None] for f in (x, y)]
+    assert cka._unbiased_hsic(*grams).item() == pytest.approx(
+        u_statistic_hsic(x, y), rel=1e-9, abs=1e-12
+    )
+
+
+@FAST
+@given(
+    seed=seeds,
+    samples=st.integers(4, 40),
+    width_x=st.integers(1, 8),
+    width_y=st.integers(1, 8),
+    scale=st.floats(1e-3, 1e3),
+)
+def test_linear_cka_invariances(
+    seed: int, samples: int, width_x: int, width_y: int, scale: float
+) -> None:
+    generator = random_generator(seed)
+    x = torch.randn(samples, width_x, generator=generator, dtype=torch.float64)
+    y = x @ torch.randn(width_x, width_y, generator=generator, dtype=torch.float64)
+    y = y + torch.randn(samples, width_y, generator=generator, dtype=torch.float64)
+    rotation, _ = torch.linalg.qr(
+        torch.randn(width_x, width_x, generator=generator, dtype=torch.float64)
+    )
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    value = linear_cka(x, y)
+    assert linear_cka(y, x) == pytest.approx(value, abs=1e-9)
+    assert linear_cka(x @ rotation, y) == pytest.approx(value, abs=1e-9)
+    assert linear_cka(scale * x, y) == pytest.approx(value, abs=1e-9)
+
+
+def test_linear_cka_is_low_for_independent_features_and_zero_for_constant_ones() -> None:
+    generator = random_generator(0)
+    x = torch.randn(512, 8, generator=generator)
+    assert abs(linear_cka(x, torch.randn(512, 8, generator=generator))) < 0.1
+    assert linear_cka(x, torch.ones(512, 3)) == 0.0
+
+
+def test_minibatch_cka_accumulates_a_layer_matrix() -> None:
+    generator = random_generator(1)
+    batches = [torch.randn(16, 4, 2, 2, generator=generator) for _ in range(3)]
+    whole, first, rest = LinearCKA(2, 3), LinearCKA(2, 3), LinearCKA(2, 3)
+    for index, x in enumerate(batches):
+        feats_a = [x, x.relu()]
+        feats_b = [x.flatten(1) * 2, -x, torch.randn(16, 5, generator=generator)]
+        whole.update(feats_a, feats_b)
+        (first if index == 0 else rest).update(feats_a, feats_b)
+    first.merge(rest)
+    matrix = whole.matrix()
+    assert matrix.shape == (2, 3)
+    torch.testing.assert_close(first.matrix(), matrix)
+    assert matrix[0, 0].item() == pytest.approx(1.0) and matrix[0, 1].item() == pytest.approx(1.0)
+    assert matrix[0, 2].item() < matrix[1, 0].item()
+    single = LinearCKA(1, 1)
+    single.update([batches[0]], [batches[0].relu()])
+    assert single.matrix().item() == pytest.approx(linear_cka(batches[0], batches[0].relu()))
+
+
+def test_linear_cka_rejects_small_or_mismatched_batches() -> None:
+    with pytest.raises(MergeError, match="at least 4 samples"):
+        linear_cka(torch.randn(3, 2), torch.randn(3, 2))
+    with pytest.raises(MergeError, match="model A saw 5 samples but model B saw 6"):
+        linear_cka(torch.randn(5, 2), torch.randn(6, 2))
+
+
+# ----------------------------------------------------------------------------- depth alignment
+
+
+def brute_force_alignment(similarity: torch.Tensor, variant: str, last_to_last: bool) -> float:
+    num_shallow, num_deep = similarity.shape
+    best = -math.inf
+    for rest in itertools.combinations(range(1, num_deep), num_shallow - 1):
+        mapping = (0,) + rest
+        if last_to_last and mapping[-1] != num_deep - 1:
+            continue
+        best = max(best, alignment_score(similarity, mapping, variant))
+    return best
+
+
+def alignment_score(similarity: torch.Tensor, mapping: tuple[int, ...], variant: str) -> float:
+    starts = (0,) + tuple(end + 1 for end in mapping[:-1])
+    if variant == "segment-wise":
+        return sum(similarity[i, end].item() for i, end in enumerate(mapping))
+    return sum(
+        similarity[i, start : end + 1].mean().item()
+        for i, (start, end) in enumerate(zip(starts, mapping))
+    )
+
+
+@FAST
+@given(
+    seed=seeds,
+    num_shallow=st.integers(1, 5),
+    extra=st.integers(0, 4),
+    variant=st.sampled_from(["segment-wise", "layer-wise"]),
+    last_to_last=st.booleans(),
+)
+def test_depth_alignment_is_optimal(
+    seed: int, num_shallow: int, extra: int, variant: str, last_to_last: bool
+) -> None:
+    num_deep = num_shallow + extra
+    if last_to_last and num_shallow == 1 and num_deep > 1:
+        last_to_last = False
+    similarity = torch.rand(
+        num_shallow, num_deep, generator=random_generator(seed), dtype=torch.float64
+    )
+    result = align_depth(similarity, variant, last_to_last=last_to_last)
+    mapping = result.mapping
+    assert mapping[0] == 0 and all(a < b for a, b in zip(mapping, mapping[1:]))
+    assert not last_to_last or mapping[-1] == num_deep - 1
+    assert result.score == pytest.approx(alignment_score(similarity, mapping, variant))
+    assert result.score == pytest.approx(brute_force_alignment(similarity, variant, last_to_last))
+    assert [segment[-1] for segment in result.segments] == list(mapping)
+    covered = [block for segment in result.segments for block in segment]
+    assert covered == list(range(mapping[-1] + 1))
+    assert set(result.padding) == set(range(num_deep)) - set(mapping)
+
+
+def test_layer_wise_alignment_scores_the_blocks_before_the_aligned_one() -> None:
+    # shallow block 1 resembles deep blocks 1 and 2 (its segment), not block 3 after it
+    similarity = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.9, 0.1, 0.6]])
+    assert align_depth(similarity, "layer-wise").mapping == (0, 1)
+    assert align_depth(similarity, "layer-wise", last_to_last=True).segments == (
+        range(0, 1),
+        range(1, 4),
+    )
+    assert align_depth(similarity, "segment-wise", last_to_last=True).padding == (1, 2)
+
+
+def test_depth_alignment_rejects_a_deeper_shallow_model() -> None:
+    with pytest.raises(MergeError, match="3 shallow blocks cannot map into 2 deep blocks"):
+        align_depth(torch.zeros(3, 2))
+    with pytest.raises(MergeError, match="variant"):
+        align_depth(torch.zeros(2, 2), "blockwise")
