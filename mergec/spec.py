@@ -47,6 +47,7 @@ class Space:
     parts: tuple[str, ...] = ()
     factors: tuple[tuple[str | None, int], ...] = ()
     probe: str | None = None
+    probe_axis: int | None = None
     origin: str = ""
 
     @property

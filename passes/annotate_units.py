@@ -1264,17 +1264,19 @@ _ACTIVATIONS = {"relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsig
                 "hardtanh", "leaky_relu", "elu", "selu", "mish", "softplus", "relu6", "mul"}
 
 
-def _choose_probe(graph_module: fx.GraphModule, names: list[str]) -> str | None:
-    """The node where a space's features are observed: the first activation output carrying
-    it, else the first node carrying it."""
+def _choose_probe(a: Annotator, root: int) -> tuple[str | None, int | None]:
+    """The node where a space's features are observed, and the axis: the first activation
+    output carrying the space, else the first node carrying it."""
+    names = a.probes.get(root, [])
     if not names:
-        return None
-    nodes = {node.name: node for node in graph_module.graph.nodes}
-    for name in names:
-        node = nodes.get(name)
-        if node is not None and _op_name(node) in _ACTIVATIONS - {"mul"}:
-            return name
-    return names[0]
+        return None, None
+    nodes = {node.name: node for node in a.graph_module.graph.nodes}
+    chosen = next((name for name in names if _op_name(nodes[name]) in _ACTIVATIONS - {"mul"}),
+                  names[0])
+    labels = a.labels[nodes[chosen]]
+    axis = next(i for i, label in enumerate(labels)
+                if isinstance(label, int) and a.find(label) == root)
+    return chosen, axis
 
 
 def build_spec(a: Annotator, model_name: str = "") -> UnitSpec:
@@ -1334,10 +1336,10 @@ def build_spec(a: Annotator, model_name: str = "") -> UnitSpec:
         elif isinstance(structure, Tiled):
             fields = dict(kind="tiled", factors=tuple((label_id(l), int(n))
                                                       for l, n in structure.factors))
+        probe, probe_axis = _choose_probe(a, root)
         space = Space(id=ids[root], size=int(_static(info.size) or 0), fixed=info.fixed,
                       within_fixed=info.within_fixed if isinstance(structure, Blocks) else None,
-                      probe=_choose_probe(a.graph_module, a.probes.get(root, [])),
-                      origin=info.origin, **fields)
+                      probe=probe, probe_axis=probe_axis, origin=info.origin, **fields)
         spaces[space.id] = space
 
     bindings = []
