@@ -12,3 +12,5 @@ from mergec.passes.trace import trace  # noqa: F401
 from mergec.api import discover, permute  # noqa: F401
 
 __version__ = "0.1.0"
+from mergec.merge import MergeReport, MergeResult, calibration_from_loader, merge  # noqa: F401,E402
+from mergec.export import load  # noqa: F401,E402

@@ -1387,8 +1387,6 @@ class AnnotateUnits:
 def annotate_units(graph_module: fx.GraphModule, state_keys: Iterable[str] | None = None,
                    fix_outputs: bool = True) -> UnitSpec:
     """Runs annotate-units on a traced graph module and returns its unit spec."""
-    if state_keys is None:
-        from passes.trace import STATE_KEYS  # noqa: F401 - documented fallback below
     keys = state_keys if state_keys is not None else graph_module.meta.get(
         "mergec_state_keys", tuple(graph_module.state_dict()))
     spec, _ = AnnotateUnits(fix_outputs=fix_outputs)(graph_module, keys)

@@ -1,0 +1,128 @@
+"""Saving a merged module as self-contained code plus safetensors weights, and loading it.
+
+A saved folder holds ``model.py`` (a ``torch.nn.Module`` whose ``forward`` is the emitted fx
+code; it needs only torch and safetensors), ``weights.safetensors``, ``report.json`` and
+``meta.json``. It is written into a temporary folder renamed into place, so a crash leaves no
+half-written result.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import textwrap
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import fx, nn
+
+from mergec.errors import CheckpointError, MergeError
+
+_HEADER = '''"""A model merged by mergec. Runs with torch and safetensors alone:
+
+    from model import load
+    net = load()          # reads weights.safetensors beside this file
+"""
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import device
+
+inf, nan = math.inf, math.nan
+PARAMETERS = {parameters!r}
+
+
+def _attach(root: torch.nn.Module, key: str, value: torch.Tensor, parameter: bool) -> None:
+    *path, name = key.split(".")
+    owner = root
+    for part in path:
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    if parameter:
+        owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    else:
+        owner.register_buffer(name, value)
+
+
+class MergedModel(torch.nn.Module):
+    def __init__(self, weights=None):
+        super().__init__()
+        path = Path(weights) if weights else Path(__file__).with_name("weights.safetensors")
+        for key, value in load_file(str(path)).items():
+            _attach(self, key, value, key in PARAMETERS)
+'''
+
+_FOOTER = '''
+
+def load(weights=None) -> MergedModel:
+    return MergedModel(weights).eval()
+'''
+
+
+def plain_graph_module(module: fx.GraphModule) -> fx.GraphModule:
+    """The module with export's pytree plumbing and shape guards removed: ``forward`` takes
+    the flat inputs and returns a tensor (one output) or a tuple of tensors."""
+    graph = fx.Graph()
+    values: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(module.graph, values)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    flat = output if isinstance(output, (tuple, list)) else (output,)
+    graph.output(flat[0] if len(flat) == 1 else tuple(flat))
+    plain = fx.GraphModule(module, graph)
+    plain.graph.lint()
+    plain.recompile()
+    return plain
+
+
+def module_source(module: fx.GraphModule) -> str:
+    plain = plain_graph_module(module)
+    parameters = sorted(name for name, _ in plain.named_parameters())
+    code = textwrap.indent(plain.code.strip("\n"), "    ")
+    return _HEADER.format(parameters=parameters) + "\n" + code + "\n" + _FOOTER
+
+
+def save_module(module: fx.GraphModule, folder: Path, report: str | None = None) -> Path:
+    """Writes ``module`` to ``folder`` (which must not exist)."""
+    folder = Path(folder)
+    if folder.exists():
+        raise MergeError(f"save: {str(folder)!r} already exists; choose a new folder or remove it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (staging / "model.py").write_text(module_source(module))
+        state = {key: value.detach().cpu().clone().contiguous()
+                 for key, value in module.state_dict().items()}
+        save_file(state, str(staging / "weights.safetensors"))
+        (staging / "meta.json").write_text(json.dumps({"format": "mergec-1",
+                                                       "torch": torch.__version__}))
+        if report is not None:
+            (staging / "report.json").write_text(report)
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def load(folder: str | Path) -> nn.Module:
+    """Loads a merged model saved by :meth:`MergeResult.save` (in eval mode)."""
+    folder = Path(folder)
+    source, weights = folder / "model.py", folder / "weights.safetensors"
+    if not source.is_file() or not weights.is_file():
+        raise CheckpointError(f"load: {str(folder)!r} is not a saved mergec model (expected "
+                              "model.py and weights.safetensors)")
+    spec = importlib.util.spec_from_file_location(f"mergec_saved_{abs(hash(folder))}", source)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        return module.load(weights)
+    except Exception as error:  # noqa: BLE001 - a corrupt folder of any kind
+        raise CheckpointError(f"load: cannot load {str(folder)!r}: {error}") from error

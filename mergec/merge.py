@@ -1,0 +1,190 @@
+"""``mergec.merge``: two trained models in, one merged ``GraphModule`` out.
+
+The pipeline is a fixed sequence of passes, each timed and recorded in the report:
+
+    trace ×2 → annotate-units → collect-stats → match → zip → repair
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import fx, nn
+
+from mergec.errors import MergeError
+from mergec.passes.annotate_units import AnnotateUnits
+from mergec.passes.collect_stats import CollectStats
+from mergec.passes.match import METHODS, Match
+from mergec.passes.repair import Repair
+from mergec.passes.trace import STATE_KEYS, as_args, trace
+from mergec.passes.zip import Zip
+from mergec.spec import UnitSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeReport:
+    """What every pass decided: spaces, per-space match summaries, timings."""
+
+    method: str
+    spec: UnitSpec
+    matches: dict[str, dict] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    repair: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    similarities: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "options": self.options,
+            "timings_s": self.timings,
+            "coverage": self.spec.coverage(),
+            "spaces": {
+                space.id: {"size": space.size, "kind": space.kind, "fixed": space.fixed,
+                           "probe": space.probe, **self.matches.get(space.id, {})}
+                for space in self.spec.spaces.values()
+            },
+            "repair": self.repair,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def plot(self, folder: str | Path) -> list[Path]:
+        """Writes PNG heatmaps of the cross-model similarity of every matched space and a
+        per-space plot of the matched against the unmatched (identity) similarity."""
+        from mergec.plots import plot_report
+        return plot_report(self, Path(folder))
+
+
+@dataclass
+class MergeResult:
+    """The merged module and the report. ``save(folder)`` writes self-contained code and
+    safetensors weights that :func:`mergec.load` (or plain torch) runs."""
+
+    module: fx.GraphModule
+    report: MergeReport
+
+    def save(self, folder: str | Path) -> Path:
+        from mergec.export import save_module
+        return save_module(self.module, Path(folder), report=self.report.to_json())
+
+    def __call__(self, *args: Any) -> Any:
+        return self.module(*args)
+
+
+def _validate_options(method: str, alpha: float, beta: float, repair: str | None,
+                      heads: str) -> None:
+    if method not in METHODS:
+        raise MergeError(f"merge: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise MergeError(f"merge: alpha must be in [0, 1], got {alpha}")
+    if not 0.0 <= beta <= 1.0:
+        raise MergeError(f"merge: beta must be in [0, 1], got {beta}")
+    if repair not in ("reset", None):
+        raise MergeError(f"merge: repair must be 'reset' or None, got {repair!r}")
+    if heads != "average":
+        raise MergeError(f"merge: heads={heads!r} is not supported; heads='average' merges the "
+                         "output layers (models must share their label space)")
+
+
+def _check_correspondence(spec_a: UnitSpec, spec_b: UnitSpec, module_a: fx.GraphModule,
+                          module_b: fx.GraphModule) -> None:
+    nodes_a = [n for n in module_a.graph.nodes if n.op != "output"]
+    nodes_b = [n for n in module_b.graph.nodes if n.op != "output"]
+    for node_a, node_b in zip(nodes_a, nodes_b):
+        value_a, value_b = node_a.meta.get("val"), node_b.meta.get("val")
+        shape_a = tuple(value_a.shape) if isinstance(value_a, torch.Tensor) else None
+        shape_b = tuple(value_b.shape) if isinstance(value_b, torch.Tensor) else None
+        if node_a.target != node_b.target or str(shape_a) != str(shape_b):
+            raise MergeError(
+                "merge: the two models do not correspond. First difference: "
+                f"A has {node_a.format_node()} with shape {shape_a}, B has "
+                f"{node_b.format_node()} with shape {shape_b}. Models of different width or "
+                "depth need the heterogeneous passes, which mergec does not have yet.")
+    if len(nodes_a) != len(nodes_b):
+        raise MergeError(f"merge: the two models do not correspond: A's graph has {len(nodes_a)} "
+                         f"nodes, B's {len(nodes_b)}")
+    if set(spec_a.shapes) != set(spec_b.shapes):
+        missing = sorted(set(spec_a.shapes) ^ set(spec_b.shapes))[:5]
+        raise MergeError(f"merge: the models' state dicts differ in keys, e.g. {missing}")
+
+
+def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
+          calibration: Iterable[Any], *, method: str = "zip", alpha: float = 0.0,
+          beta: float = 0.0, weight_beta: float = 0.5, heads: str = "average",
+          repair: str | None = "reset", device: str | None = None, seed: int = 0,
+          progress: bool = True,
+          callback: Callable[[str, float], None] | None = None) -> MergeResult:
+    """Merges two trained models of the same architecture without training.
+
+    ``calibration`` is an iterable of batches, each the tuple of positional inputs of
+    ``forward`` (a bare tensor is one input); see :func:`calibration_from_loader`. ``method``
+    is ``zip`` (ZipIt!, α = similarity decay, β = within-model budget), ``permute`` (Hungarian
+    on activation correlation), ``weight-match`` (Git Re-Basin), ``mudsc`` (dual-space, with
+    ``weight_beta`` the weight share) or ``average``. ``repair="reset"`` recomputes BatchNorm
+    statistics on the calibration data. The input models are not modified.
+
+    Example::
+
+        result = mergec.merge(model_a, model_b, x[:8], [(b,) for b in x.split(256)])
+        logits = result.module(x)
+    """
+    _validate_options(method, alpha, beta, repair, heads)
+    example = as_args(example_inputs)
+    calibration = list(calibration) if not isinstance(calibration, (list, tuple)) else calibration
+    timings: dict[str, float] = {}
+
+    def timed(name: str, function: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        value = function()
+        timings[name] = time.perf_counter() - start
+        log.info("%s: %.2fs", name, timings[name])
+        if callback is not None:
+            callback(name, timings[name])
+        return value
+
+    module_a = timed("trace", lambda: trace(model_a, example))
+    module_b = trace(model_b, example)
+    annotate = AnnotateUnits()
+    spec_a, _ = timed("annotate-units",
+                      lambda: annotate(module_a, module_a.meta[STATE_KEYS], type(model_a).__name__))
+    spec_b, _ = annotate(module_b, module_b.meta[STATE_KEYS], type(model_b).__name__)
+    _check_correspondence(spec_a, spec_b, module_a, module_b)
+    spec = spec_a
+    needs_stats = method in ("zip", "permute", "mudsc")
+    moments = timed("collect-stats", lambda: CollectStats(device=device, progress=progress)(
+        module_a, module_b, spec, calibration, example)) if needs_stats else {}
+    matcher = Match(method=method, alpha=alpha, beta=beta, weight_beta=weight_beta, seed=seed)
+    plans, summaries = timed("match", lambda: matcher(
+        spec, moments, module_a.state_dict(), module_b.state_dict()))
+    merged = timed("zip", lambda: Zip()(module_a, module_b, spec, plans))
+    repaired = timed("repair", lambda: Repair(mode=repair, device=device, progress=progress)(
+        merged, calibration, example))
+    if device:
+        merged.to(device)
+    similarities = {s: m.correlation()[: spec.spaces[s].size, spec.spaces[s].size:].cpu()
+                    for s, m in moments.items()}
+    report = MergeReport(method=method, spec=spec, matches=summaries, timings=timings,
+                         repair=repaired, similarities=similarities,
+                         options={"alpha": alpha, "beta": beta, "weight_beta": weight_beta,
+                                  "heads": heads, "repair": repair, "seed": seed})
+    return MergeResult(module=merged, report=report)
+
+
+def calibration_from_loader(loader: Iterable[Any], batches: int | None = None) -> list[tuple]:
+    """Calibration batches from a DataLoader of ``(inputs, labels)``: keeps the inputs."""
+    result = []
+    for index, batch in enumerate(loader):
+        if batches is not None and index >= batches:
+            break
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        result.append((inputs,))
+    return result

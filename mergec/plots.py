@@ -1,0 +1,49 @@
+"""Plots of a merge report (matplotlib, written as PNG files)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mergec.merge import MergeReport
+
+
+def plot_report(report: "MergeReport", folder: Path, max_heatmaps: int = 24) -> list[Path]:
+    """Heatmaps of the cross-model correlation of each matched space (A's units down, B's
+    across) and a bar plot of matched vs. identity similarity per space."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for space_id, similarity in list(report.similarities.items())[:max_heatmaps]:
+        figure, axes = plt.subplots(figsize=(4, 3.5))
+        image = axes.imshow(similarity.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        space = report.spec.spaces[space_id]
+        axes.set_title(f"{space_id} ({space.size} units, probe {space.probe})", fontsize=8)
+        axes.set_xlabel("unit of B")
+        axes.set_ylabel("unit of A")
+        figure.colorbar(image, ax=axes)
+        path = folder / f"similarity_{space_id}.png"
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    rows = [(s, m) for s, m in report.matches.items() if "matched_similarity" in m]
+    if rows:
+        figure, axes = plt.subplots(figsize=(max(4, 0.35 * len(rows)), 3))
+        positions = range(len(rows))
+        axes.bar([p - 0.2 for p in positions], [m["identity_similarity"] for _, m in rows],
+                 width=0.4, label="unit i with unit i")
+        axes.bar([p + 0.2 for p in positions], [m["matched_similarity"] for _, m in rows],
+                 width=0.4, label=f"matched ({report.method})")
+        axes.set_xticks(list(positions), [s for s, _ in rows], rotation=90, fontsize=7)
+        axes.set_ylabel("mean correlation of merged pairs")
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        path = folder / "matched_similarity.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written

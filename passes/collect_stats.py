@@ -1,0 +1,101 @@
+"""collect-stats: joint feature statistics of the two models at every space's probe node.
+
+Calibration batches run once through both traced graphs on the chosen device. For every free
+space with a probe node, the features of A and B at that node (the space's axis moved last,
+every other axis a sample: each pixel of a conv feature map counts) feed a streaming
+:class:`~mergec.algorithms.covariance.JointMoments` in float64. No activation is kept.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from mergec.algorithms.covariance import JointMoments, feature_rows
+from mergec.errors import MergeError
+from mergec.spec import UnitSpec
+
+log = logging.getLogger(__name__)
+
+
+class ProbeInterpreter(fx.Interpreter):
+    """Runs a graph module and keeps the values of the named nodes."""
+
+    def __init__(self, graph_module: fx.GraphModule, wanted: Iterable[str]):
+        super().__init__(graph_module, garbage_collect_values=True)
+        self.wanted = set(wanted)
+        self.captured: dict[str, torch.Tensor] = {}
+
+    def run_node(self, node: fx.Node) -> Any:
+        if node.op == "call_module" and node.target == "_guards_fn":
+            return None  # shape guards of the export: calibration shapes may differ
+        value = super().run_node(node)
+        if node.name in self.wanted:
+            self.captured[node.name] = value
+        return value
+
+
+def check_batch(batch: Any, example: tuple, index: int) -> tuple:
+    """A calibration batch as a tuple of positional inputs, checked against the example."""
+    inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+    inputs = tuple(inputs)
+    if len(inputs) != len(example):
+        raise MergeError(
+            f"collect-stats: calibration batch {index} has {len(inputs)} inputs, the model takes "
+            f"{len(example)}. Pass batches as tuples of forward's positional inputs "
+            "(use mergec.calibration_from_loader for (inputs, labels) loaders).")
+    for position, (value, reference) in enumerate(zip(inputs, example)):
+        if not isinstance(value, torch.Tensor):
+            raise MergeError(f"collect-stats: input {position} of calibration batch {index} is "
+                             f"a {type(value).__name__}, not a tensor")
+        if value.dtype != reference.dtype or tuple(value.shape[1:]) != tuple(reference.shape[1:]):
+            raise MergeError(
+                f"collect-stats: input {position} of calibration batch {index} has shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}; the model was traced with "
+                f"{tuple(reference.shape)} {reference.dtype} (only the batch size may differ)")
+    return inputs
+
+
+@dataclass(frozen=True)
+class CollectStats:
+    """The collect-stats pass."""
+
+    device: str | None = None
+    progress: bool = True
+    name: str = "collect-stats"
+
+    def __call__(self, module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
+                 calibration: Iterable[Any], example: tuple,
+                 spaces: Iterable[str] | None = None) -> dict[str, JointMoments]:
+        device = torch.device(self.device) if self.device else torch.device("cpu")
+        wanted = [s for s in (spaces if spaces is not None else spec.spaces)
+                  if spec.spaces[s].probe is not None and spec.is_free(s)]
+        probes = {spec.spaces[s].probe for s in wanted}
+        moments = {s: JointMoments(spec.spaces[s].size, spec.spaces[s].size, device=device)
+                   for s in wanted}
+        module_a, module_b = module_a.to(device), module_b.to(device)
+        batches = 0
+        with torch.no_grad():
+            for index, batch in enumerate(tqdm(calibration, desc="collect-stats",
+                                               disable=not self.progress, leave=False)):
+                inputs = tuple(t.to(device) for t in check_batch(batch, example, index))
+                run_a, run_b = ProbeInterpreter(module_a, probes), ProbeInterpreter(module_b, probes)
+                run_a.run(*inputs)
+                run_b.run(*inputs)
+                for space_id in wanted:
+                    space = spec.spaces[space_id]
+                    rows_a = feature_rows(run_a.captured[space.probe], space.probe_axis)
+                    rows_b = feature_rows(run_b.captured[space.probe], space.probe_axis)
+                    moments[space_id].update(rows_a, rows_b)
+                batches += 1
+        if batches == 0:
+            raise MergeError("collect-stats: the calibration data is empty; pass at least one "
+                             "batch")
+        for accumulator in moments.values():
+            accumulator.all_reduce()
+        log.info("collect-stats: %d batches, %d spaces", batches, len(moments))
+        return moments

@@ -1,0 +1,323 @@
+"""match: a merge plan for every space, from activation and/or weight similarity.
+
+Spaces are structured (see :mod:`mergec.spec`); decisions are made on *leaves*: flat spaces and
+blocks spaces without separated parts. Every space is laid out as *occurrences* of leaves
+(:func:`occurrences`): a composite space is its parts side by side, a tiled space repeats its
+channel space once per pixel. A leaf's plan is placed at each of its occurrences to give the
+full ``d × d`` merge and unmerge matrices of every space (merged width = width: same-width
+merging).
+
+Methods:
+
+* ``average`` — unit i of A with unit i of B;
+* ``permute`` — Hungarian on activation correlation;
+* ``zip`` — ZipIt! greedy on the joint correlation (α, β);
+* ``weight-match`` — Git Re-Basin: Hungarian on weight similarity, coordinate descent over leaves
+  in random order until no plan changes;
+* ``mudsc`` — zip on MuDSC's dual similarity β·S_weight + (1−β)·S_act, each leaf's weight
+  similarity taken with the other leaves' current plans.
+
+Heads and groups (blocks spaces) are matched in two levels: every block pair is scored by its
+best within-block match, blocks sharing one block order (q, k and v of one attention) add their
+scores, the Hungarian pairs blocks, then each space's within-block plans are taken for the pairs.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from mergec.algorithms import solvers
+from mergec.algorithms.covariance import JointMoments
+from mergec.algorithms.solvers import MergePlan
+from mergec.errors import MergeError
+from mergec.permute import block_diagonal
+from mergec.spec import Binding, UnitSpec
+
+log = logging.getLogger(__name__)
+
+METHODS = ("average", "permute", "zip", "weight-match", "mudsc")
+Occurrence = tuple[str, torch.Tensor]  # (leaf space id, positions of its units in the space)
+
+
+def is_leaf(spec: UnitSpec, space_id: str) -> bool:
+    space = spec.spaces[space_id]
+    return space.kind == "flat" or (space.kind == "blocks" and not space.parts) \
+        or space.fixed is not None
+
+
+def occurrences(spec: UnitSpec, space_id: str) -> list[Occurrence]:
+    """Where the units of each leaf sit inside ``space_id``."""
+    space = spec.spaces[space_id]
+    if is_leaf(spec, space_id):
+        return [(space_id, torch.arange(space.size))]
+    if space.kind in ("composite", "blocks"):
+        result, offset = [], 0
+        for part in space.parts:
+            result += [(leaf, positions + offset) for leaf, positions in occurrences(spec, part)]
+            offset += spec.spaces[part].size
+        return result
+    # tiled: row-major factors; non-space factors repeat the space factors' occurrences
+    result = [("", torch.zeros(1, dtype=torch.long))]
+    for factor, size in space.factors:
+        inner = occurrences(spec, factor) if factor else [("", torch.arange(size))]
+        combined = []
+        for leaf, positions in result:
+            for inner_leaf, inner_positions in inner:
+                if leaf and inner_leaf:
+                    raise MergeError(f"match: tiled space {space_id} has two merged factors")
+                if inner_leaf:
+                    for p in positions:
+                        combined.append((inner_leaf, p * size + inner_positions))
+                else:
+                    combined += [(leaf, positions * size + i) for i in inner_positions]
+        result = combined
+    return result
+
+
+def full_plan(spec: UnitSpec, space_id: str, leaf_plans: Mapping[str, MergePlan]) -> MergePlan:
+    """The d × d plan of a space, assembled from its leaves' plans."""
+    size = spec.spaces[space_id].size
+    matrices = [torch.zeros(size, size, dtype=torch.float64) for _ in range(4)]
+    for leaf, positions in occurrences(spec, space_id):
+        plan = leaf_plans[leaf]
+        index = (positions[:, None], positions[None, :])
+        for matrix, part in zip(matrices, (plan.merge_a, plan.merge_b,
+                                           plan.unmerge_a, plan.unmerge_b)):
+            matrix[index] = part.to(torch.float64).cpu()
+    return MergePlan(*matrices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Similarities
+# ---------------------------------------------------------------------------------------------
+def activation_similarity(moments: JointMoments | None, size: int) -> torch.Tensor:
+    """Joint (2d × 2d) correlation; identity-like when there are no statistics."""
+    if moments is None:
+        return torch.eye(2 * size, dtype=torch.float64)
+    return moments.correlation().to(torch.float64).cpu()
+
+
+def _apply(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
+    """``new[.., i, ..] = Σ_j matrix[i, j] · tensor[.., j, ..]`` along ``axis``."""
+    moved = tensor.movedim(axis, -1)
+    return (moved @ matrix.T.to(moved)).movedim(-1, axis)
+
+
+def weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, torch.Tensor],
+                      params_b: Mapping[str, torch.Tensor], plans: Mapping[str, MergePlan]
+                      ) -> torch.Tensor:
+    """Joint (2d × 2d) cosine similarity of the weight vectors of ``leaf``'s units: every
+    parameter slice along an axis where the leaf occurs, B's other axes aligned to A's order by
+    the current plans (Git Re-Basin)."""
+    size = spec.spaces[leaf].size
+    gram = torch.zeros(2 * size, 2 * size, dtype=torch.float64)
+    by_key: dict[str, list[Binding]] = {}
+    for binding in spec.bindings:
+        by_key.setdefault(binding.key, []).append(binding)
+    for key, bindings in by_key.items():
+        if any(b.groups > 1 for b in bindings) or key not in params_a:
+            continue
+        for binding in bindings:
+            places = [pos for l, pos in occurrences(spec, binding.space) if l == leaf]
+            if not places:
+                continue
+            a = params_a[key].to(torch.float64).cpu()
+            b = params_b[key].to(torch.float64).cpu()
+            for other in bindings:
+                if other is not binding:
+                    b = _apply(b, other.axis, 2.0 * plans[other.space].merge_b)
+            for positions in places:
+                vectors_a = a.index_select(binding.axis, positions).movedim(binding.axis, 0)
+                vectors_b = b.index_select(binding.axis, positions).movedim(binding.axis, 0)
+                stacked = torch.cat([vectors_a.reshape(size, -1), vectors_b.reshape(size, -1)])
+                gram += stacked @ stacked.T
+    norms = gram.diagonal().clamp_min(1e-12).sqrt()
+    return gram / norms[:, None] / norms[None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Solving leaves
+# ---------------------------------------------------------------------------------------------
+def solve_flat(method: str, joint: torch.Tensor, size: int, alpha: float, beta: float
+               ) -> MergePlan:
+    if method == "average":
+        return solvers.average(size)
+    if method in ("permute", "weight-match"):
+        return solvers.permute(joint[:size, size:])
+    return solvers.zip(joint, size, size, target=size, alpha=alpha, beta=beta)
+
+
+def solve_blocks(method: str, joints: list[torch.Tensor], count: int, block: int,
+                 within_fixed: list[bool], alpha: float, beta: float
+                 ) -> tuple[torch.Tensor, list[MergePlan]]:
+    """Two-level matching of several blocks spaces sharing one block order. Returns the block
+    pairing (B's block for each of A's) and each space's full plan."""
+    size = count * block
+    if method == "average":
+        return torch.arange(count), [solvers.average(size) for _ in joints]
+
+    def within(joint: torch.Tensor, block_a: int, block_b: int, fixed: bool) -> MergePlan:
+        index = torch.cat([torch.arange(block_a * block, (block_a + 1) * block),
+                           size + torch.arange(block_b * block, (block_b + 1) * block)])
+        sub = joint[index][:, index]
+        if fixed:
+            plan = solvers.average(block)
+            identity = torch.eye(block, dtype=torch.float64)
+            plan = MergePlan(plan.merge_a, plan.merge_b, identity, identity)
+            return plan
+        return solve_flat(method, sub, block, alpha, beta)
+
+    plans: dict[tuple[int, int, int], MergePlan] = {}
+    scores = torch.zeros(count, count, dtype=torch.float64)
+    for i, (joint, fixed) in enumerate(zip(joints, within_fixed)):
+        for block_a in range(count):
+            for block_b in range(count):
+                plan = within(joint, block_a, block_b, fixed)
+                plans[(i, block_a, block_b)] = plan
+                cross = joint[block_a * block:(block_a + 1) * block,
+                              size + block_b * block:size + (block_b + 1) * block]
+                # matched similarity: pairs put in one merged unit
+                together = (plan.unmerge_a.to(torch.float64) @ plan.unmerge_b.T.to(torch.float64))
+                scores[block_a, block_b] += (cross * together).sum() / block
+    rows, columns = linear_sum_assignment(scores.numpy(), maximize=True)
+    pairing = torch.as_tensor(columns[rows.argsort()])
+    results = []
+    for i in range(len(joints)):
+        matrices = [torch.zeros(size, size, dtype=torch.float64) for _ in range(4)]
+        for block_a in range(count):
+            block_b = int(pairing[block_a])
+            plan = plans[(i, block_a, block_b)]
+            out = slice(block_a * block, (block_a + 1) * block)
+            from_a = slice(block_a * block, (block_a + 1) * block)
+            from_b = slice(block_b * block, (block_b + 1) * block)
+            matrices[0][out, from_a] = plan.merge_a.to(torch.float64)
+            matrices[1][out, from_b] = plan.merge_b.to(torch.float64)
+            matrices[2][from_a, out] = plan.unmerge_a.to(torch.float64)
+            matrices[3][from_b, out] = plan.unmerge_b.to(torch.float64)
+        results.append(MergePlan(*matrices))
+    return pairing, results
+
+
+def pairing_plan(pairing: torch.Tensor) -> MergePlan:
+    """The plan of a block-order space: merged block k averages A's block k and B's paired one."""
+    count = len(pairing)
+    merge_b = torch.zeros(count, count, dtype=torch.float64)
+    merge_b[torch.arange(count), pairing] = 0.5
+    identity = torch.eye(count, dtype=torch.float64)
+    return MergePlan(identity / 2, merge_b, identity, 2 * merge_b.T)
+
+
+@dataclass(frozen=True)
+class Match:
+    """The match pass: one :class:`MergePlan` per space."""
+
+    method: str = "zip"
+    alpha: float = 0.0
+    beta: float = 0.0
+    weight_beta: float = 0.5  # MuDSC's β: share of weight similarity in the dual space
+    max_iter: int = 30
+    seed: int = 0
+    name: str = "match"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise MergeError(f"match: unknown method {self.method!r}; choose one of "
+                             f"{', '.join(METHODS)}")
+
+    def __call__(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
+                 params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor]
+                 ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
+        leaves = [s for s in spec.spaces if is_leaf(spec, s)]
+        plans: dict[str, MergePlan] = {s: solvers.average(spec.spaces[s].size) for s in leaves}
+        summary: dict[str, dict] = {}
+
+        def similarity(leaf: str, current: Mapping[str, MergePlan]) -> torch.Tensor:
+            size = spec.spaces[leaf].size
+            activation = activation_similarity(moments.get(leaf), size)
+            if self.method == "weight-match":
+                return weight_similarity(spec, leaf, params_a, params_b, self._full(spec, current))
+            if self.method == "mudsc":
+                weights = weight_similarity(spec, leaf, params_a, params_b,
+                                            self._full(spec, current))
+                return self.weight_beta * weights + (1 - self.weight_beta) * activation
+            return activation
+
+        groups = _block_groups(spec, leaves)
+        sweeps = 1
+        if self.method == "mudsc":
+            sweeps = 2
+        if self.method == "weight-match":
+            sweeps = self.max_iter
+        order = list(leaves)
+        rng = random.Random(self.seed)
+        for sweep in range(sweeps):
+            changed = False
+            if self.method == "weight-match":
+                rng.shuffle(order)
+            method = "zip" if (self.method == "mudsc" and sweep == 0) else self.method
+            for leaf in order:
+                space = spec.spaces[leaf]
+                if not spec.is_free(leaf) or leaf in groups["order_of"]:
+                    continue
+                if space.kind == "blocks":
+                    if leaf != groups["members"][space.block_space][0]:
+                        continue  # solved once per group, with its first member
+                    members = groups["members"][space.block_space]
+                    joints = [similarity(m, plans) for m in members]
+                    pairing, member_plans = solve_blocks(
+                        method if method != "mudsc" else "zip", joints,
+                        space.block_count, space.block_size,
+                        [spec.spaces[m].within_fixed is not None for m in members],
+                        self.alpha, self.beta)
+                    new = dict(zip(members, member_plans))
+                    if spec.is_free(space.block_space):
+                        new[space.block_space] = pairing_plan(pairing)
+                    joint = joints[0]
+                else:
+                    joint = similarity(leaf, plans)
+                    new = {leaf: solve_flat("zip" if method == "mudsc" else method, joint,
+                                            space.size, self.alpha, self.beta)}
+                for member, plan in new.items():
+                    if not _same_plan(plans.get(member), plan):
+                        changed = True
+                    plans[member] = plan
+                    summary[member] = _summary(plan, joint if member == leaf else None)
+            if self.method == "weight-match" and not changed:
+                break
+        return self._full(spec, plans), summary
+
+    @staticmethod
+    def _full(spec: UnitSpec, leaf_plans: Mapping[str, MergePlan]) -> dict[str, MergePlan]:
+        return {s: full_plan(spec, s, leaf_plans) for s in spec.spaces}
+
+
+def _block_groups(spec: UnitSpec, leaves: list[str]) -> dict:
+    members: dict[str, list[str]] = {}
+    for leaf in leaves:
+        space = spec.spaces[leaf]
+        if space.kind == "blocks" and spec.is_free(leaf):
+            members.setdefault(space.block_space, []).append(leaf)
+    return {"members": members, "order_of": set(members)}
+
+
+def _same_plan(old: MergePlan | None, new: MergePlan) -> bool:
+    return old is not None and torch.equal(old.merge_b.to(new.merge_b), new.merge_b) \
+        and torch.equal(old.merge_a.to(new.merge_a), new.merge_a)
+
+
+def _summary(plan: MergePlan, joint: torch.Tensor | None) -> dict:
+    """What the report keeps of a plan: width, how many A–B pairs, mean matched correlation."""
+    together = plan.unmerge_a.to(torch.float64) @ plan.unmerge_b.T.to(torch.float64)
+    result = {"width": plan.width, "cross_pairs": int((together > 0).sum())}
+    if joint is not None:
+        size = plan.dim_a
+        cross = joint[:size, size:]
+        pairs = together > 0
+        result["matched_similarity"] = float(cross[pairs].mean()) if pairs.any() else 0.0
+        result["identity_similarity"] = float(cross.diagonal().mean())
+    return result
