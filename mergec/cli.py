@@ -33,6 +33,50 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from mergec.demo import format_table, run_demo
+
+    print("Merging two CNNs trained on digits 0-4 (A) and 5-9 (B); joint accuracy is the "
+          "argmax over all 10 classes on the whole test set.")
+    rows = run_demo(width=args.width, epochs=args.epochs, seed=args.seed,
+                    progress=not args.quiet)
+    print(format_table(rows))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from mergec.checkpoints import calibration_batches, load_checkpoint
+    from mergec.loading import example_inputs, load_model, parse_kwargs, parse_shape
+    from mergec.merge import merge
+
+    output = Path(args.output)
+    if output.exists():
+        raise MergecError(f"merge: output folder {str(output)!r} already exists")
+    kwargs = parse_kwargs(args.kwargs)
+    models = []
+    for checkpoint in (args.model_a, args.model_b):
+        model = load_model(args.model, kwargs)
+        state = load_checkpoint(checkpoint)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise MergecError(f"merge: checkpoint {checkpoint!r} does not fit --model "
+                              f"{args.model}: {str(error).splitlines()[0]}") from error
+        models.append(model)
+    calibration = calibration_batches(args.calibration, args.batch_size, args.batches)
+    example = calibration[0]
+    result = merge(models[0], models[1], example, calibration, method=args.method,
+                   alpha=args.alpha, beta=args.beta,
+                   repair=None if args.repair == "none" else args.repair, device=args.device,
+                   progress=not args.quiet)
+    result.save(output)
+    if args.plots:
+        result.report.plot(output / "plots")
+    print(f"merged with {args.method}: wrote {output}/model.py, weights.safetensors, "
+          "report.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergec", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
@@ -49,6 +93,37 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the unit spec as JSON")
     inspect.add_argument("--dot", help="write the space graph as Graphviz DOT to this file")
     inspect.set_defaults(run=_inspect)
+
+    demo = commands.add_parser("demo", help="merge two CNNs trained on digits 0-4 and 5-9 with "
+                                             "every method and print the accuracy table")
+    demo.add_argument("--width", type=int, default=16)
+    demo.add_argument("--epochs", type=int, default=20)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(run=_demo)
+
+    merge = commands.add_parser("merge", help="merge two checkpoints of one architecture")
+    merge.add_argument("model_a", help="checkpoint of model A (.safetensors or torch.save of a "
+                                       "state dict)")
+    merge.add_argument("model_b", help="checkpoint of model B")
+    merge.add_argument("--model", required=True,
+                       help="architecture: torchvision:NAME or package.module:factory")
+    merge.add_argument("--kwargs", help="JSON object passed to the factory")
+    merge.add_argument("--calibration", required=True,
+                       help="inputs for statistics: a .safetensors/.pt file holding a tensor of "
+                            "inputs, or 'digits' / 'fashion-mnist' (training images)")
+    merge.add_argument("--batch-size", type=int, default=128)
+    merge.add_argument("--batches", type=int, default=None, help="use at most this many")
+    merge.add_argument("--method", default="zip",
+                       choices=["zip", "permute", "weight-match", "mudsc", "average"])
+    merge.add_argument("--alpha", type=float, default=0.0)
+    merge.add_argument("--beta", type=float, default=0.0)
+    merge.add_argument("--repair", default="reset", choices=["reset", "none"])
+    merge.add_argument("--device", default=None)
+    merge.add_argument("--plots", action="store_true", help="also write report plots")
+    merge.add_argument("--quiet", action="store_true", help="no progress bars")
+    merge.add_argument("-o", "--output", required=True, help="new folder for the result")
+    merge.set_defaults(run=_merge)
     return parser
 
 

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/mergec inspect torchvision:resnet18 --input-shape 2,3,64,64 "$@"
+exec .venv/bin/mergec demo "$@"

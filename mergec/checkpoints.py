@@ -1,0 +1,62 @@
+"""Reading checkpoints and calibration data safely: safetensors, or ``torch.load`` with
+``weights_only=True`` (never arbitrary pickles)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mergec.errors import CheckpointError
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a ``torch.save`` of a state dict (also one
+    wrapped as ``{"state_dict": ...}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is a CheckpointError
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (corrupt, or not a "
+                              f"safetensors / weights-only torch file): {str(error).splitlines()[0]}") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
+    return state
+
+
+def calibration_batches(source: str, batch_size: int = 128, batches: int | None = None
+                        ) -> list[tuple[torch.Tensor]]:
+    """Calibration batches from a tensor file or a bundled dataset name."""
+    if source == "digits":
+        from mergec.datasets import digits
+        inputs = digits("train")[0]
+    elif source == "fashion-mnist":
+        from mergec.datasets import fashion_mnist
+        inputs = fashion_mnist("train")[0]
+    else:
+        loaded = load_checkpoint(source) if source.endswith(".safetensors") else None
+        if loaded is None:
+            path = Path(source)
+            if not path.is_file():
+                raise CheckpointError(f"calibration {source!r}: no such file or dataset name")
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # noqa: BLE001
+                raise CheckpointError(f"calibration {source!r} cannot be read: {error}") from error
+        if isinstance(loaded, dict):
+            if len(loaded) != 1:
+                raise CheckpointError(f"calibration {source!r} must hold one tensor of inputs, "
+                                      f"found keys {sorted(loaded)[:5]}")
+            loaded = next(iter(loaded.values()))
+        if not isinstance(loaded, torch.Tensor):
+            raise CheckpointError(f"calibration {source!r} does not hold a tensor")
+        inputs = loaded
+    chunks = [(chunk,) for chunk in inputs.split(batch_size)]
+    return chunks[:batches] if batches else chunks
