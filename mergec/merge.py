@@ -90,9 +90,9 @@ def _validate_options(method: str, alpha: float, beta: float, repair: str | None
         raise MergeError(f"merge: beta must be in [0, 1], got {beta}")
     if repair not in ("reset", None):
         raise MergeError(f"merge: repair must be 'reset' or None, got {repair!r}")
-    if heads != "average":
-        raise MergeError(f"merge: heads={heads!r} is not supported; heads='average' merges the "
-                         "output layers (models must share their label space)")
+    if heads not in ("average", "separate"):
+        raise MergeError(f"merge: heads must be 'average' (one shared output layer) or "
+                         f"'separate' (both models' output layers kept), got {heads!r}")
 
 
 def _check_correspondence(spec_a: UnitSpec, spec_b: UnitSpec, module_a: fx.GraphModule,
@@ -120,6 +120,7 @@ def _check_correspondence(spec_a: UnitSpec, spec_b: UnitSpec, module_a: fx.Graph
 def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
           calibration: Iterable[Any], *, method: str = "zip", alpha: float = 0.0,
           beta: float = 0.0, weight_beta: float = 0.5, heads: str = "average",
+          stop_at: str | None = None,
           repair: str | None = "reset", device: str | None = None, seed: int = 0,
           progress: bool = True,
           callback: Callable[[str, float], None] | None = None) -> MergeResult:
@@ -129,7 +130,10 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     ``forward`` (a bare tensor is one input); see :func:`calibration_from_loader`. ``method``
     is ``zip`` (ZipIt!, α = similarity decay, β = within-model budget), ``permute`` (Hungarian
     on activation correlation), ``weight-match`` (Git Re-Basin), ``mudsc`` (dual-space, with
-    ``weight_beta`` the weight share) or ``average``. ``repair="reset"`` recomputes BatchNorm
+    ``weight_beta`` the weight share) or ``average``. ``stop_at`` (a node name or module path
+    that every path crosses) merges only the trunk before it; the result then returns both
+    models' outputs, computed by their own tails on the unmerged features. ``heads="separate"``
+    stops at the input of the output layer (models with different label sets). ``repair="reset"`` recomputes BatchNorm
     statistics on the calibration data. The input models are not modified.
 
     Example::
@@ -165,7 +169,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     matcher = Match(method=method, alpha=alpha, beta=beta, weight_beta=weight_beta, seed=seed)
     plans, summaries = timed("match", lambda: matcher(
         spec, moments, module_a.state_dict(), module_b.state_dict()))
-    merged = timed("zip", lambda: Zip()(module_a, module_b, spec, plans))
+    merged = timed("zip", lambda: Zip(stop_at=stop_at, heads=heads)(
+        module_a, module_b, spec, plans))
     repaired = timed("repair", lambda: Repair(mode=repair, device=device, progress=progress)(
         merged, calibration, example))
     if device:
@@ -175,7 +180,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     report = MergeReport(method=method, spec=spec, matches=summaries, timings=timings,
                          repair=repaired, similarities=similarities,
                          options={"alpha": alpha, "beta": beta, "weight_beta": weight_beta,
-                                  "heads": heads, "repair": repair, "seed": seed})
+                                  "heads": heads, "stop_at": stop_at, "repair": repair,
+                                  "seed": seed})
     return MergeResult(module=merged, report=report)
 
 

@@ -68,10 +68,12 @@ Labels = tuple  # tuple[Label, ...] for a tensor; a list of those for a tuple of
 
 
 class NodeUnits(NamedTuple):
-    """What annotate-units recorded on a node: the axis labels and the rule that fired."""
+    """What annotate-units recorded on a node: the axis labels, the rule that fired and, once
+    the spec is built, the space id of each axis (None: not a plain feature axis)."""
 
     labels: Any
     rule: str
+    spaces: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -1362,6 +1364,10 @@ def build_spec(a: Annotator, model_name: str = "") -> UnitSpec:
     shapes = {key: shapes[key] for key in sorted(shapes)}
     outputs = [tuple(label_id(label) for label in labels)
                for labels in output_labels if isinstance(labels, tuple)]
+    for node, labels in a.labels.items():
+        if isinstance(labels, tuple) and "mergec" in node.meta:
+            node.meta["mergec"] = node.meta["mergec"]._replace(
+                spaces=tuple(label_id(label) for label in labels))
     return UnitSpec(spaces=spaces, bindings=tuple(bindings), shapes=shapes, model=model_name,
                     outputs=tuple(outputs))
 

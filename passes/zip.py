@@ -76,8 +76,13 @@ def merged_state(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torc
 
 @dataclass(frozen=True)
 class Zip:
-    """The zip pass: a new graph module with the merged weights."""
+    """The zip pass: a new graph module with the merged weights. With ``stop_at`` (a node name
+    or module path every path crosses) only the trunk before it is merged; the module then
+    returns the outputs of both models' tails. ``heads="separate"`` stops at the input of the
+    output layer."""
 
+    stop_at: str | None = None
+    heads: str = "average"
     name: str = "zip"
 
     def __call__(self, module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
@@ -87,6 +92,158 @@ class Zip:
                 raise MergeError(f"zip: space {space_id} merges to width {plan.width}, but "
                                  f"emitting a different width than the models' is not supported")
         state = merged_state(module_a.state_dict(), module_b.state_dict(), spec, plans)
-        merged = copy.deepcopy(module_a)
-        merged.load_state_dict(state)
-        return merged
+        stop = self.stop_node(module_a)
+        if stop is None:
+            merged = copy.deepcopy(module_a)
+            merged.load_state_dict(state)
+            return merged
+        check_cut(module_a, stop)
+        axis, unmerge = None, (None, None)
+        ids = _space_ids_of(spec, module_a, stop)
+        for position, space_id in enumerate(ids):
+            if space_id is not None:
+                axis = position
+                plan = plans[space_id]
+                unmerge = (plan.unmerge_a.to(torch.float32), plan.unmerge_b.to(torch.float32))
+        return partial_module(module_a, module_b, stop, state, unmerge, axis)
+
+    def stop_node(self, module: fx.GraphModule) -> fx.Node | None:
+        if self.stop_at is not None:
+            return find_stop_node(module, self.stop_at)
+        if self.heads == "separate":
+            return last_feature_node(module)
+        return None
+
+
+def _space_ids_of(spec: UnitSpec, module: fx.GraphModule, node: fx.Node) -> list[str | None]:
+    """The space of each axis of ``node``'s value (None for non-feature axes)."""
+    units = node.meta.get("mergec")
+    if units is None or units.spaces is None:
+        raise MergeError(f"zip: stop node {node.name!r} carries no annotation; run "
+                         "annotate-units on this graph first")
+    ids = list(units.spaces)
+    if sum(space_id is not None for space_id in ids) > 1:
+        raise MergeError(f"zip: stop node {node.name!r} has several feature axes {ids}; stop "
+                         "at a node with one")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Partial zipping: merge the trunk up to a stop node, run both models' tails after it
+# ---------------------------------------------------------------------------------------------
+def find_stop_node(module: fx.GraphModule, stop_at: str) -> fx.Node:
+    """The node named ``stop_at``, or the last node computed inside module path ``stop_at``."""
+    inside = None
+    for node in module.graph.nodes:
+        if node.name == stop_at:
+            return node
+        stack = node.meta.get("nn_module_stack") or {}
+        paths = [path for path, _ in stack.values()]
+        if stop_at in paths or any(p.startswith(stop_at + ".") for p in paths):
+            inside = node
+    if inside is None:
+        raise MergeError(f"zip: stop_at={stop_at!r} names no node and no module path of the "
+                         "graph (see `mergec inspect` for node names)")
+    return inside
+
+
+def last_feature_node(module: fx.GraphModule) -> fx.Node:
+    """The input of the layer that produces the (first) model output: where heads begin."""
+    output = module.graph.find_nodes(op="output")[0]
+    node = output.args[0]
+    while isinstance(node, (tuple, list)):
+        node = node[0]
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        name = getattr(node.target, "_overloadpacket", None)
+        name = name.__name__ if name is not None else ""
+        if name in ("linear", "conv2d", "conv1d", "matmul", "mm"):
+            return node.args[0]
+        if name == "addmm":
+            return node.args[1]
+        node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    raise MergeError("zip: heads='separate' could not find the layer that produces the output")
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def check_cut(module: fx.GraphModule, stop: fx.Node) -> None:
+    """Every path from a model input to an output must cross ``stop``."""
+    reached = {n for n in module.graph.nodes if n.op == "placeholder"} - {stop}
+    for node in module.graph.nodes:
+        if node is stop or node in reached or node.op == "placeholder":
+            continue
+        if any(parent in reached for parent in node.all_input_nodes):
+            reached.add(node)
+            if node.op == "output":
+                raise MergeError(
+                    f"zip: not every path from the inputs to the outputs crosses stop_at node "
+                    f"{stop.name!r}: {node.format_node()} is reached around it. Choose a node "
+                    "that every path crosses (e.g. a residual stream's add, not a branch).")
+
+
+def _attach(root: torch.nn.Module, key: str, value: torch.Tensor, parameter: bool) -> None:
+    *path, name = key.split(".")
+    owner = root
+    for part in path:
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    if parameter:
+        owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    else:
+        owner.register_buffer(name, value)
+
+
+def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.Node,
+                   merged: Mapping[str, torch.Tensor], unmerge: tuple[torch.Tensor, torch.Tensor],
+                   axis: int | None) -> fx.GraphModule:
+    """The merged trunk up to ``stop``, then A's and B's tails on the unmerged features;
+    returns (output of A's tail, output of B's tail)."""
+    trunk = _ancestors(stop)
+    parameters = {name for name, _ in module_a.named_parameters()}
+    root = torch.nn.Module()
+    graph = fx.Graph()
+    values: dict[fx.Node, fx.Node] = {}
+    for node in module_a.graph.nodes:
+        if node in trunk:
+            values[node] = graph.node_copy(node, lambda n: values[n])
+            if node.op == "get_attr":
+                _attach(root, node.target, merged[node.target], node.target in parameters)
+    outputs = []
+    states = (module_a.state_dict(), module_b.state_dict())
+    for index, (prefix, module) in enumerate((("tail_a", module_a), ("tail_b", module_b))):
+        start = values[stop]
+        if axis is not None:
+            _attach(root, f"{prefix}_unmerge", unmerge[index].T.contiguous(), False)
+            matrix = graph.get_attr(f"{prefix}_unmerge")
+            moved = graph.call_function(torch.ops.aten.movedim.int, (start, axis, -1))
+            product = graph.call_function(torch.ops.aten.matmul.default, (moved, matrix))
+            start = graph.call_function(torch.ops.aten.movedim.int, (product, -1, axis))
+        tail_values: dict[fx.Node, fx.Node] = {stop: start}
+        for node in module_a.graph.nodes:
+            if node in trunk or node.op in ("placeholder", "output") or \
+                    (node.op == "call_module" and node.target == "_guards_fn"):
+                continue
+            if node.op == "get_attr":
+                target = f"{prefix}.{node.target}"
+                _attach(root, target, states[index][node.target].clone(),
+                        node.target in parameters)
+                tail_values[node] = graph.get_attr(target)
+                continue
+            tail_values[node] = graph.node_copy(
+                node, lambda n: tail_values[n] if n in tail_values else values[n])
+        result = module_a.graph.find_nodes(op="output")[0].args[0]
+        flat = result if isinstance(result, (tuple, list)) else (result,)
+        outputs.extend(tail_values[n] if n in tail_values else values[n] for n in flat)
+    graph.output(tuple(outputs))
+    partial = fx.GraphModule(root, graph)
+    partial.graph.lint()
+    return partial
