@@ -1,1 +1,26 @@
-"""The passes of the mergec pipeline."""
+"""The passes of the mergec pipeline, one module each, in pipeline order.
+
+    trace → annotate-units → collect-stats → match → zip → repair
+
+``REGISTRY`` maps each pass's kebab-case name to its class (``trace`` is a function: the
+frontend has no options worth a class).
+"""
+from mergec.passes.annotate_units import AnnotateUnits
+from mergec.passes.collect_stats import CollectStats
+from mergec.passes.match import Match
+from mergec.passes.repair import Repair
+from mergec.passes.trace import TraceOptions, trace
+from mergec.passes.zip import Zip
+
+REGISTRY = {
+    "annotate-units": AnnotateUnits,
+    "collect-stats": CollectStats,
+    "match": Match,
+    "zip": Zip,
+    "repair": Repair,
+}
+
+PIPELINE = ("trace", "annotate-units", "collect-stats", "match", "zip", "repair")
+
+__all__ = ["REGISTRY", "PIPELINE", "trace", "TraceOptions", "AnnotateUnits", "CollectStats",
+           "Match", "Zip", "Repair"]
