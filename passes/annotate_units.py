@@ -1160,19 +1160,20 @@ _register("native_dropout", tuple_of_input)
 # elementwise unary ops (any elementwise function commutes with a permutation)
 _register("relu relu6 gelu silu sigmoid tanh hardswish hardsigmoid hardtanh leaky_relu elu "
           "selu celu mish softplus softsign log_sigmoid exp expm1 log log1p log2 sqrt rsqrt "
-          "neg abs reciprocal sign square erf erfc sin cos pow clamp clamp_min clamp_max "
+          "neg abs reciprocal sign square erf erfc sin cos "
           "nan_to_num round floor ceil trunc logical_not bitwise_not gelu_tanh prelu_scalar "
-          "exp2 fill", same_as_input)
+          "exp2", same_as_input)
 # elementwise binary/ternary ops with broadcasting: aligned axes are one space
 _register("add sub mul div true_divide floor_divide remainder maximum minimum where "
           "eq ne lt le gt ge logical_and logical_or logical_xor __and__ __or__ bitwise_and "
-          "bitwise_or atan2 fmod addcmul addcdiv lerp rsub copy hypot", elementwise)
+          "bitwise_or atan2 fmod addcmul addcdiv lerp rsub copy hypot pow clamp clamp_min "
+          "clamp_max", elementwise)
 _register("masked_fill", masked_fill)
 _register("getitem", getitem)
 # tensors made from sizes or values alone
 _register("arange zeros ones full empty zeros_like ones_like full_like empty_like new_zeros "
           "new_ones new_full new_empty rand randn rand_like randn_like scalar_tensor tensor "
-          "linspace tril triu ones_like", constant)
+          "linspace tril triu fill", constant)
 _register("sym_size sym_numel sym_stride _assert_scalar sym_constrain_range_for_size "
           "_assert_async", no_value)
 # layers with parameters
