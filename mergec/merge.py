@@ -88,8 +88,8 @@ def _validate_options(method: str, alpha: float, beta: float, repair: str | None
         raise MergeError(f"merge: alpha must be in [0, 1], got {alpha}")
     if not 0.0 <= beta <= 1.0:
         raise MergeError(f"merge: beta must be in [0, 1], got {beta}")
-    if repair not in ("reset", None):
-        raise MergeError(f"merge: repair must be 'reset' or None, got {repair!r}")
+    if repair not in ("reset", "repair", None):
+        raise MergeError(f"merge: repair must be 'reset', 'repair' or None, got {repair!r}")
     if heads not in ("average", "separate"):
         raise MergeError(f"merge: heads must be 'average' (one shared output layer) or "
                          f"'separate' (both models' output layers kept), got {heads!r}")
@@ -134,7 +134,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     that every path crosses) merges only the trunk before it; the result then returns both
     models' outputs, computed by their own tails on the unmerged features. ``heads="separate"``
     stops at the input of the output layer (models with different label sets). ``repair="reset"`` recomputes BatchNorm
-    statistics on the calibration data. The input models are not modified.
+    statistics on the calibration data; ``repair="repair"`` also applies REPAIR (each merged
+    channel after a normalisation rescaled to the interpolated parents' mean and std). The input models are not modified.
 
     Example::
 
@@ -171,8 +172,11 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
         spec, moments, module_a.state_dict(), module_b.state_dict()))
     merged = timed("zip", lambda: Zip(stop_at=stop_at, heads=heads)(
         module_a, module_b, spec, plans))
+    if repair == "repair" and (stop_at is not None or heads == "separate"):
+        raise MergeError("merge: repair='repair' rescales a fully merged model; with stop_at "
+                         "or heads='separate' use repair='reset'")
     repaired = timed("repair", lambda: Repair(mode=repair, device=device, progress=progress)(
-        merged, calibration, example))
+        merged, calibration, example, parents=(module_a, module_b), plans=plans))
     if device:
         merged.to(device)
     similarities = {s: m.correlation()[: spec.spaces[s].size, spec.spaces[s].size:].cpu()

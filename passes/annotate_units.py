@@ -154,6 +154,7 @@ class Annotator:
         self.grouped: dict[tuple[str, int], tuple[Label, int]] = {}
         self.probes: dict[int, list[str]] = defaultdict(list)
         self.fallbacks: list[str] = []
+        self.dynamic: set[fx.Node] = set()
         self.node = None  # node being annotated, for reasons
 
     # -- union-find ------------------------------------------------------------------------
@@ -444,8 +445,19 @@ class Annotator:
         return _none_labels(node.meta.get("val"))
 
     def _record_probes(self, node: fx.Node, labels: Any) -> None:
+        if node.op == "placeholder" or (
+                not isinstance(node.meta.get("val"), (torch.SymInt, int, float, type(None)))
+                and any(n in self.dynamic for n in node.all_input_nodes)):
+            self.dynamic.add(node)  # a tensor computed from the model input: features vary
         if node.op != "call_function" or not isinstance(labels, tuple):
             return
+        for label in labels:
+            if isinstance(label, int):
+                self.cls(label).feature = True
+            elif isinstance(label, Within):
+                self.cls(label.space).feature = True
+        if node not in self.dynamic:
+            return  # a constant (a class token broadcast): no statistics to observe
         for label in labels:
             if isinstance(label, int):
                 self.cls(label).feature = True

@@ -65,7 +65,8 @@ class _ResetInterpreter(fx.Interpreter):
 
 @dataclass(frozen=True)
 class Repair:
-    """The repair pass: ``mode`` is "reset" (BatchNorm statistics) or None (nothing)."""
+    """The repair pass: ``mode`` is "reset" (BatchNorm statistics), "repair" (reset, then
+    REPAIR's per-channel rescaling, see :func:`repair_statistics`) or None (nothing)."""
 
     mode: str | None = "reset"
     device: str | None = None
@@ -73,11 +74,23 @@ class Repair:
     name: str = "repair"
 
     def __post_init__(self) -> None:
-        if self.mode not in ("reset", None):
-            raise MergeError(f"repair: unknown mode {self.mode!r}; choose 'reset' or None")
+        if self.mode not in ("reset", "repair", None):
+            raise MergeError(f"repair: unknown mode {self.mode!r}; choose 'reset', 'repair' "
+                             "or None")
 
-    def __call__(self, module: fx.GraphModule, calibration: Iterable[Any], example: tuple
-                 ) -> dict[str, int]:
+    def __call__(self, module: fx.GraphModule, calibration: Iterable[Any], example: tuple,
+                 parents: tuple[fx.GraphModule, fx.GraphModule] | None = None,
+                 plans: dict | None = None) -> dict[str, int]:
+        result = self.reset(module, calibration, example)
+        if self.mode == "repair":
+            if parents is None or plans is None:
+                raise MergeError("repair: mode 'repair' needs the parent models and the plans")
+            result["normalisations_repaired"] = repair_statistics(
+                module, parents[0], parents[1], plans, list(calibration), self.device)
+        return result
+
+    def reset(self, module: fx.GraphModule, calibration: Iterable[Any], example: tuple
+              ) -> dict[str, int]:
         norms = [n for n in module.graph.nodes if _is_batch_norm(n)]
         if self.mode is None or not norms:
             return {"batch_norms_reset": 0}
@@ -108,3 +121,89 @@ def _set_buffer(module: torch.nn.Module, target: str, value: torch.Tensor) -> No
     owner_path, _, name = target.rpartition(".")
     owner = module.get_submodule(owner_path) if owner_path else module
     getattr(owner, name).copy_(value.to(getattr(owner, name).dtype))
+
+
+_NORMS = _BATCH_NORMS | {"layer_norm", "group_norm", "native_layer_norm", "native_group_norm"}
+
+
+class _ChannelStats(fx.Interpreter):
+    """Per-channel sum and sum of squares at the outputs of chosen nodes."""
+
+    def __init__(self, graph_module: fx.GraphModule, axes: dict[str, int]):
+        super().__init__(graph_module, garbage_collect_values=True)
+        self.axes = axes
+        self.sums: dict[str, list[torch.Tensor]] = {}
+
+    def run_node(self, node: fx.Node) -> Any:
+        if node.op == "call_module" and node.target == "_guards_fn":
+            return None
+        value = super().run_node(node)
+        if node.name in self.axes:
+            out = value[0] if isinstance(value, (tuple, list)) else value
+            rows = out.movedim(self.axes[node.name], -1).reshape(-1, out.shape[self.axes[node.name]])
+            rows = rows.to(torch.float64)
+            stats = self.sums.setdefault(node.name, [0, 0, 0])
+            stats[0] += rows.sum(0)
+            stats[1] += (rows * rows).sum(0)
+            stats[2] += rows.shape[0]
+        return value
+
+
+def _mean_std(sums: list) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = sums[0] / sums[2]
+    variance = (sums[1] / sums[2] - mean * mean).clamp_min(0)
+    return mean, variance.sqrt()
+
+
+def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
+                      module_b: fx.GraphModule, plans: dict, calibration: list, device: str | None
+                      ) -> int:
+    """REPAIR: rescales each merged channel after every normalisation (BatchNorm, LayerNorm,
+    GroupNorm) with affine parameters so that its mean and std match the interpolation of the
+    parents' (M_a·stat_a + M_b·stat_b), folding the correction into the affine parameters.
+    Returns the number of normalisations repaired."""
+    targets: dict[str, tuple[int, str, fx.Node, fx.Node]] = {}
+    for node in merged.graph.nodes:
+        packet = getattr(node.target, "_overloadpacket", None)
+        units = node.meta.get("mergec")
+        if node.op != "call_function" or packet is None or packet.__name__ not in _NORMS \
+                or units is None or units.spaces is None:
+            continue
+        weight, bias = node.args[1:3] if packet.__name__ in _BATCH_NORMS else node.args[2:4]
+        spaced = [(axis, space) for axis, space in enumerate(units.spaces) if space is not None]
+        if len(spaced) == 1 and isinstance(weight, fx.Node) and isinstance(bias, fx.Node):
+            targets[node.name] = (spaced[0][0], spaced[0][1], weight, bias)
+    if not targets:
+        return 0
+    axes = {name: axis for name, (axis, _, _, _) in targets.items()}
+    device = torch.device(device) if device else torch.device("cpu")
+    runs = {}
+    with torch.no_grad():
+        for label, module in (("a", module_a), ("b", module_b), ("merged", merged)):
+            interpreter = _ChannelStats(module.to(device), axes)
+            for batch in calibration:
+                inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+                interpreter.run(*(t.to(device) for t in inputs))
+            runs[label] = interpreter.sums
+    for name, (_, space, weight, bias) in targets.items():
+        plan = plans[space]
+        mean_a, std_a = _mean_std(runs["a"][name])
+        mean_b, std_b = _mean_std(runs["b"][name])
+        mean_z, std_z = _mean_std(runs["merged"][name])
+        merge_a, merge_b = plan.merge_a.to(mean_a), plan.merge_b.to(mean_b)
+        target_mean = merge_a @ mean_a + merge_b @ mean_b
+        target_std = merge_a @ std_a + merge_b @ std_b
+        scale = torch.where(std_z > 1e-8, target_std / std_z.clamp_min(1e-8),
+                            torch.ones_like(std_z))
+        shift = target_mean - scale * mean_z
+        gamma = merged.get_parameter(weight.target) if weight.target in dict(
+            merged.named_parameters()) else merged.get_buffer(weight.target)
+        beta = merged.get_parameter(bias.target) if bias.target in dict(
+            merged.named_parameters()) else merged.get_buffer(bias.target)
+        with torch.no_grad():
+            new_gamma = gamma.to(torch.float64) * scale
+            new_beta = beta.to(torch.float64) * scale + shift
+            gamma.copy_(new_gamma.to(gamma.dtype))
+            beta.copy_(new_beta.to(beta.dtype))
+    log.info("repair: rescaled %d normalisations (REPAIR)", len(targets))
+    return len(targets)
