@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -456,7 +456,8 @@ class Grouped(Block):
     def found(self, prefix: str, stream: Ref) -> Found:
         hidden, out = Axis(f"{prefix}pointwise.weight"), Axis(f"{prefix}grouped.weight")
         groups = self.grouped.groups
-        expectations = _hidden(prefix, "pointwise", stream) + [Same(Axis(f"{prefix}bn.weight"), out)]
+        expectations = _hidden(prefix, "pointwise", stream)
+        expectations.append(Same(Axis(f"{prefix}bn.weight"), out))
         if groups == self.grouped.in_channels == self.grouped.out_channels:  # depthwise
             expectations.append(Same(out, hidden))
         else:

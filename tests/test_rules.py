@@ -413,8 +413,9 @@ def test_fused_qkv_unbound_is_sound() -> None:
                    "only permutation is the identity")
 def test_is_free_agrees_with_the_permutations_of_a_fused_qkv_unbound() -> None:
     spec = mergec.discover(randomized(FusedQKV("unbind")), TOKENS)
-    moved = {space_id for seed in range(8) for space_id, perm in
-             random_permutations(spec, seed).items() if not torch.equal(perm, torch.arange(len(perm)))}
+    moved = {space_id for seed in range(8)
+             for space_id, perm in random_permutations(spec, seed).items()
+             if not torch.equal(perm, torch.arange(len(perm)))}
     assert {s.id for s in spec.free_spaces()} == moved
 
 
