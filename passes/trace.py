@@ -91,6 +91,9 @@ class TraceOptions:
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
     if dynamic_batch:
+        # torch.export specialises a batch of 1 silently: trace with the batch doubled
+        args = tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0
+                     and a.shape[0] == 1 else a for a in args)
         dynamic = tuple({0: Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None
                         for a in args)
         if kwargs:
@@ -135,5 +138,30 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = True
             "unsupported outputs) or pass example inputs that the model accepts."
         ) from error
     graph_module = program.module()
+    if kwargs:
+        _drop_injected_kwargs(graph_module, args, kwargs)
     graph_module.meta[STATE_KEYS] = tuple(model.state_dict().keys())
     return graph_module
+
+
+def _drop_injected_kwargs(graph_module: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """The keyword arguments trace adds (``use_cache=False``) are constants of the graph: the
+    module is called like the model, with the positional inputs alone."""
+    injected = [n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name in kwargs]
+    guards = [n for n in graph_module.graph.nodes
+              if n.op == "call_module" and n.target == "_guards_fn"]
+    if any(user not in guards for node in injected for user in node.users):
+        return  # the graph reads it: keep the module's signature as exported
+    for node in guards:  # export's shape guards take every input, the constants too
+        graph_module.graph.erase_node(node)
+        if hasattr(graph_module, "_guards_fn"):
+            delattr(graph_module, "_guards_fn")
+    for node in list(graph_module.graph.nodes):
+        if node.op == "placeholder" and node.name in kwargs:
+            graph_module.graph.erase_node(node)
+    in_spec = torch.utils._pytree.tree_flatten((args, {}))[1]
+    codegen = graph_module.graph._codegen
+    kept = [name for name in codegen.pytree_info.orig_args if name not in kwargs]
+    codegen.pytree_info = codegen.pytree_info._replace(in_spec=in_spec, orig_args=kept)
+    graph_module._in_spec = in_spec
+    graph_module.recompile()
