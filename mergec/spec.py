@@ -102,8 +102,12 @@ class UnitSpec:
         if space.kind == "tiled":
             return any(f is not None and self.is_free(f) for f, _ in space.factors)
         if space.kind == "blocks":
-            inner_free = space.within_fixed is None or any(self.is_free(p) for p in space.parts)
-            return inner_free or self.is_free(space.block_space)
+            if space.parts:
+                inner_free = any(self.is_free(part) for part in space.parts)
+            else:
+                inner_free = space.within_fixed is None
+            order_free = space.block_space is not None and self.is_free(space.block_space)
+            return inner_free or order_free
         return space.size > 1
 
     def bindings_of(self, key: str) -> tuple[Binding, ...]:

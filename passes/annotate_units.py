@@ -520,6 +520,30 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def _arguments(node: fx.Node) -> dict[str, Any]:
+    """The call's arguments by schema name, defaults filled in (aten overloads only)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return dict(node.kwargs)
+    result = {}
+    for index, argument in enumerate(schema.arguments):
+        if index < len(node.args):
+            result[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            result[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            result[argument.name] = argument.default_value
+    return result
+
+
+def _reduced_dims(value: Any, rank: int) -> set[int]:
+    if value is None or value == [] or value == ():
+        return set(range(rank))
+    if isinstance(value, int):
+        value = [value]
+    return {_dim(d, rank) for d in value}
+
+
 def _dim(dim: int, rank: int) -> int:
     return dim + rank if dim < 0 else dim
 
@@ -797,20 +821,14 @@ def attention(a: Annotator, node: fx.Node) -> Any:
 
 
 def reduction(a: Annotator, node: fx.Node) -> Any:
-    """Symmetric reduction (sum, mean, max values, var): invariant; reduced axes disappear
-    (or keep size 1 with keepdim)."""
+    """Symmetric reduction (sum, mean, amax, var, norm): invariant; reduced axes disappear
+    (or keep size 1 with keepdim). Reducing over the block axis of heads or groups lines the
+    blocks up position by position: the permutation inside blocks must then be shared."""
     x = a.of(node.args[0])
-    rank = len(x)
-    dims = _arg(node, 1, "dim")
-    if dims is None or dims == []:
-        dims = list(range(rank))
-    elif isinstance(dims, int):
-        dims = [dims]
-    dims = {_dim(d, rank) for d in dims}
-    keepdim = bool(_arg(node, 2, "keepdim", False))
-    if _op_name(node) in ("var", "std", "var_mean", "std_mean"):
-        keepdim = bool(node.kwargs.get("keepdim", keepdim if len(node.args) > 2
-                                       and isinstance(node.args[2], bool) else False))
+    arguments = _arguments(node)
+    dims = _reduced_dims(arguments.get("dim"), len(x))
+    keepdim = bool(arguments.get("keepdim", False))
+    _tie_blocks_reduced(a, x, dims)
     out = tuple(None if i in dims else label for i, label in enumerate(x)
                 if keepdim or i not in dims)
     value = node.meta.get("val")
@@ -819,14 +837,60 @@ def reduction(a: Annotator, node: fx.Node) -> Any:
     return out
 
 
-def positional_reduction(a: Annotator, node: fx.Node) -> Any:
-    """argmax / max with indices / sort / topk: the result exposes positions on that axis."""
+def _tie_blocks_reduced(a: Annotator, x: Sequence[Label], dims: set[int]) -> None:
+    """A block axis reduced while the axis inside blocks stays: fix the inside of blocks."""
+    kept = [label for i, label in enumerate(x) if i not in dims]
+    for i in dims:
+        label = x[i]
+        if isinstance(label, int):
+            owner = a.owner_of_block(label, kept)
+            if owner is not None:
+                a.fix(Within(owner), "blocks are reduced position by position")
+
+
+def max_with_indices(a: Annotator, node: fx.Node) -> Any:
+    """max.dim / min.dim: values are a reduction; indices are positions along that axis, so a
+    feature axis reduced there is fixed."""
     x = a.of(node.args[0])
-    dim = _arg(node, 1, "dim")
-    dims = range(len(x)) if dim is None else [_dim(dim, len(x))]
+    arguments = _arguments(node)
+    dims = _reduced_dims(arguments.get("dim"), len(x))
+    keepdim = bool(arguments.get("keepdim", False))
+    for d in dims:
+        a.fix(x[d], "positions are exposed (the indices of max/min)")
+    out = tuple(None if i in dims else label for i, label in enumerate(x)
+                if keepdim or i not in dims)
+    return [out, out]
+
+
+def positional_reduction(a: Annotator, node: fx.Node) -> Any:
+    """argmax / sort / topk / median: the result exposes positions along the axis, which is
+    fixed if it is a feature axis; other axes keep their labels."""
+    x = a.of(node.args[0])
+    arguments = _arguments(node)
+    dim = arguments.get("dim")
+    dims = _reduced_dims(dim, len(x))
     for d in dims:
         a.fix(x[d], "positions are exposed (argmax, sort, topk)")
-    return _none_labels(node.meta.get("val"))
+    value = node.meta.get("val")
+    values = value if isinstance(value, (tuple, list)) else [value]
+    results = []
+    for item in values:
+        rank = item.dim() if isinstance(item, torch.Tensor) else 0
+        if rank == len(x):
+            results.append(tuple(None if i in dims else label for i, label in enumerate(x)))
+        elif rank == len(x) - len(dims):
+            results.append(tuple(label for i, label in enumerate(x) if i not in dims))
+        else:
+            results.append(_none_labels(item))
+    return results if isinstance(value, (tuple, list)) else results[0]
+
+
+def triangular(a: Annotator, node: fx.Node) -> Any:
+    """tril / triu: the last two axes' positions matter; they are fixed if features."""
+    x = a.of(node.args[0])
+    for label in x[-2:]:
+        a.fix(label, "positions matter in a triangular mask")
+    return x
 
 
 def softmax(a: Annotator, node: fx.Node) -> Any:
@@ -992,7 +1056,13 @@ def _merge_factors(a: Annotator, factors: list) -> Label:
             structure = a.cls(second.space).structure
             if isinstance(structure, Blocks) and a.find(structure.block) == a.find(first):
                 return second.space
-    return Product(tuple(factors))
+    merged: list = []
+    for label, size in factors:  # consecutive non-feature factors are one: (C, H*W)
+        if label is None and merged and merged[-1][0] is None:
+            merged[-1] = (None, _expr(merged[-1][1]) * _expr(size))
+        else:
+            merged.append((label, size))
+    return Product(tuple(merged))
 
 
 def cat(a: Annotator, node: fx.Node) -> Any:
@@ -1048,8 +1118,14 @@ def split(a: Annotator, node: fx.Node) -> Any:
     default_dim = 0
     dim = _dim(_arg(node, 2 if name != "unbind" else 1, "dim", default_dim), len(x))
     if name == "unbind":
-        a.fix(x[dim], "unbound into its positions")
-        return [x[:dim] + x[dim + 1:] for _ in values]
+        rest = list(x[:dim]) + list(x[dim + 1:])
+        owner = a.owner_of_block(x[dim], rest) if isinstance(x[dim], int) else None
+        if owner is None:
+            a.fix(x[dim], "unbound into its positions")
+            return [tuple(rest) for _ in values]
+        a.fix(x[dim], "blocks are unbound by position")  # fused qkv: q, k, v separated
+        parts = [a.block_part(owner, i) for i in range(len(values))]
+        return [tuple(_pick_part(a, label, owner, part) for label in rest) for part in parts]
     sizes = [_static(v.shape[dim]) for v in values]
     if any(size is None for size in sizes):
         a.fix(x[dim], "split into parts of unknown size")
@@ -1185,7 +1261,8 @@ _register("getitem", getitem)
 # tensors made from sizes or values alone
 _register("arange zeros ones full empty zeros_like ones_like full_like empty_like new_zeros "
           "new_ones new_full new_empty rand randn rand_like randn_like scalar_tensor tensor "
-          "linspace tril triu fill", constant)
+          "linspace fill", constant)
+_register("tril triu", triangular)
 _register("sym_size sym_numel sym_stride _assert_scalar sym_constrain_range_for_size "
           "_assert_async", no_value)
 # layers with parameters
@@ -1236,8 +1313,8 @@ _register("repeat", repeat)
 
 #: overloads whose labels differ from their packet's (looked up as "name.overload")
 OVERLOAD_RULES: dict[str, Callable] = {}
-RULES["max.dim"] = positional_reduction
-RULES["min.dim"] = positional_reduction
+RULES["max.dim"] = max_with_indices
+RULES["min.dim"] = max_with_indices
 RULES["max.default"] = reduction
 RULES["min.default"] = reduction
 RULES["max.other"] = elementwise
