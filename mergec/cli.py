@@ -116,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--batches", type=int, default=None, help="use at most this many")
     merge.add_argument("--method", default="zip",
                        choices=["zip", "permute", "weight-match", "mudsc", "average"])
-    merge.add_argument("--alpha", type=float, default=0.0)
-    merge.add_argument("--beta", type=float, default=0.0)
+    merge.add_argument("--alpha", type=float, default=0.5,
+                       help="zip: similarity decay of a merged unit (ZipIt's α)")
+    merge.add_argument("--beta", type=float, default=0.5,
+                       help="zip: within-model merge budget as a fraction of the width (β)")
     merge.add_argument("--repair", default="reset", choices=["reset", "none"])
     merge.add_argument("--device", default=None)
     merge.add_argument("--plots", action="store_true", help="also write report plots")

@@ -118,8 +118,8 @@ def _check_correspondence(spec_a: UnitSpec, spec_b: UnitSpec, module_a: fx.Graph
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
-          calibration: Iterable[Any], *, method: str = "zip", alpha: float = 0.0,
-          beta: float = 0.0, weight_beta: float = 0.5, heads: str = "average",
+          calibration: Iterable[Any], *, method: str = "zip", alpha: float = 0.5,
+          beta: float = 0.5, weight_beta: float = 0.5, heads: str = "average",
           stop_at: str | None = None,
           repair: str | None = "reset", device: str | None = None, seed: int = 0,
           progress: bool = True,
@@ -169,7 +169,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
         module_a, module_b, spec, calibration, example)) if needs_stats else {}
     matcher = Match(method=method, alpha=alpha, beta=beta, weight_beta=weight_beta, seed=seed)
     plans, summaries = timed("match", lambda: matcher(
-        spec, moments, module_a.state_dict(), module_b.state_dict()))
+        spec, moments, dict(module_a.named_parameters()), dict(module_b.named_parameters())))
     merged = timed("zip", lambda: Zip(stop_at=stop_at, heads=heads)(
         module_a, module_b, spec, plans))
     if repair == "repair" and (stop_at is not None or heads == "separate"):

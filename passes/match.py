@@ -112,7 +112,8 @@ def weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, torch.Te
                       params_b: Mapping[str, torch.Tensor], plans: Mapping[str, MergePlan]
                       ) -> torch.Tensor:
     """Joint (2d × 2d) cosine similarity of the weight vectors of ``leaf``'s units: every
-    parameter slice along an axis where the leaf occurs, B's other axes aligned to A's order by
+    trainable parameter slice (``params``: no running statistics) along an axis where the leaf
+    occurs, B's other axes aligned to A's order by
     the current plans (Git Re-Basin)."""
     size = spec.spaces[leaf].size
     gram = torch.zeros(2 * size, 2 * size, dtype=torch.float64)
@@ -126,8 +127,8 @@ def weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, torch.Te
             places = [pos for l, pos in occurrences(spec, binding.space) if l == leaf]
             if not places:
                 continue
-            a = params_a[key].to(torch.float64).cpu()
-            b = params_b[key].to(torch.float64).cpu()
+            a = params_a[key].detach().to(torch.float64).cpu()
+            b = params_b[key].detach().to(torch.float64).cpu()
             for other in bindings:
                 if other is not binding:
                     b = _apply(b, other.axis, 2.0 * plans[other.space].merge_b)
@@ -312,7 +313,8 @@ def _same_plan(old: MergePlan | None, new: MergePlan) -> bool:
 
 def _summary(plan: MergePlan, joint: torch.Tensor | None) -> dict:
     """What the report keeps of a plan: width, how many A–B pairs, mean matched correlation."""
-    together = plan.unmerge_a.to(torch.float64) @ plan.unmerge_b.T.to(torch.float64)
+    together = (plan.unmerge_a.detach().to(torch.float64)
+                @ plan.unmerge_b.detach().T.to(torch.float64))
     result = {"width": plan.width, "cross_pairs": int((together > 0).sum())}
     if joint is not None:
         size = plan.dim_a

@@ -126,13 +126,31 @@ def _set_buffer(module: torch.nn.Module, target: str, value: torch.Tensor) -> No
 _NORMS = _BATCH_NORMS | {"layer_norm", "group_norm", "native_layer_norm", "native_group_norm"}
 
 
-class _ChannelStats(fx.Interpreter):
-    """Per-channel sum and sum of squares at the outputs of chosen nodes."""
+class _Reached(Exception):
+    """Raised by :class:`_ChannelStats` once every wanted node has been computed."""
 
-    def __init__(self, graph_module: fx.GraphModule, axes: dict[str, int]):
+
+class _ChannelStats(fx.Interpreter):
+    """Per-channel sum and sum of squares at the outputs of chosen nodes. With
+    ``stop_early`` the run ends at the last of them."""
+
+    def __init__(self, graph_module: fx.GraphModule, axes: dict[str, int],
+                 stop_early: bool = False):
         super().__init__(graph_module, garbage_collect_values=True)
         self.axes = axes
         self.sums: dict[str, list[torch.Tensor]] = {}
+        self.stop_early = stop_early
+        self.seen: set[str] = set()
+
+    def collect(self, calibration: list, device: torch.device) -> dict[str, list]:
+        for batch in calibration:
+            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+            self.seen = set()
+            try:
+                self.run(*(t.to(device) for t in inputs))
+            except _Reached:
+                pass
+        return self.sums
 
     def run_node(self, node: fx.Node) -> Any:
         if node.op == "call_module" and node.target == "_guards_fn":
@@ -146,6 +164,9 @@ class _ChannelStats(fx.Interpreter):
             stats[0] += rows.sum(0)
             stats[1] += (rows * rows).sum(0)
             stats[2] += rows.shape[0]
+            self.seen.add(node.name)
+            if self.stop_early and len(self.seen) == len(self.axes):
+                raise _Reached
         return value
 
 
@@ -177,30 +198,29 @@ def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
         return 0
     axes = {name: axis for name, (axis, _, _, _) in targets.items()}
     device = torch.device(device) if device else torch.device("cpu")
-    runs = {}
+    parameters = dict(merged.named_parameters())
     with torch.no_grad():
-        for label, module in (("a", module_a), ("b", module_b), ("merged", merged)):
-            interpreter = _ChannelStats(module.to(device), axes)
-            for batch in calibration:
-                inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
-                interpreter.run(*(t.to(device) for t in inputs))
-            runs[label] = interpreter.sums
-    for name, (_, space, weight, bias) in targets.items():
-        plan = plans[space]
-        mean_a, std_a = _mean_std(runs["a"][name])
-        mean_b, std_b = _mean_std(runs["b"][name])
-        mean_z, std_z = _mean_std(runs["merged"][name])
-        merge_a, merge_b = plan.merge_a.to(mean_a), plan.merge_b.to(mean_b)
-        target_mean = merge_a @ mean_a + merge_b @ mean_b
-        target_std = merge_a @ std_a + merge_b @ std_b
-        scale = torch.where(std_z > 1e-8, target_std / std_z.clamp_min(1e-8),
-                            torch.ones_like(std_z))
-        shift = target_mean - scale * mean_z
-        gamma = merged.get_parameter(weight.target) if weight.target in dict(
-            merged.named_parameters()) else merged.get_buffer(weight.target)
-        beta = merged.get_parameter(bias.target) if bias.target in dict(
-            merged.named_parameters()) else merged.get_buffer(bias.target)
-        with torch.no_grad():
+        parents = [_ChannelStats(module.to(device), axes).collect(calibration, device)
+                   for module in (module_a, module_b)]
+        merged.to(device)
+        # in graph order, each measured after the ones before it are repaired
+        for name, (axis, space, weight, bias) in targets.items():
+            measured = _ChannelStats(merged, {name: axis}, stop_early=True).collect(
+                calibration, device)
+            plan = plans[space]
+            mean_a, std_a = _mean_std(parents[0][name])
+            mean_b, std_b = _mean_std(parents[1][name])
+            mean_z, std_z = _mean_std(measured[name])
+            merge_a, merge_b = plan.merge_a.to(mean_a), plan.merge_b.to(mean_b)
+            target_mean = merge_a @ mean_a + merge_b @ mean_b
+            target_std = merge_a @ std_a + merge_b @ std_b
+            scale = torch.where(std_z > 1e-8, target_std / std_z.clamp_min(1e-8),
+                                torch.ones_like(std_z))
+            shift = target_mean - scale * mean_z
+            gamma = parameters.get(weight.target, None)
+            gamma = gamma if gamma is not None else merged.get_buffer(weight.target)
+            beta = parameters.get(bias.target, None)
+            beta = beta if beta is not None else merged.get_buffer(bias.target)
             new_gamma = gamma.to(torch.float64) * scale
             new_beta = beta.to(torch.float64) * scale + shift
             gamma.copy_(new_gamma.to(gamma.dtype))
