@@ -257,6 +257,9 @@ class Annotator:
             self.union(a, b)
             return a
         if isinstance(a, Within) and isinstance(b, Within):
+            if _expr(self.cls(a.space).size) != _expr(self.cls(b.space).size) and \
+                    (self._repeat_blocks(a.space, b.space) or self._repeat_blocks(b.space, a.space)):
+                return a
             self.union(a.space, b.space)
             return a
         if isinstance(a, Product) and isinstance(b, Product):
@@ -271,6 +274,38 @@ class Annotator:
         self.fix(a, f"{why}: joins axes of different structure")
         self.fix(b, f"{why}: joins axes of different structure")
         return None
+
+    def repeats(self, many: int, few: int) -> int | None:
+        """``n`` if blocks space ``many``'s block order is ``few``'s repeated n times
+        (grouped-query attention: each key/value head serves n query heads), else None."""
+        structure_many, structure_few = self.cls(many).structure, self.cls(few).structure
+        if not (isinstance(structure_many, Blocks) and isinstance(structure_few, Blocks)):
+            return None
+        order = self.cls(structure_many.block).structure
+        if not isinstance(order, Tiled) or len(order.factors) != 2:
+            return None
+        (base, count), (rest, times) = order.factors
+        if rest is not None or not isinstance(base, int) or \
+                self.find(base) != self.find(structure_few.block) or count != structure_few.count:
+            return None
+        block_many = _static(self.cls(many).size) // structure_many.count
+        block_few = _static(self.cls(few).size) // structure_few.count
+        return times if block_many == block_few else None
+
+    def _repeat_blocks(self, many: int, few: int) -> bool:
+        """Ties the inside of each block of ``many`` to the inside of the block of ``few`` it
+        repeats. Returns False when the two are not so related."""
+        times = self.repeats(many, few)
+        if times is None:
+            return False
+        structure = self.cls(many).structure
+        shared = tuple(self.block_part(few, h // times) for h in range(structure.count))
+        if structure.parts:
+            for part, wanted in zip(structure.parts, shared):
+                self.union(part, wanted)
+        else:
+            self.cls(many).structure = Blocks(structure.count, structure.block, shared)
+        return True
 
     def _tile(self, element: int, product: Product) -> bool:
         """Gives ``element``'s space the structure of ``product`` (a linear after flatten)."""
@@ -803,10 +838,10 @@ def native_group_norm(a: Annotator, node: fx.Node) -> Any:
 
 def attention(a: Annotator, node: fx.Node) -> Any:
     """scaled_dot_product_attention(q, k, v, mask): heads shared by q, k, v; q and k one space
-    within heads (their dot product); v and the output one space."""
+    within heads (their dot product); v and the output one space. Grouped-query attention
+    (k/v heads repeated) ties each query head to its key/value head."""
     q, k, v = (a.of(arg) for arg in node.args[:3])
     mask = a.of(_arg(node, 3, "attn_mask"))
-    a.unify(q[-1], k[-1], "attention query·key")
     batch = []
     for position in range(3, len(q) + 1):
         joined = [labels[-position] for labels in (q, k, v) if len(labels) >= position]
@@ -814,6 +849,7 @@ def attention(a: Annotator, node: fx.Node) -> Any:
                 not _is_one(_shape(node.args[3])[-position]):
             joined.append(mask[-position])
         batch.append(a.unify_all(joined, "attention heads"))
+    a.unify(q[-1], k[-1], "attention query·key")
     if mask is not None:
         for label in mask[-2:]:
             a.fix(label, "is a sequence axis of an attention mask")
@@ -1056,6 +1092,9 @@ def _merge_factors(a: Annotator, factors: list) -> Label:
             structure = a.cls(second.space).structure
             if isinstance(structure, Blocks) and a.find(structure.block) == a.find(first):
                 return second.space
+            repeated = _repeated_output(a, first, second.space)
+            if repeated is not None:
+                return repeated
     merged: list = []
     for label, size in factors:  # consecutive non-feature factors are one: (C, H*W)
         if label is None and merged and merged[-1][0] is None:
@@ -1063,6 +1102,26 @@ def _merge_factors(a: Annotator, factors: list) -> Label:
         else:
             merged.append((label, size))
     return Product(tuple(merged))
+
+
+def _repeated_output(a: Annotator, order: int, space: int) -> int | None:
+    """Attention output of grouped-query heads: query heads ``order`` (a key/value head order
+    repeated n times) over the inside of value space ``space``: a new blocks space whose block
+    i is value block i // n."""
+    structure = a.cls(space).structure
+    tiled = a.cls(order).structure
+    if not (isinstance(structure, Blocks) and isinstance(tiled, Tiled) and len(tiled.factors) == 2):
+        return None
+    (base, count), (rest, times) = tiled.factors
+    if rest is not None or not isinstance(base, int) or count != structure.count or \
+            a.find(base) != a.find(structure.block):
+        return None
+    block = _static(a.cls(space).size) // structure.count
+    output = a.new(block * count * times, f"grouped heads of {a.cls(space).origin}")
+    a.info[output].feature = True
+    a.info[output].structure = Blocks(count * times, order, tuple(
+        a.block_part(space, h // times) for h in range(count * times)))
+    return output
 
 
 def cat(a: Annotator, node: fx.Node) -> Any:

@@ -154,10 +154,11 @@ def solve_flat(method: str, joint: torch.Tensor, size: int, alpha: float, beta: 
 
 
 def solve_blocks(method: str, joints: list[torch.Tensor], count: int, block: int,
-                 within_fixed: list[bool], alpha: float, beta: float
+                 within_fixed: list[bool], alpha: float, beta: float, pair: bool = True
                  ) -> tuple[torch.Tensor, list[MergePlan]]:
     """Two-level matching of several blocks spaces sharing one block order. Returns the block
-    pairing (B's block for each of A's) and each space's full plan."""
+    pairing (B's block for each of A's) and each space's full plan. ``pair=False`` keeps
+    block i with block i and matches only inside blocks."""
     size = count * block
     if method == "average":
         return torch.arange(count), [solvers.average(size) for _ in joints]
@@ -185,8 +186,11 @@ def solve_blocks(method: str, joints: list[torch.Tensor], count: int, block: int
                 # matched similarity: pairs put in one merged unit
                 together = (plan.unmerge_a.to(torch.float64) @ plan.unmerge_b.T.to(torch.float64))
                 scores[block_a, block_b] += (cross * together).sum() / block
-    rows, columns = linear_sum_assignment(scores.numpy(), maximize=True)
-    pairing = torch.as_tensor(columns[rows.argsort()])
+    if pair:
+        rows, columns = linear_sum_assignment(scores.numpy(), maximize=True)
+        pairing = torch.as_tensor(columns[rows.argsort()])
+    else:
+        pairing = torch.arange(count)
     results = []
     for i in range(len(joints)):
         matrices = [torch.zeros(size, size, dtype=torch.float64) for _ in range(4)]
@@ -237,16 +241,19 @@ class Match:
         plans: dict[str, MergePlan] = {s: solvers.average(spec.spaces[s].size) for s in leaves}
         summary: dict[str, dict] = {}
 
-        def similarity(leaf: str, current: Mapping[str, MergePlan]) -> torch.Tensor:
-            size = spec.spaces[leaf].size
-            activation = activation_similarity(moments.get(leaf), size)
-            if self.method == "weight-match":
-                return weight_similarity(spec, leaf, params_a, params_b, self._full(spec, current))
-            if self.method == "mudsc":
+        def similarity(leaf: str, current: Mapping[str, MergePlan]) -> torch.Tensor | None:
+            """None where nothing is known of the leaf: it is then averaged, unit i with i."""
+            observed = moments.get(leaf)
+            if self.method in ("weight-match", "mudsc"):
                 weights = weight_similarity(spec, leaf, params_a, params_b,
                                             self._full(spec, current))
+                if self.method == "weight-match" or observed is None:
+                    return weights
+                activation = activation_similarity(observed, spec.spaces[leaf].size)
                 return self.weight_beta * weights + (1 - self.weight_beta) * activation
-            return activation
+            if observed is None:
+                return None
+            return activation_similarity(observed, spec.spaces[leaf].size)
 
         groups = _block_groups(spec, leaves)
         sweeps = 1
@@ -270,17 +277,22 @@ class Match:
                         continue  # solved once per group, with its first member
                     members = groups["members"][space.block_space]
                     joints = [similarity(m, plans) for m in members]
+                    if any(joint is None for joint in joints):
+                        continue  # no statistics for a member: the group stays averaged
+                    pair = space.block_space not in groups["fixed_order"]
                     pairing, member_plans = solve_blocks(
                         method if method != "mudsc" else "zip", joints,
                         space.block_count, space.block_size,
                         [spec.spaces[m].within_fixed is not None for m in members],
-                        self.alpha, self.beta)
+                        self.alpha, self.beta, pair=pair)
                     new = dict(zip(members, member_plans))
-                    if spec.is_free(space.block_space):
+                    if pair and spec.is_free(space.block_space):
                         new[space.block_space] = pairing_plan(pairing)
                     joint = joints[0]
                 else:
                     joint = similarity(leaf, plans)
+                    if joint is None:
+                        continue  # no statistics: stays averaged
                     new = {leaf: solve_flat("zip" if method == "mudsc" else method, joint,
                                             space.size, self.alpha, self.beta)}
                 for member, plan in new.items():
@@ -298,12 +310,26 @@ class Match:
 
 
 def _block_groups(spec: UnitSpec, leaves: list[str]) -> dict:
+    """Blocks spaces grouped by their shared block order. ``orders`` holds every space that is
+    some space's block order: those are never matched on their own. ``fixed_order`` holds the
+    orders that must stay the identity because a space with separated parts or a repeated
+    order (grouped-query attention) also depends on them."""
     members: dict[str, list[str]] = {}
+    orders: set[str] = set()
+    fixed_order: set[str] = set()
+    for space in spec.spaces.values():
+        if space.kind != "blocks" or space.block_space is None:
+            continue
+        orders.add(space.block_space)
+        order = spec.spaces[space.block_space]
+        if space.parts or order.kind != "flat":
+            fixed_order.add(space.block_space)
+            fixed_order.update(f for f, _ in order.factors if f is not None)
     for leaf in leaves:
         space = spec.spaces[leaf]
         if space.kind == "blocks" and spec.is_free(leaf):
             members.setdefault(space.block_space, []).append(leaf)
-    return {"members": members, "order_of": set(members)}
+    return {"members": members, "order_of": orders, "fixed_order": fixed_order}
 
 
 def _same_plan(old: MergePlan | None, new: MergePlan) -> bool:
