@@ -66,7 +66,7 @@ def _merge(args: argparse.Namespace) -> int:
     calibration = calibration_batches(args.calibration, args.batch_size, args.batches)
     example = calibration[0]
     result = merge(models[0], models[1], example, calibration, method=args.method,
-                   alpha=args.alpha, beta=args.beta,
+                   alpha=args.alpha, beta=args.beta, width=_width(args.width),
                    repair=None if args.repair == "none" else args.repair, device=args.device,
                    progress=not args.quiet)
     result.save(output)
@@ -75,6 +75,15 @@ def _merge(args: argparse.Namespace) -> int:
     print(f"merged with {args.method}: wrote {output}/model.py, weights.safetensors, "
           "report.json")
     return 0
+
+
+def _width(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="zip: similarity decay of a merged unit (ZipIt's α)")
     merge.add_argument("--beta", type=float, default=0.5,
                        help="zip: within-model merge budget as a fraction of the width (β)")
-    merge.add_argument("--repair", default="reset", choices=["reset", "none"])
+    merge.add_argument("--width", default="max",
+                       help="merged width of each layer: max (default), min, a, b, sum, a "
+                            "fraction of d_a + d_b, or an int (elastic zip)")
+    merge.add_argument("--repair", default="reset", choices=["reset", "repair", "none"])
     merge.add_argument("--device", default=None)
     merge.add_argument("--plots", action="store_true", help="also write report plots")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")

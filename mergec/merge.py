@@ -95,32 +95,75 @@ def _validate_options(method: str, alpha: float, beta: float, repair: str | None
                          f"'separate' (both models' output layers kept), got {heads!r}")
 
 
-def _check_correspondence(spec_a: UnitSpec, spec_b: UnitSpec, module_a: fx.GraphModule,
-                          module_b: fx.GraphModule) -> None:
+def correspond(spec_a: UnitSpec, spec_b: UnitSpec, module_a: fx.GraphModule,
+               module_b: fx.GraphModule) -> bool:
+    """Checks that two graphs have one topology and their specs one structure; returns whether
+    their widths differ. Raises a MergeError naming the first node where they part ways."""
     nodes_a = [n for n in module_a.graph.nodes if n.op != "output"]
     nodes_b = [n for n in module_b.graph.nodes if n.op != "output"]
     for node_a, node_b in zip(nodes_a, nodes_b):
-        value_a, value_b = node_a.meta.get("val"), node_b.meta.get("val")
-        shape_a = tuple(value_a.shape) if isinstance(value_a, torch.Tensor) else None
-        shape_b = tuple(value_b.shape) if isinstance(value_b, torch.Tensor) else None
-        if node_a.target != node_b.target or str(shape_a) != str(shape_b):
+        rank_a, rank_b = (len(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor)
+                          else None for n in (node_a, node_b))
+        if node_a.target != node_b.target or rank_a != rank_b:
             raise MergeError(
-                "merge: the two models do not correspond. First difference: "
-                f"A has {node_a.format_node()} with shape {shape_a}, B has "
-                f"{node_b.format_node()} with shape {shape_b}. Models of different width or "
-                "depth need the heterogeneous passes, which mergec does not have yet.")
+                "merge: the two models do not correspond. They part ways at A's "
+                f"{node_a.format_node()} and B's {node_b.format_node()}. mergec merges models "
+                "of one architecture, also at different widths; different depths are not "
+                "supported yet.")
     if len(nodes_a) != len(nodes_b):
         raise MergeError(f"merge: the two models do not correspond: A's graph has {len(nodes_a)} "
-                         f"nodes, B's {len(nodes_b)}")
+                         f"nodes, B's {len(nodes_b)} (a different depth is not supported yet)")
     if set(spec_a.shapes) != set(spec_b.shapes):
         missing = sorted(set(spec_a.shapes) ^ set(spec_b.shapes))[:5]
         raise MergeError(f"merge: the models' state dicts differ in keys, e.g. {missing}")
+    bindings_a = {(b.key, b.axis): b.space for b in spec_a.bindings}
+    bindings_b = {(b.key, b.axis): b.space for b in spec_b.bindings}
+    if bindings_a != bindings_b or spec_a.spaces.keys() != spec_b.spaces.keys():
+        first = next((k for k in sorted(bindings_a) if bindings_a.get(k) != bindings_b.get(k)),
+                     None)
+        raise MergeError(f"merge: the two models' units do not correspond (first at {first}): "
+                         "their graphs share a topology but not their spaces")
+    for space_id, space_a in spec_a.spaces.items():
+        space_b = spec_b.spaces[space_id]
+        if (space_a.kind, space_a.fixed is None) != (space_b.kind, space_b.fixed is None):
+            raise MergeError(f"merge: space {space_id} ({space_a.origin}) is {space_a.kind} in "
+                             f"A and {space_b.kind} in B")
+    return spec_a.shapes != spec_b.shapes
+
+
+def target_widths(spec_a: UnitSpec, spec_b: UnitSpec, width: Any) -> dict[str, int]:
+    """The merged width of every free flat space: ``"max"`` (default), ``"min"``, ``"a"``,
+    ``"b"``, ``"sum"`` (d_a + d_b: nothing merged), a fraction of d_a + d_b, or an int."""
+    widths = {}
+    for space_id, space in spec_a.spaces.items():
+        if space.kind != "flat" or not spec_a.is_free(space_id):
+            continue
+        d_a, d_b = space.size, spec_b.spaces[space_id].size
+        if width == "max":
+            target = max(d_a, d_b)
+        elif width == "min":
+            target = min(d_a, d_b)
+        elif width == "a":
+            target = d_a
+        elif width == "b":
+            target = d_b
+        elif width == "sum":
+            target = d_a + d_b
+        elif isinstance(width, float) and 0 < width <= 1:
+            target = max(1, round(width * (d_a + d_b)))
+        elif isinstance(width, int) and not isinstance(width, bool) and width >= 1:
+            target = min(width, d_a + d_b)
+        else:
+            raise MergeError(f"merge: width must be 'max', 'min', 'a', 'b', 'sum', a fraction "
+                             f"in (0, 1] or a positive int, got {width!r}")
+        widths[space_id] = target
+    return widths
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
           calibration: Iterable[Any], *, method: str = "zip", alpha: float = 0.5,
           beta: float = 0.5, weight_beta: float = 0.5, heads: str = "average",
-          stop_at: str | None = None,
+          stop_at: str | None = None, width: Any = "max",
           repair: str | None = "reset", device: str | None = None, seed: int = 0,
           progress: bool = True,
           callback: Callable[[str, float], None] | None = None) -> MergeResult:
@@ -133,7 +176,10 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     ``weight_beta`` the weight share) or ``average``. ``stop_at`` (a node name or module path
     that every path crosses) merges only the trunk before it; the result then returns both
     models' outputs, computed by their own tails on the unmerged features. ``heads="separate"``
-    stops at the input of the output layer (models with different label sets). ``repair="reset"`` recomputes BatchNorm
+    stops at the input of the output layer (models with different label sets). Models of one
+    architecture at different widths are merged by elastic zip (``method="zip"``); ``width``
+    sets every merged layer's width: ``"max"`` (default), ``"min"``, ``"a"``, ``"b"``,
+    ``"sum"`` (nothing merged: the logit ensemble), a fraction of d_a + d_b, or an int. ``repair="reset"`` recomputes BatchNorm
     statistics on the calibration data; ``repair="repair"`` also applies REPAIR (each merged
     channel after a normalisation rescaled to the interpolated parents' mean and std). The input models are not modified.
 
@@ -162,14 +208,20 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     spec_a, _ = timed("annotate-units",
                       lambda: annotate(module_a, module_a.meta[STATE_KEYS], type(model_a).__name__))
     spec_b, _ = annotate(module_b, module_b.meta[STATE_KEYS], type(model_b).__name__)
-    _check_correspondence(spec_a, spec_b, module_a, module_b)
+    heterogeneous = correspond(spec_a, spec_b, module_a, module_b)
     spec = spec_a
+    widths = target_widths(spec_a, spec_b, width)
+    resizing = heterogeneous or any(widths[s] != spec.spaces[s].size for s in widths)
+    if resizing and stop_at is not None or resizing and heads == "separate":
+        raise MergeError("merge: partial zipping of models or merges of different widths is "
+                         "not supported yet")
     needs_stats = method in ("zip", "permute", "mudsc")
     moments = timed("collect-stats", lambda: CollectStats(device=device, progress=progress)(
-        module_a, module_b, spec, calibration, example)) if needs_stats else {}
+        module_a, module_b, spec, calibration, example, spec_b=spec_b)) if needs_stats else {}
     matcher = Match(method=method, alpha=alpha, beta=beta, weight_beta=weight_beta, seed=seed)
     plans, summaries = timed("match", lambda: matcher(
-        spec, moments, dict(module_a.named_parameters()), dict(module_b.named_parameters())))
+        spec, moments, dict(module_a.named_parameters()), dict(module_b.named_parameters()),
+        spec_b=spec_b, widths=widths if resizing else None))
     merged = timed("zip", lambda: Zip(stop_at=stop_at, heads=heads)(
         module_a, module_b, spec, plans))
     if repair == "repair" and (stop_at is not None or heads == "separate"):
@@ -181,12 +233,26 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
         merged.to(device)
     similarities = {s: m.correlation()[: spec.spaces[s].size, spec.spaces[s].size:].cpu()
                     for s, m in moments.items()}
+    if resizing:
+        _check_runs(merged, example, device)
     report = MergeReport(method=method, spec=spec, matches=summaries, timings=timings,
                          repair=repaired, similarities=similarities,
                          options={"alpha": alpha, "beta": beta, "weight_beta": weight_beta,
                                   "heads": heads, "stop_at": stop_at, "repair": repair,
-                                  "seed": seed})
+                                  "seed": seed, "width": width,
+                                  "widths": {s: p.width for s, p in plans.items()}})
     return MergeResult(module=merged, report=report)
+
+
+def _check_runs(module: fx.GraphModule, example: tuple, device: str | None) -> None:
+    """A merged model of new widths must run: a size the graph fixes elsewhere would not."""
+    try:
+        with torch.no_grad():
+            module(*(t.to(device) if device else t for t in example))
+    except Exception as error:  # noqa: BLE001 - reported with what the user can do
+        raise MergeError(f"zip: the merged model at its new widths does not run ({error}); a "
+                         "size in the graph is fixed by something mergec does not rewrite. "
+                         "Merge at the models' own width (width='a').") from error
 
 
 def calibration_from_loader(loader: Iterable[Any], batches: int | None = None) -> list[tuple]:

@@ -70,12 +70,15 @@ class CollectStats:
 
     def __call__(self, module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
                  calibration: Iterable[Any], example: tuple,
-                 spaces: Iterable[str] | None = None) -> dict[str, JointMoments]:
+                 spaces: Iterable[str] | None = None, spec_b: UnitSpec | None = None
+                 ) -> dict[str, JointMoments]:
+        """``spec_b`` gives B's widths where they differ from A's."""
+        spec_b = spec_b or spec
         device = torch.device(self.device) if self.device else torch.device("cpu")
         wanted = [s for s in (spaces if spaces is not None else spec.spaces)
                   if spec.spaces[s].probe is not None and spec.is_free(s)]
         probes = {spec.spaces[s].probe for s in wanted}
-        moments = {s: JointMoments(spec.spaces[s].size, spec.spaces[s].size, device=device)
+        moments = {s: JointMoments(spec.spaces[s].size, spec_b.spaces[s].size, device=device)
                    for s in wanted}
         module_a, module_b = module_a.to(device), module_b.to(device)
         batches = 0

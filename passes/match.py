@@ -23,6 +23,7 @@ scores, the Hungarian pairs blocks, then each space's within-block plans are tak
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
@@ -79,17 +80,53 @@ def occurrences(spec: UnitSpec, space_id: str) -> list[Occurrence]:
     return result
 
 
-def full_plan(spec: UnitSpec, space_id: str, leaf_plans: Mapping[str, MergePlan]) -> MergePlan:
-    """The d × d plan of a space, assembled from its leaves' plans."""
-    size = spec.spaces[space_id].size
-    matrices = [torch.zeros(size, size, dtype=torch.float64) for _ in range(4)]
-    for leaf, positions in occurrences(spec, space_id):
+def full_plan(spec: UnitSpec, space_id: str, leaf_plans: Mapping[str, MergePlan],
+              spec_b: UnitSpec | None = None, merged: UnitSpec | None = None) -> MergePlan:
+    """The plan of a space (r × d_a, r × d_b, d_a × r, d_b × r), assembled from its leaves'
+    plans. ``spec_b`` and ``merged`` give B's and the merged model's sizes where they differ
+    from ``spec``'s (models of different width)."""
+    spec_b, merged = spec_b or spec, merged or spec
+    size_a, size_b = spec.spaces[space_id].size, spec_b.spaces[space_id].size
+    width = merged.spaces[space_id].size
+    merge_a = torch.zeros(width, size_a, dtype=torch.float64)
+    merge_b = torch.zeros(width, size_b, dtype=torch.float64)
+    unmerge_a = torch.zeros(size_a, width, dtype=torch.float64)
+    unmerge_b = torch.zeros(size_b, width, dtype=torch.float64)
+    layouts = zip(occurrences(spec, space_id), occurrences(spec_b, space_id),
+                  occurrences(merged, space_id))
+    for (leaf, in_a), (_, in_b), (_, out) in layouts:
         plan = leaf_plans[leaf]
-        index = (positions[:, None], positions[None, :])
-        for matrix, part in zip(matrices, (plan.merge_a, plan.merge_b,
-                                           plan.unmerge_a, plan.unmerge_b)):
-            matrix[index] = part.to(torch.float64).cpu()
-    return MergePlan(*matrices)
+        merge_a[out[:, None], in_a[None, :]] = plan.merge_a.to(torch.float64).cpu()
+        merge_b[out[:, None], in_b[None, :]] = plan.merge_b.to(torch.float64).cpu()
+        unmerge_a[in_a[:, None], out[None, :]] = plan.unmerge_a.to(torch.float64).cpu()
+        unmerge_b[in_b[:, None], out[None, :]] = plan.unmerge_b.to(torch.float64).cpu()
+    return MergePlan(merge_a, merge_b, unmerge_a, unmerge_b)
+
+
+def resized(spec: UnitSpec, widths: Mapping[str, int]) -> UnitSpec:
+    """``spec`` with its leaves resized to ``widths``; structured spaces follow their parts."""
+    sizes: dict[str, int] = {}
+
+    def size_of(space_id: str) -> int:
+        if space_id in sizes:
+            return sizes[space_id]
+        space = spec.spaces[space_id]
+        if is_leaf(spec, space_id):
+            size = widths.get(space_id, space.size)
+        elif space.kind in ("composite", "blocks"):
+            size = sum(size_of(part) for part in space.parts)
+        else:
+            size = 1
+            for factor, count in space.factors:
+                size *= size_of(factor) if factor else count
+        sizes[space_id] = size
+        return size
+
+    spaces = {}
+    for space_id, space in spec.spaces.items():
+        factors = tuple((f, size_of(f) if f else n) for f, n in space.factors)
+        spaces[space_id] = dataclasses.replace(space, size=size_of(space_id), factors=factors)
+    return dataclasses.replace(spec, spaces=spaces)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,10 +272,29 @@ class Match:
                              f"{', '.join(METHODS)}")
 
     def __call__(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
-                 params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor]
+                 params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
+                 spec_b: UnitSpec | None = None, widths: Mapping[str, int] | None = None
                  ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
+        """Plans for every space. ``spec_b`` is B's spec where B's widths differ from A's;
+        ``widths`` the merged width of each leaf that is not to keep its width (elastic zip:
+        models of different width, or a merged model wider or narrower than its parents)."""
         leaves = [s for s in spec.spaces if is_leaf(spec, s)]
-        plans: dict[str, MergePlan] = {s: solvers.average(spec.spaces[s].size) for s in leaves}
+        widths = dict(widths or {})
+        elastic = {s for s in leaves if widths.get(s, spec.spaces[s].size) != spec.spaces[s].size
+                   or (spec_b is not None and spec_b.spaces[s].size != spec.spaces[s].size)}
+        if elastic:
+            return self._elastic(spec, spec_b or spec, moments, widths, leaves, elastic)
+        plans, summary = self._same_width(spec, moments, leaves, params_a, params_b)
+        return self._full(spec, plans), summary
+
+    def _same_width(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
+                    leaves: list[str], params_a: Mapping[str, torch.Tensor] | None = None,
+                    params_b: Mapping[str, torch.Tensor] | None = None
+                    ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
+        """Leaf plans of ``leaves``, all of one width in both models."""
+        all_leaves = [s for s in spec.spaces if is_leaf(spec, s)]
+        plans: dict[str, MergePlan] = {s: solvers.average(spec.spaces[s].size)
+                                       for s in all_leaves}
         summary: dict[str, dict] = {}
 
         def similarity(leaf: str, current: Mapping[str, MergePlan]) -> torch.Tensor | None:
@@ -255,7 +311,7 @@ class Match:
                 return None
             return activation_similarity(observed, spec.spaces[leaf].size)
 
-        groups = _block_groups(spec, leaves)
+        groups = _block_groups(spec, all_leaves)
         sweeps = 1
         if self.method == "mudsc":
             sweeps = 2
@@ -302,11 +358,53 @@ class Match:
                     summary[member] = _summary(plan, joint if member == leaf else None)
             if self.method == "weight-match" and not changed:
                 break
-        return self._full(spec, plans), summary
+        return {s: plans[s] for s in leaves}, summary
 
     @staticmethod
     def _full(spec: UnitSpec, leaf_plans: Mapping[str, MergePlan]) -> dict[str, MergePlan]:
         return {s: full_plan(spec, s, leaf_plans) for s in spec.spaces}
+
+    def _elastic(self, spec_a: UnitSpec, spec_b: UnitSpec, moments: Mapping[str, JointMoments],
+                 widths: dict[str, int], leaves: list[str], elastic: set[str]
+                 ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
+        """Elastic zip (the heterogeneous-width method) on flat leaves whose widths differ;
+        every other leaf keeps the same-width plan of ``zip``."""
+        if self.method != "zip":
+            raise MergeError(f"match: models or merged widths differ, which only method 'zip' "
+                             f"(elastic zip) handles, not {self.method!r}")
+        groups = _block_groups(spec_a, leaves)
+        plans: dict[str, MergePlan] = {}
+        summary: dict[str, dict] = {}
+        for leaf in leaves:
+            space_a, space_b = spec_a.spaces[leaf], spec_b.spaces[leaf]
+            d_a, d_b = space_a.size, space_b.size
+            target = widths.get(leaf, max(d_a, d_b))
+            if leaf in elastic and (space_a.kind != "flat" or not spec_a.is_free(leaf)
+                                    or leaf in groups["order_of"]):
+                raise MergeError(
+                    f"match: space {leaf} ({space_a.kind}, origin {space_a.origin}) has widths "
+                    f"{d_a} and {d_b}{'' if spec_a.is_free(leaf) else ' and is fixed'}; only "
+                    "free flat spaces can change width (heads and groups must keep theirs)")
+            observed = moments.get(leaf)
+            if leaf in elastic:
+                joint = (activation_similarity(observed, d_a) if observed is not None
+                         else torch.eye(d_a + d_b, dtype=torch.float64))
+                if observed is not None:
+                    joint = observed.correlation().to(torch.float64).cpu()
+                plans[leaf] = solvers.elastic_zip(joint, d_a, d_b, target=target,
+                                                  alpha=self.alpha)
+                summary[leaf] = {"width": target, "widths": [d_a, d_b]}
+            else:
+                plans[leaf] = solvers.average(d_a)
+        same = [s for s in leaves if s not in elastic]
+        if same:  # same-width leaves: the ordinary matcher, restricted to them
+            sub_plans, sub_summary = Match(method=self.method, alpha=self.alpha, beta=self.beta,
+                                           seed=self.seed)._same_width(spec_a, moments, same)
+            plans.update(sub_plans)
+            summary.update(sub_summary)
+        merged = resized(spec_a, {s: plans[s].width for s in leaves})
+        full = {s: full_plan(spec_a, s, plans, spec_b, merged) for s in spec_a.spaces}
+        return full, summary
 
 
 def _block_groups(spec: UnitSpec, leaves: list[str]) -> dict:

@@ -66,9 +66,13 @@ def merged_state(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torc
         if key not in state_b:
             raise MergeError(f"zip: model B has no state-dict entry {key!r}")
         tensor_b = state_b[key]
-        if tensor_a.shape != tensor_b.shape:
+        bound = {b.axis for b in by_key.get(key, [])}
+        if tensor_a.dim() != tensor_b.dim() or any(
+                tensor_a.shape[axis] != tensor_b.shape[axis]
+                for axis in range(tensor_a.dim()) if axis not in bound):
             raise MergeError(f"zip: {key!r} has shape {tuple(tensor_a.shape)} in A and "
-                             f"{tuple(tensor_b.shape)} in B")
+                             f"{tuple(tensor_b.shape)} in B, and the axes that differ are "
+                             "not feature axes")
         merged[key] = merge_entry((tensor_a, tensor_b.to(tensor_a.device)),
                                   by_key.get(key, []), plans)
     return merged
@@ -87,15 +91,15 @@ class Zip:
 
     def __call__(self, module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
                  plans: Mapping[str, MergePlan]) -> fx.GraphModule:
-        for space_id, plan in plans.items():
-            if plan.width != spec.spaces[space_id].size:
-                raise MergeError(f"zip: space {space_id} merges to width {plan.width}, but "
-                                 f"emitting a different width than the models' is not supported")
         state = merged_state(module_a.state_dict(), module_b.state_dict(), spec, plans)
         stop = self.stop_node(module_a)
         if stop is None:
             merged = copy.deepcopy(module_a)
-            merged.load_state_dict(state)
+            original = merged.state_dict()
+            if all(state[key].shape == original[key].shape for key in state):
+                merged.load_state_dict(state)
+            else:
+                resize_module(merged, state, {s: p.width for s, p in plans.items()}, spec)
             return merged
         check_cut(module_a, stop)
         axis, unmerge = None, (None, None)
@@ -113,6 +117,38 @@ class Zip:
         if self.heads == "separate":
             return last_feature_node(module)
         return None
+
+
+def resize_module(module: fx.GraphModule, state: Mapping[str, torch.Tensor],
+                  widths: Mapping[str, int], spec: UnitSpec) -> None:
+    """Puts tensors of new widths into ``module`` and rewrites the literal sizes of reshapes
+    whose axes are spaces, so that the graph runs at the merged widths."""
+    parameters = {name for name, _ in module.named_parameters()}
+    for key, value in state.items():
+        owner_path, _, name = key.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        delattr(owner, name)
+        if key in parameters:
+            owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+        else:
+            owner.register_buffer(name, value)
+    sized = {"view", "reshape", "_unsafe_view", "expand", "new_zeros", "new_ones", "new_empty"}
+    for node in module.graph.nodes:
+        packet = getattr(node.target, "_overloadpacket", None)
+        units = node.meta.get("mergec")
+        if packet is None or packet.__name__ not in sized or units is None or not units.spaces:
+            continue
+        sizes = list(node.args[1])
+        changed = False
+        for axis, space_id in enumerate(units.spaces):
+            if space_id is not None and axis < len(sizes) and isinstance(sizes[axis], int) \
+                    and sizes[axis] == spec.spaces[space_id].size:
+                sizes[axis] = widths[space_id]
+                changed = True
+        if changed:
+            node.args = (node.args[0], sizes) + tuple(node.args[2:])
+    module.graph.lint()
+    module.recompile()
 
 
 def _space_ids_of(spec: UnitSpec, module: fx.GraphModule, node: fx.Node) -> list[str | None]:
