@@ -53,9 +53,10 @@ def _merge(args: argparse.Namespace) -> int:
     if output.exists():
         raise MergecError(f"merge: output folder {str(output)!r} already exists")
     kwargs = parse_kwargs(args.kwargs)
+    kwargs_b = parse_kwargs(args.kwargs_b) if args.kwargs_b else kwargs
     models = []
-    for checkpoint in (args.model_a, args.model_b):
-        model = load_model(args.model, kwargs)
+    for checkpoint, factory_kwargs in ((args.model_a, kwargs), (args.model_b, kwargs_b)):
+        model = load_model(args.model, factory_kwargs)
         state = load_checkpoint(checkpoint)
         try:
             model.load_state_dict(state)
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", required=True,
                        help="architecture: torchvision:NAME or package.module:factory")
     merge.add_argument("--kwargs", help="JSON object passed to the factory")
+    merge.add_argument("--kwargs-b", help="JSON object for model B's factory, when B differs "
+                                          "(e.g. another width); default: --kwargs")
     merge.add_argument("--calibration", required=True,
                        help="inputs for statistics: a .safetensors/.pt file holding a tensor of "
                             "inputs, or 'digits' / 'fashion-mnist' (training images)")
