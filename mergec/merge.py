@@ -39,6 +39,7 @@ class MergeReport:
     repair: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     similarities: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    depth: Any = None  # align-depth's DepthPlan when the models differ in depth
 
     def to_dict(self) -> dict:
         return {
@@ -52,6 +53,7 @@ class MergeReport:
                 for space in self.spec.spaces.values()
             },
             "repair": self.repair,
+            "depth": self.depth.to_dict() if self.depth is not None else None,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -165,8 +167,10 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
           beta: float = 0.5, weight_beta: float = 0.5, heads: str = "average",
           stop_at: str | None = None, width: Any = "max",
           repair: str | None = "reset", device: str | None = None, seed: int = 0,
-          progress: bool = True,
-          callback: Callable[[str, float], None] | None = None) -> MergeResult:
+          progress: bool = True, depth_variant: str = "segment-wise",
+          unaligned: str = "average",
+          callback: Callable[[str, float], None] | None = None,
+          _depth: Any = None) -> MergeResult:
     """Merges two trained models of the same architecture without training.
 
     ``calibration`` is an iterable of batches, each the tuple of positional inputs of
@@ -179,7 +183,12 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     stops at the input of the output layer (models with different label sets). Models of one
     architecture at different widths are merged by elastic zip (``method="zip"``); ``width``
     sets every merged layer's width: ``"max"`` (default), ``"min"``, ``"a"``, ``"b"``,
-    ``"sum"`` (nothing merged: the logit ensemble), a fraction of d_a + d_b, or an int. ``repair="reset"`` recomputes BatchNorm
+    ``"sum"`` (nothing merged: the logit ensemble), a fraction of d_a + d_b, or an int.
+    Residual models of one family at different depths are aligned block by block (linear CKA,
+    ``depth_variant`` "segment-wise" or "layer-wise"); the shallow model is padded with identity
+    blocks and the merged model has the deep one's architecture. Blocks only the deep model has
+    are averaged with the identity (``unaligned="average"``, the paper) or kept as they are
+    (``"keep"``). When the models were swapped (A the deeper), the merged outputs are the same. ``repair="reset"`` recomputes BatchNorm
     statistics on the calibration data; ``repair="repair"`` also applies REPAIR (each merged
     channel after a normalisation rescaled to the interpolated parents' mean and std). The input models are not modified.
 
@@ -208,7 +217,21 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     spec_a, _ = timed("annotate-units",
                       lambda: annotate(module_a, module_a.meta[STATE_KEYS], type(model_a).__name__))
     spec_b, _ = annotate(module_b, module_b.meta[STATE_KEYS], type(model_b).__name__)
-    heterogeneous = correspond(spec_a, spec_b, module_a, module_b)
+    try:
+        heterogeneous = correspond(spec_a, spec_b, module_a, module_b)
+    except MergeError as error:
+        if _depth is not None:
+            raise
+        depth = _align_depth(model_a, model_b, module_a, module_b, calibration, example,
+                             depth_variant, device, error, timed)
+        padded, deep, plan = depth
+        result = merge(padded, deep, example, calibration,
+                       method=method, alpha=alpha, beta=beta, weight_beta=weight_beta,
+                       heads=heads, stop_at=stop_at, width=width, repair=repair, device=device,
+                       seed=seed, progress=progress, callback=callback,
+                       _depth=(plan, unaligned))
+        result.report.timings = {**timings, **result.report.timings}
+        return result
     spec = spec_a
     widths = target_widths(spec_a, spec_b, width)
     resizing = heterogeneous or any(widths[s] != spec.spaces[s].size for s in widths)
@@ -218,11 +241,13 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     needs_stats = method in ("zip", "permute", "mudsc")
     moments = timed("collect-stats", lambda: CollectStats(device=device, progress=progress)(
         module_a, module_b, spec, calibration, example, spec_b=spec_b)) if needs_stats else {}
+    only_b, exclude = _depth_overrides(_depth, spec, module_a)
     matcher = Match(method=method, alpha=alpha, beta=beta, weight_beta=weight_beta, seed=seed)
     plans, summaries = timed("match", lambda: matcher(
         spec, moments, dict(module_a.named_parameters()), dict(module_b.named_parameters()),
-        spec_b=spec_b, widths=widths if resizing else None))
-    merged = timed("zip", lambda: Zip(stop_at=stop_at, heads=heads)(
+        spec_b=spec_b, widths=widths if resizing else None, exclude=exclude))
+    merged = timed("zip", lambda: Zip(stop_at=stop_at, heads=heads,
+                                      only_b=tuple(sorted(only_b.items())))(
         module_a, module_b, spec, plans))
     if repair == "repair" and (stop_at is not None or heads == "separate"):
         raise MergeError("merge: repair='repair' rescales a fully merged model; with stop_at "
@@ -241,7 +266,59 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
                                   "heads": heads, "stop_at": stop_at, "repair": repair,
                                   "seed": seed, "width": width,
                                   "widths": {s: p.width for s, p in plans.items()}})
+    if _depth is not None:
+        report.depth = _depth[0]
     return MergeResult(module=merged, report=report)
+
+
+def _align_depth(model_a: nn.Module, model_b: nn.Module, module_a: fx.GraphModule,
+                 module_b: fx.GraphModule, calibration: list, example: tuple, variant: str,
+                 device: str | None, error: MergeError, timed: Callable) -> tuple:
+    """Models of one family at different depths: segment both, align the shallow one's blocks
+    to the deep one's and pad it with identity blocks. Re-raises ``error`` when the models are
+    not residual networks of one family."""
+    from mergec.passes.align_depth import AlignDepth
+    from mergec.passes.segment import Segment
+
+    try:
+        stages_a, stages_b = Segment()(module_a), Segment()(module_b)
+    except MergeError:
+        raise error from None
+    blocks_a = sum(len(stage) for stage in stages_a)
+    blocks_b = sum(len(stage) for stage in stages_b)
+    if not stages_a or len(stages_a) != len(stages_b) or blocks_a == blocks_b:
+        raise error
+    swapped = blocks_a > blocks_b
+    shallow, deep = (model_b, model_a) if swapped else (model_a, model_b)
+    modules = (module_b, module_a) if swapped else (module_a, module_b)
+    stages = (stages_b, stages_a) if swapped else (stages_a, stages_b)
+    padded, plan = timed("align-depth", lambda: AlignDepth(variant=variant, device=device)(
+        shallow, deep, modules[0], modules[1], stages[0], stages[1], calibration, example))
+    plan.swapped = swapped
+    with torch.no_grad():
+        expected, got = shallow(*example), padded(*example)
+    if isinstance(expected, torch.Tensor) and not torch.allclose(expected, got, rtol=1e-3,
+                                                                  atol=1e-4):
+        raise MergeError("align-depth: the padded shallow model does not compute the shallow "
+                         "model's function; its blocks cannot be made identities")
+    return padded, deep, plan
+
+
+def _depth_overrides(depth: Any, spec: UnitSpec, module: fx.GraphModule
+                     ) -> tuple[dict[str, float], frozenset[str]]:
+    """Entries of blocks only the deep model has, and the spaces inside them."""
+    if depth is None:
+        return {}, frozenset()
+    plan, unaligned = depth
+    if unaligned not in ("average", "keep"):
+        raise MergeError(f"merge: unaligned must be 'average' or 'keep', got {unaligned!r}")
+    keys = plan.unaligned_keys(spec.shapes)
+    # the padded shallow model is A, the deep model B
+    factors = {k: (1.0 if unaligned == "average" and k in plan.zeroed else 2.0) for k in keys}
+    inside = frozenset(s for s in spec.spaces
+                       if (bound := {b.key for b in spec.bindings if b.space == s})
+                       and bound <= keys)
+    return factors, inside
 
 
 def _check_runs(module: fx.GraphModule, example: tuple, device: str | None) -> None:

@@ -30,6 +30,22 @@ def plot_report(report: "MergeReport", folder: Path, max_heatmaps: int = 24) -> 
         figure.savefig(path, dpi=100)
         plt.close(figure)
         written.append(path)
+    if report.depth is not None:
+        for stage in report.depth.stages:
+            figure, axes = plt.subplots(figsize=(4, 3.5))
+            image = axes.imshow(stage["cka"].numpy(), cmap="viridis", vmin=0, vmax=1)
+            axes.plot(stage["mapping"], range(len(stage["mapping"])), "r-o", markersize=4,
+                      label="alignment")
+            axes.set_xlabel("block of the deep model")
+            axes.set_ylabel("block of the shallow model")
+            axes.set_title(f"linear CKA, stage {stage['stage']}", fontsize=8)
+            axes.legend(fontsize=7)
+            figure.colorbar(image, ax=axes)
+            path = folder / f"cka_stage{stage['stage']}.png"
+            figure.tight_layout()
+            figure.savefig(path, dpi=100)
+            plt.close(figure)
+            written.append(path)
     rows = [(s, m) for s, m in report.matches.items() if "matched_similarity" in m]
     if rows:
         figure, axes = plt.subplots(figsize=(max(4, 0.35 * len(rows)), 3))

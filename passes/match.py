@@ -273,18 +273,22 @@ class Match:
 
     def __call__(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
                  params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
-                 spec_b: UnitSpec | None = None, widths: Mapping[str, int] | None = None
+                 spec_b: UnitSpec | None = None, widths: Mapping[str, int] | None = None,
+                 exclude: frozenset[str] = frozenset()
                  ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
         """Plans for every space. ``spec_b`` is B's spec where B's widths differ from A's;
         ``widths`` the merged width of each leaf that is not to keep its width (elastic zip:
-        models of different width, or a merged model wider or narrower than its parents)."""
+        models of different width, or a merged model wider or narrower than its parents).
+        Leaves in ``exclude`` keep unit i with unit i (blocks that only one model has)."""
         leaves = [s for s in spec.spaces if is_leaf(spec, s)]
         widths = dict(widths or {})
         elastic = {s for s in leaves if widths.get(s, spec.spaces[s].size) != spec.spaces[s].size
                    or (spec_b is not None and spec_b.spaces[s].size != spec.spaces[s].size)}
         if elastic:
             return self._elastic(spec, spec_b or spec, moments, widths, leaves, elastic)
-        plans, summary = self._same_width(spec, moments, leaves, params_a, params_b)
+        plans, summary = self._same_width(spec, moments, [s for s in leaves if s not in exclude],
+                                          params_a, params_b)
+        plans.update({s: solvers.average(spec.spaces[s].size) for s in exclude if s in leaves})
         return self._full(spec, plans), summary
 
     def _same_width(self, spec: UnitSpec, moments: Mapping[str, JointMoments],

@@ -56,8 +56,24 @@ def merge_entry(tensors: tuple[torch.Tensor, torch.Tensor], bindings: list[Bindi
     return merged.to(reference.dtype)
 
 
+def _b_alone(tensor: torch.Tensor, bindings: list[Binding], plans: Mapping[str, MergePlan],
+             factor: float) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        return tensor.clone()
+    zero = torch.zeros_like(tensor)
+    alone = merge_entry((zero, tensor), bindings, plans)  # M_b W U_b, A contributing nothing
+    if not any(b.role != "consumes" for b in bindings):
+        alone = alone * 2  # merge_entry halved an entry with no output axis
+    return (alone.to(torch.float64) * factor).to(tensor.dtype)
+
+
 def merged_state(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
-                 spec: UnitSpec, plans: Mapping[str, MergePlan]) -> dict[str, torch.Tensor]:
+                 spec: UnitSpec, plans: Mapping[str, MergePlan],
+                 only_b: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """The merged state dict. ``only_b`` maps keys that come from model B alone (blocks that
+    only B has) to a factor: the entry is factor · (B's entry in merged coordinates), where
+    B's share of an average is one half."""
+    only_b = only_b or {}
     by_key: dict[str, list[Binding]] = {}
     for binding in spec.bindings:
         by_key.setdefault(binding.key, []).append(binding)
@@ -73,6 +89,9 @@ def merged_state(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torc
             raise MergeError(f"zip: {key!r} has shape {tuple(tensor_a.shape)} in A and "
                              f"{tuple(tensor_b.shape)} in B, and the axes that differ are "
                              "not feature axes")
+        if key in only_b:
+            merged[key] = _b_alone(tensor_b, by_key.get(key, []), plans, only_b[key])
+            continue
         merged[key] = merge_entry((tensor_a, tensor_b.to(tensor_a.device)),
                                   by_key.get(key, []), plans)
     return merged
@@ -87,11 +106,13 @@ class Zip:
 
     stop_at: str | None = None
     heads: str = "average"
+    only_b: tuple[tuple[str, float], ...] = ()
     name: str = "zip"
 
     def __call__(self, module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
                  plans: Mapping[str, MergePlan]) -> fx.GraphModule:
-        state = merged_state(module_a.state_dict(), module_b.state_dict(), spec, plans)
+        state = merged_state(module_a.state_dict(), module_b.state_dict(), spec, plans,
+                             dict(self.only_b))
         stop = self.stop_node(module_a)
         if stop is None:
             merged = copy.deepcopy(module_a)

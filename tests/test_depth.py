@@ -1,0 +1,108 @@
+"""Models of one family at different depths: segment, align-depth, identity padding."""
+import pytest
+import torch
+from torch import nn
+
+import mergec
+from mergec import zoo
+from mergec.passes.segment import Segment
+
+
+def _randomize_batch_norm(model: nn.Module) -> nn.Module:
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            size = module.num_features
+            module.running_mean.copy_(torch.rand(size, generator=generator) * 0.4 - 0.2)
+            module.running_var.copy_(torch.rand(size, generator=generator) * 1.5 + 0.5)
+            module.weight.data.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.rand(size, generator=generator) * 0.6 - 0.3)
+    return model.eval()
+
+
+def _with_identity_blocks(shallow: nn.Module, deep: nn.Module, positions: dict[int, int]):
+    """``deep`` computing ``shallow``: deep block j of every stage holds shallow block
+    positions[j]; the other deep blocks are identities (last BatchNorm zeroed)."""
+    state, source = deep.state_dict(), shallow.state_dict()
+    for key in state:
+        if not key.startswith("layer"):
+            state[key] = source[key].clone()
+            continue
+        stage, block, rest = key.split(".", 2)
+        if int(block) in positions:
+            state[key] = source[f"{stage}.{positions[int(block)]}.{rest}"].clone()
+        elif rest in ("bn2.weight", "bn2.bias"):
+            state[key] = torch.zeros_like(state[key])
+    deep.load_state_dict(state)
+    return deep.eval()
+
+
+@pytest.fixture(scope="module")
+def family():
+    torch.manual_seed(0)
+    shallow = _randomize_batch_norm(zoo.resnet20(depth=14))
+    deep = _with_identity_blocks(shallow, _randomize_batch_norm(zoo.resnet20(depth=20)),
+                                 {0: 0, 2: 1})
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x), shallow(x))
+    return shallow, deep, x, [(batch,) for batch in x.split(16)]
+
+
+def test_segment_finds_stages_and_blocks():
+    torch.manual_seed(0)
+    model = zoo.resnet20(depth=14).eval()
+    stages = Segment()(_annotated(model, torch.randn(2, 1, 28, 28)))
+    assert [[block.path for block in stage] for stage in stages] == [
+        ["layer1.0", "layer1.1"], ["layer2.0", "layer2.1"], ["layer3.0", "layer3.1"]]
+    vit = zoo.small_vit(depth=2, dim=16, heads=2, mlp_dim=32, image_size=8, patch=4).eval()
+    stages = Segment()(_annotated(vit, torch.randn(2, 1, 8, 8)))
+    assert len(stages) == 1 and len(stages[0]) == 2
+    assert all(len(block.adds) == 2 for block in stages[0])  # attention and MLP residuals
+
+
+def _annotated(model, x):
+    graph_module = mergec.trace(model, x)
+    mergec.discover(graph_module)
+    return graph_module
+
+
+@pytest.mark.parametrize("method", ["permute", "weight-match"])
+def test_identity_blocks_are_aligned_around_and_the_merge_computes_the_model(family, method):
+    shallow, deep, x, calibration = family
+    result = mergec.merge(shallow, deep, x[:4], calibration, method=method, repair=None,
+                          progress=False)
+    plan = result.report.depth
+    assert [stage["mapping"] for stage in plan.stages] == [[0, 2]] * 3
+    assert plan.padded_paths == ["layer1.1", "layer2.1", "layer3.1"]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), shallow(x), rtol=1e-4, atol=1e-4)
+
+
+def test_deeper_model_first_gives_the_same_merge(family):
+    shallow, deep, x, calibration = family
+    result = mergec.merge(deep, shallow, x[:4], calibration, method="permute", repair=None,
+                          progress=False)
+    assert result.report.depth.swapped
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), shallow(x), rtol=1e-4, atol=1e-4)
+
+
+def test_real_depth_merge_runs_and_plots(tmp_path):
+    torch.manual_seed(0)
+    shallow, deep = zoo.resnet20(depth=14).eval(), zoo.resnet20(depth=20).eval()
+    x = torch.randn(48, 1, 28, 28)
+    for unaligned in ("average", "keep"):
+        result = mergec.merge(shallow, deep, x[:4], [(b,) for b in x.split(16)],
+                              unaligned=unaligned, depth_variant="layer-wise", progress=False)
+        assert result.module(x).shape == (48, 10)
+        assert set(result.module.state_dict()) == set(deep.state_dict())
+    written = result.report.plot(tmp_path)
+    assert any(path.name == "cka_stage0.png" for path in written)
+    assert result.report.to_dict()["depth"]["stages"][0]["mapping"][0] == 0
+
+
+def test_depth_options_are_checked(family):
+    shallow, deep, x, calibration = family
+    with pytest.raises(mergec.MergecError, match="unaligned must be"):
+        mergec.merge(shallow, deep, x[:4], calibration, unaligned="drop", progress=False)
