@@ -68,6 +68,7 @@ def _merge(args: argparse.Namespace) -> int:
     example = calibration[0]
     result = merge(models[0], models[1], example, calibration, method=args.method,
                    alpha=args.alpha, beta=args.beta, width=_width(args.width),
+                   depth_variant=args.depth_variant, unaligned=args.unaligned,
                    repair=None if args.repair == "none" else args.repair, device=args.device,
                    progress=not args.quiet)
     result.save(output)
@@ -135,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--width", default="max",
                        help="merged width of each layer: max (default), min, a, b, sum, a "
                             "fraction of d_a + d_b, or an int (elastic zip)")
+    merge.add_argument("--depth-variant", default="segment-wise",
+                       choices=["segment-wise", "layer-wise"],
+                       help="models of different depth: how blocks are compared for alignment")
+    merge.add_argument("--unaligned", default="average", choices=["average", "keep"],
+                       help="blocks only the deeper model has: averaged with the identity or "
+                            "kept")
     merge.add_argument("--repair", default="reset", choices=["reset", "repair", "none"])
     merge.add_argument("--device", default=None)
     merge.add_argument("--plots", action="store_true", help="also write report plots")
