@@ -295,8 +295,8 @@ def _align_depth(model_a: nn.Module, model_b: nn.Module, module_a: fx.GraphModul
     padded, plan = timed("align-depth", lambda: AlignDepth(variant=variant, device=device)(
         shallow, deep, modules[0], modules[1], stages[0], stages[1], calibration, example))
     plan.swapped = swapped
-    with torch.no_grad():
-        expected, got = shallow(*example), padded(*example)
+    with torch.no_grad():  # the traced shallow model: eval mode, the caller's model untouched
+        expected, got = modules[0](*example), padded(*example)
     if isinstance(expected, torch.Tensor) and not torch.allclose(expected, got, rtol=1e-3,
                                                                   atol=1e-4):
         raise MergeError("align-depth: the padded shallow model does not compute the shallow "
