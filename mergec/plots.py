@@ -36,6 +36,9 @@ def plot_report(report: "MergeReport", folder: Path, max_heatmaps: int = 24) -> 
             image = axes.imshow(stage["cka"].numpy(), cmap="viridis", vmin=0, vmax=1)
             axes.plot(stage["mapping"], range(len(stage["mapping"])), "r-o", markersize=4,
                       label="alignment")
+            rows, columns = stage["cka"].shape
+            axes.set_xticks(range(columns), stage["deep"], rotation=90, fontsize=6)
+            axes.set_yticks(range(rows), stage["shallow"], fontsize=6)
             axes.set_xlabel("block of the deep model")
             axes.set_ylabel("block of the shallow model")
             axes.set_title(f"linear CKA, stage {stage['stage']}", fontsize=8)
