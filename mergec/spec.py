@@ -48,6 +48,7 @@ class Space:
     factors: tuple[tuple[str | None, int], ...] = ()
     probe: str | None = None
     probe_axis: int | None = None
+    probe_within_axis: int | None = None  # set when the probe carries blocks and their insides
     origin: str = ""
 
     @property

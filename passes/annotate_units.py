@@ -153,6 +153,7 @@ class Annotator:
         self.roles: dict[tuple[str, int], str] = {}
         self.grouped: dict[tuple[str, int], tuple[Label, int]] = {}
         self.probes: dict[int, list[str]] = defaultdict(list)
+        self.split_probes: dict[int, list[tuple[str, int, int]]] = defaultdict(list)
         self.fallbacks: list[str] = []
         self.dynamic: set[fx.Node] = set()
         self.node = None  # node being annotated, for reasons
@@ -218,6 +219,7 @@ class Annotator:
         info_a.within_fixed = info_a.within_fixed or info_b.within_fixed
         info_a.feature = info_a.feature or info_b.feature
         self.probes[root_a].extend(self.probes.pop(root_b, []))
+        self.split_probes[root_a].extend(self.split_probes.pop(root_b, []))
         structure_a, structure_b = info_a.structure, info_b.structure
         info_a.structure = structure_a or structure_b
         if structure_a is not None and structure_b is not None:
@@ -493,12 +495,18 @@ class Annotator:
                 self.cls(label.space).feature = True
         if node not in self.dynamic:
             return  # a constant (a class token broadcast): no statistics to observe
-        for label in labels:
+        for axis, label in enumerate(labels):
             if isinstance(label, int):
                 self.cls(label).feature = True
                 self.probes[self.find(label)].append(node.name)
             elif isinstance(label, Within):
-                self.cls(label.space).feature = True
+                # a blocks space carried as (blocks, within) axes: q and k split into heads
+                structure = self.cls(label.space).structure
+                blocks = [i for i, other in enumerate(labels) if isinstance(other, int)
+                          and isinstance(structure, Blocks)
+                          and self.find(other) == self.find(structure.block)]
+                if blocks:
+                    self.split_probes[self.find(label.space)].append((node.name, blocks[0], axis))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1415,19 +1423,21 @@ _ACTIVATIONS = {"relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsig
                 "hardtanh", "leaky_relu", "elu", "selu", "mish", "softplus", "relu6", "mul"}
 
 
-def _choose_probe(a: Annotator, root: int) -> tuple[str | None, int | None]:
+def _choose_probe(a: Annotator, root: int) -> tuple[str | None, int | None, int | None]:
     """The node where a space's features are observed, and the axis: the first activation
-    output carrying the space, else the first node carrying it."""
+    output carrying the space, else the first node carrying it; else a node carrying a blocks
+    space as two axes (heads, inside heads), with the inside axis third."""
     names = a.probes.get(root, [])
     if not names:
-        return None, None
+        split = a.split_probes.get(root, [])
+        return split[0] if split else (None, None, None)
     nodes = {node.name: node for node in a.graph_module.graph.nodes}
     chosen = next((name for name in names if _op_name(nodes[name]) in _ACTIVATIONS - {"mul"}),
                   names[0])
     labels = a.labels[nodes[chosen]]
     axis = next(i for i, label in enumerate(labels)
                 if isinstance(label, int) and a.find(label) == root)
-    return chosen, axis
+    return chosen, axis, None
 
 
 def build_spec(a: Annotator, model_name: str = "") -> UnitSpec:
@@ -1487,10 +1497,11 @@ def build_spec(a: Annotator, model_name: str = "") -> UnitSpec:
         elif isinstance(structure, Tiled):
             fields = dict(kind="tiled", factors=tuple((label_id(l), int(n))
                                                       for l, n in structure.factors))
-        probe, probe_axis = _choose_probe(a, root)
+        probe, probe_axis, probe_within_axis = _choose_probe(a, root)
         space = Space(id=ids[root], size=int(_static(info.size) or 0), fixed=info.fixed,
                       within_fixed=info.within_fixed if isinstance(structure, Blocks) else None,
-                      probe=probe, probe_axis=probe_axis, origin=info.origin, **fields)
+                      probe=probe, probe_axis=probe_axis, probe_within_axis=probe_within_axis,
+                      origin=info.origin, **fields)
         spaces[space.id] = space
 
     bindings = []

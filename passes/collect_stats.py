@@ -39,6 +39,15 @@ class ProbeInterpreter(fx.Interpreter):
         return value
 
 
+def probe_rows(value: torch.Tensor, space) -> torch.Tensor:
+    """Samples × units of ``space`` at its probe. A space seen as (blocks, inside blocks) axes
+    is flattened block-major, which is its unit order."""
+    if space.probe_within_axis is None:
+        return feature_rows(value, space.probe_axis)
+    moved = value.movedim((space.probe_axis, space.probe_within_axis), (-2, -1))
+    return moved.reshape(-1, moved.shape[-2] * moved.shape[-1])
+
+
 def check_batch(batch: Any, example: tuple, index: int) -> tuple:
     """A calibration batch as a tuple of positional inputs, checked against the example."""
     inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
@@ -91,8 +100,8 @@ class CollectStats:
                 run_b.run(*inputs)
                 for space_id in wanted:
                     space = spec.spaces[space_id]
-                    rows_a = feature_rows(run_a.captured[space.probe], space.probe_axis)
-                    rows_b = feature_rows(run_b.captured[space.probe], space.probe_axis)
+                    rows_a = probe_rows(run_a.captured[space.probe], space)
+                    rows_b = probe_rows(run_b.captured[space.probe], space)
                     moments[space_id].update(rows_a, rows_b)
                 batches += 1
         if batches == 0:

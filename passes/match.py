@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -133,10 +134,32 @@ def resized(spec: UnitSpec, widths: Mapping[str, int]) -> UnitSpec:
 # Similarities
 # ---------------------------------------------------------------------------------------------
 def activation_similarity(moments: JointMoments | None, size: int) -> torch.Tensor:
-    """Joint (2d × 2d) correlation; identity-like when there are no statistics."""
+    """Joint (2d_a + 2d_b) correlation; identity-like when there are no statistics.
+
+    A unit that is constant on the calibration data (a dead ReLU) correlates with nothing. It
+    never merges within its own model (-inf); across models it is as similar (1) to a unit
+    constant at the same value, and ties go to the unit of the same index (a 1e-6 bonus),
+    which is exact for a model and its copy."""
     if moments is None:
         return torch.eye(2 * size, dtype=torch.float64)
-    return moments.correlation().to(torch.float64).cpu()
+    joint = moments.correlation().to(torch.float64).cpu().clone()
+    d_a = moments.dim_a if hasattr(moments, "dim_a") else size
+    total = joint.shape[0]
+    d_b = total - d_a
+    constant = joint.diagonal() == 0
+    model_of = torch.arange(total) >= d_a
+    same_model = model_of[:, None] == model_of[None, :]
+    off_diagonal = ~torch.eye(total, dtype=torch.bool)
+    within = same_model & off_diagonal & (constant[:, None] | constant[None, :])
+    joint[within] = -math.inf
+    mean = moments.mean.to(torch.float64).cpu()
+    equal = (mean[:, None] - mean[None, :]).abs() <= 1e-6 * (mean[:, None].abs()
+                                                            + mean[None, :].abs() + 1e-12)
+    joint[constant[:, None] & constant[None, :] & ~same_model & equal] = 1.0
+    ties = torch.arange(min(d_a, d_b))
+    joint[ties, d_a + ties] += 1e-6
+    joint[d_a + ties, ties] += 1e-6
+    return joint
 
 
 def _apply(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
@@ -190,33 +213,35 @@ def solve_flat(method: str, joint: torch.Tensor, size: int, alpha: float, beta: 
     return solvers.zip(joint, size, size, target=size, alpha=alpha, beta=beta)
 
 
-def solve_blocks(method: str, joints: list[torch.Tensor], count: int, block: int,
+def solve_blocks(method: str, joints: list[torch.Tensor], count: int,
                  within_fixed: list[bool], alpha: float, beta: float, pair: bool = True
                  ) -> tuple[torch.Tensor, list[MergePlan]]:
-    """Two-level matching of several blocks spaces sharing one block order. Returns the block
-    pairing (B's block for each of A's) and each space's full plan. ``pair=False`` keeps
-    block i with block i and matches only inside blocks."""
-    size = count * block
+    """Two-level matching of several blocks spaces sharing one block order (their blocks may
+    differ in size: a grouped convolution's input and output). Returns the block pairing (B's
+    block for each of A's) and each space's full plan. ``pair=False`` keeps block i with
+    block i and matches only inside blocks."""
+    sizes = [joint.shape[0] // 2 for joint in joints]
     if method == "average":
-        return torch.arange(count), [solvers.average(size) for _ in joints]
+        return torch.arange(count), [solvers.average(size) for size in sizes]
 
-    def within(joint: torch.Tensor, block_a: int, block_b: int, fixed: bool) -> MergePlan:
+    def within(joint: torch.Tensor, size: int, block_a: int, block_b: int, fixed: bool
+               ) -> MergePlan:
+        block = size // count
         index = torch.cat([torch.arange(block_a * block, (block_a + 1) * block),
                            size + torch.arange(block_b * block, (block_b + 1) * block)])
-        sub = joint[index][:, index]
         if fixed:
             plan = solvers.average(block)
             identity = torch.eye(block, dtype=torch.float64)
-            plan = MergePlan(plan.merge_a, plan.merge_b, identity, identity)
-            return plan
-        return solve_flat(method, sub, block, alpha, beta)
+            return MergePlan(plan.merge_a, plan.merge_b, identity, identity)
+        return solve_flat(method, joint[index][:, index], block, alpha, beta)
 
     plans: dict[tuple[int, int, int], MergePlan] = {}
     scores = torch.zeros(count, count, dtype=torch.float64)
-    for i, (joint, fixed) in enumerate(zip(joints, within_fixed)):
+    for i, (joint, size, fixed) in enumerate(zip(joints, sizes, within_fixed)):
+        block = size // count
         for block_a in range(count):
             for block_b in range(count):
-                plan = within(joint, block_a, block_b, fixed)
+                plan = within(joint, size, block_a, block_b, fixed)
                 plans[(i, block_a, block_b)] = plan
                 cross = joint[block_a * block:(block_a + 1) * block,
                               size + block_b * block:size + (block_b + 1) * block]
@@ -229,7 +254,8 @@ def solve_blocks(method: str, joints: list[torch.Tensor], count: int, block: int
     else:
         pairing = torch.arange(count)
     results = []
-    for i in range(len(joints)):
+    for i, size in enumerate(sizes):
+        block = size // count
         matrices = [torch.zeros(size, size, dtype=torch.float64) for _ in range(4)]
         for block_a in range(count):
             block_b = int(pairing[block_a])
@@ -341,8 +367,7 @@ class Match:
                         continue  # no statistics for a member: the group stays averaged
                     pair = space.block_space not in groups["fixed_order"]
                     pairing, member_plans = solve_blocks(
-                        method if method != "mudsc" else "zip", joints,
-                        space.block_count, space.block_size,
+                        method if method != "mudsc" else "zip", joints, space.block_count,
                         [spec.spaces[m].within_fixed is not None for m in members],
                         self.alpha, self.beta, pair=pair)
                     new = dict(zip(members, member_plans))
@@ -393,8 +418,6 @@ class Match:
             if leaf in elastic:
                 joint = (activation_similarity(observed, d_a) if observed is not None
                          else torch.eye(d_a + d_b, dtype=torch.float64))
-                if observed is not None:
-                    joint = observed.correlation().to(torch.float64).cpu()
                 plans[leaf] = solvers.elastic_zip(joint, d_a, d_b, target=target,
                                                   alpha=self.alpha)
                 summary[leaf] = {"width": target, "widths": [d_a, d_b]}

@@ -2,8 +2,8 @@
 architectures, the BatchNorm reset, save/load (and running the saved code without mergec), the
 errors a user meets, and the digits demo numbers (slow).
 
-Tests marked ``xfail(strict=True)`` pin down known defects of the library (see their reasons);
-they start passing, and so fail as XPASS, once the defect is fixed.
+The last section holds cases that once failed: a fused qkv cut into heads, a grouped
+convolution changing width, units that are constant on the calibration data.
 """
 from __future__ import annotations
 
@@ -529,7 +529,7 @@ def test_merge_does_not_modify_its_inputs(pair, method: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Known defects (strict xfail: each fails today; it passes once the library is fixed)
+# Cases that once failed: fused qkv cut into heads, uneven grouped convs, constant units
 # ---------------------------------------------------------------------------------------------
 class FusedQKVAttention(nn.Module):
     """timm's ViT attention: one qkv Linear reshaped to (B, N, 3, heads, head_dim), permuted to
@@ -549,11 +549,6 @@ class FusedQKVAttention(nn.Module):
         return self.proj(y)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a fused qkv reshaped to (B, N, 3, heads, head_dim) and cut by unbind or select (timm's "
-    "ViT): the query/key space inside the heads has no probe node, so collect-stats gathers "
-    "nothing for it and permute/zip leave it unmatched (identity), while mergec.permute "
-    "permutes it"))
 @pytest.mark.parametrize("method", ["permute", "zip"])
 @pytest.mark.parametrize("unbind", [True, False], ids=["unbind", "select"])
 def test_fused_qkv_reshaped_to_heads_recovers_a_permutation(unbind: bool, method: str) -> None:
@@ -567,7 +562,7 @@ def test_fused_qkv_reshaped_to_heads_recovers_a_permutation(unbind: bool, method
 
 
 def test_fused_qkv_reshaped_to_heads_merges_with_weight_matching() -> None:
-    """The same models merge exactly with weight matching, which needs no probe."""
+    """The same models merge exactly with weight matching too."""
     torch.manual_seed(0)
     model = FusedQKVAttention(unbind=True).eval()
     x = torch.randn(128, 4, 12)
@@ -576,11 +571,6 @@ def test_fused_qkv_reshaped_to_heads_merges_with_weight_matching() -> None:
     assert_computes(result.module, model, x)
 
 
-@pytest.mark.xfail(strict=True, raises=(IndexError, RuntimeError), reason=(
-    "match.solve_blocks solves all blocks spaces that share a block order with the block size "
-    "of the first: a grouped conv whose input and output block sizes differ (6 -> 4 channels "
-    "in 2 groups: blocks of 3 and 2) raises IndexError or RuntimeError for every method but "
-    "average"))
 @pytest.mark.parametrize("method", ["permute", "zip", "weight-match", "mudsc"])
 def test_grouped_conv_changing_width_merges(method: str) -> None:
     torch.manual_seed(0)
@@ -592,11 +582,6 @@ def test_grouped_conv_changing_width_merges(method: str) -> None:
     assert_computes(result.module, model, x)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "zip with beta > 0 (the default 0.5): a unit that is constant on the calibration data "
-    "(a dead ReLU) correlates 0 with everything, its own copy included, so zip merges constant "
-    "units within their model (spending the beta budget) instead of with their twins, and "
-    "merge(A, A) no longer computes A"))
 def test_zip_keeps_constant_units_apart() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
