@@ -780,36 +780,24 @@ def batch_norm(a: Annotator, node: fx.Node) -> Any:
 
 
 def layer_norm(a: Annotator, node: fx.Node) -> Any:
-    """LayerNorm over the last axes: invariant reduction; affine parameters bind."""
-    x = a.of(node.args[0])
-    normalized = len(node.args[1])
+    """LayerNorm / RMSNorm over the last axes: an invariant reduction; the affine parameters
+    bind to the normalised axes."""
+    arguments = _arguments(node)
+    x = a.of(arguments.get("input", node.args[0]))
+    normalized = len(arguments.get("normalized_shape", node.args[1]))
     out = list(x)
-    for argument in (_arg(node, 2, "weight"), _arg(node, 3, "bias")):
+    for argument in (arguments.get("weight"), arguments.get("bias")):
         labels = a.of(argument)
         if labels:
             for offset in range(normalized):
                 a.role(labels[offset], "elementwise")
                 position = len(x) - normalized + offset
-                out[position] = a.unify(out[position], labels[offset], "layer norm parameter")
+                out[position] = a.unify(out[position], labels[offset], "norm parameter")
     out = tuple(out)
     value = node.meta.get("val")
     if isinstance(value, (tuple, list)):
         return [out] + [_none_labels(v) for v in value[1:]]
     return out
-
-
-def rms_norm(a: Annotator, node: fx.Node) -> Any:
-    """RMSNorm over the last axes: like layer norm without bias."""
-    x = a.of(node.args[0])
-    normalized = len(node.args[1])
-    out = list(x)
-    labels = a.of(_arg(node, 2, "weight"))
-    if labels:
-        for offset in range(normalized):
-            a.role(labels[offset], "elementwise")
-            position = len(x) - normalized + offset
-            out[position] = a.unify(out[position], labels[offset], "rms norm parameter")
-    return tuple(out)
 
 
 def group_norm(a: Annotator, node: fx.Node) -> Any:
@@ -1344,7 +1332,7 @@ _register("embedding", embedding)
 _register("batch_norm _native_batch_norm_legit_no_training _native_batch_norm_legit "
           "native_batch_norm cudnn_batch_norm instance_norm", batch_norm)
 _register("layer_norm native_layer_norm", layer_norm)
-_register("rms_norm", rms_norm)
+_register("rms_norm", layer_norm)
 _register("group_norm", group_norm)
 _register("native_group_norm", native_group_norm)
 # attention
