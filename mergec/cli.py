@@ -46,7 +46,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from mergec.checkpoints import calibration_batches, load_checkpoint
-    from mergec.loading import example_inputs, load_model, parse_kwargs, parse_shape
+    from mergec.loading import load_model, parse_kwargs
     from mergec.merge import merge
 
     output = Path(args.output)

@@ -10,7 +10,7 @@ import torch
 
 from mergec.datasets import class_subset, digits
 from mergec.merge import merge
-from mergec.training import evaluate, predict_logits, train
+from mergec.training import predict_logits, train
 from mergec.zoo import digits_cnn
 
 log = logging.getLogger(__name__)

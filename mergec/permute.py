@@ -7,7 +7,7 @@ composite spaces concatenate their parts, tiled spaces act on their factors row-
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn

@@ -19,18 +19,16 @@ The result is a :class:`~mergec.spec.UnitSpec`; the labels of every node are als
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import operator
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple, Sequence, Union
 
 import sympy
 import torch
 from torch import fx
 
-from mergec.errors import SpecError
 from mergec.spec import Binding, Space, UnitSpec
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ import dataclasses
 import logging
 import math
 import random
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -37,7 +37,6 @@ from mergec.algorithms import solvers
 from mergec.algorithms.covariance import JointMoments
 from mergec.algorithms.solvers import MergePlan
 from mergec.errors import MergeError
-from mergec.permute import block_diagonal
 from mergec.spec import Binding, UnitSpec
 
 log = logging.getLogger(__name__)

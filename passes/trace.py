@@ -13,7 +13,7 @@ import inspect
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
