@@ -235,9 +235,6 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     spec = spec_a
     widths = target_widths(spec_a, spec_b, width)
     resizing = heterogeneous or any(widths[s] != spec.spaces[s].size for s in widths)
-    if resizing and stop_at is not None or resizing and heads == "separate":
-        raise MergeError("merge: partial zipping of models or merges of different widths is "
-                         "not supported yet")
     needs_stats = method in ("zip", "permute", "mudsc")
     moments = timed("collect-stats", lambda: CollectStats(device=device, progress=progress)(
         module_a, module_b, spec, calibration, example, spec_b=spec_b)) if needs_stats else {}

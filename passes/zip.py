@@ -130,7 +130,8 @@ class Zip:
                 axis = position
                 plan = plans[space_id]
                 unmerge = (plan.unmerge_a.to(torch.float32), plan.unmerge_b.to(torch.float32))
-        return partial_module(module_a, module_b, stop, state, unmerge, axis)
+        widths = {s: p.width for s, p in plans.items()}
+        return partial_module(module_a, module_b, stop, state, unmerge, axis, widths, spec)
 
     def stop_node(self, module: fx.GraphModule) -> fx.Node | None:
         if self.stop_at is not None:
@@ -153,8 +154,17 @@ def resize_module(module: fx.GraphModule, state: Mapping[str, torch.Tensor],
             owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
         else:
             owner.register_buffer(name, value)
+    rewrite_sizes(module, widths, spec)
+
+
+def rewrite_sizes(module: fx.GraphModule, widths: Mapping[str, int], spec: UnitSpec,
+                  nodes: set[fx.Node] | None = None) -> None:
+    """Rewrites the literal sizes of reshapes (of ``nodes``, default all) whose axes are spaces
+    to the spaces' merged widths."""
     sized = {"view", "reshape", "_unsafe_view", "expand", "new_zeros", "new_ones", "new_empty"}
     for node in module.graph.nodes:
+        if nodes is not None and node not in nodes:
+            continue
         packet = getattr(node.target, "_overloadpacket", None)
         units = node.meta.get("mergec")
         if packet is None or packet.__name__ not in sized or units is None or not units.spaces:
@@ -261,9 +271,11 @@ def _attach(root: torch.nn.Module, key: str, value: torch.Tensor, parameter: boo
 
 def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.Node,
                    merged: Mapping[str, torch.Tensor], unmerge: tuple[torch.Tensor, torch.Tensor],
-                   axis: int | None) -> fx.GraphModule:
+                   axis: int | None, widths: Mapping[str, int] | None = None,
+                   spec: UnitSpec | None = None) -> fx.GraphModule:
     """The merged trunk up to ``stop``, then A's and B's tails on the unmerged features;
-    returns (output of A's tail, output of B's tail)."""
+    returns (output of A's tail, output of B's tail). Each tail is copied from its own
+    model's graph, so the models may differ in width; ``widths`` rewrites the trunk's sizes."""
     trunk = _ancestors(stop)
     parameters = {name for name, _ in module_a.named_parameters()}
     root = torch.nn.Module()
@@ -277,6 +289,8 @@ def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.
     outputs = []
     states = (module_a.state_dict(), module_b.state_dict())
     for index, (prefix, module) in enumerate((("tail_a", module_a), ("tail_b", module_b))):
+        as_a = dict(zip(module.graph.nodes, module_a.graph.nodes))
+        own_stop = next(n for n, m in as_a.items() if m is stop)
         start = values[stop]
         if axis is not None:
             _attach(root, f"{prefix}_unmerge", unmerge[index].T.contiguous(), False)
@@ -284,9 +298,9 @@ def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.
             moved = graph.call_function(torch.ops.aten.movedim.int, (start, axis, -1))
             product = graph.call_function(torch.ops.aten.matmul.default, (moved, matrix))
             start = graph.call_function(torch.ops.aten.movedim.int, (product, -1, axis))
-        tail_values: dict[fx.Node, fx.Node] = {stop: start}
-        for node in module_a.graph.nodes:
-            if node in trunk or node.op in ("placeholder", "output") or \
+        tail_values: dict[fx.Node, fx.Node] = {own_stop: start}
+        for node in module.graph.nodes:
+            if as_a[node] in trunk or node.op in ("placeholder", "output") or \
                     (node.op == "call_module" and node.target == "_guards_fn"):
                 continue
             if node.op == "get_attr":
@@ -296,11 +310,14 @@ def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.
                 tail_values[node] = graph.get_attr(target)
                 continue
             tail_values[node] = graph.node_copy(
-                node, lambda n: tail_values[n] if n in tail_values else values[n])
-        result = module_a.graph.find_nodes(op="output")[0].args[0]
+                node, lambda n: tail_values[n] if n in tail_values else values[as_a[n]])
+        result = module.graph.find_nodes(op="output")[0].args[0]
         flat = result if isinstance(result, (tuple, list)) else (result,)
-        outputs.extend(tail_values[n] if n in tail_values else values[n] for n in flat)
+        outputs.extend(tail_values[n] if n in tail_values else values[as_a[n]] for n in flat)
     graph.output(tuple(outputs))
     partial = fx.GraphModule(root, graph)
+    if widths is not None and spec is not None:
+        rewrite_sizes(partial, widths, spec, set(values.values()))
     partial.graph.lint()
+    partial.recompile()
     return partial

@@ -140,3 +140,22 @@ def test_new_widths_are_reported_and_saved(tmp_path):
     assert sorted(result.report.options["widths"].values()).count(12) == 2
     loaded = mergec.load(result.save(tmp_path / "merged"))
     torch.testing.assert_close(loaded(x), result.module(x))
+
+
+def test_partial_zip_between_widths():
+    """Stopping at the input gives both parents back; separate heads run each parent's own head
+    on the merged trunk's unmerged features."""
+    torch.manual_seed(0)
+    model_a, model_b = MLP(8).eval(), MLP(12).eval()
+    x = torch.randn(64, 5)
+    result = mergec.merge(model_a, model_b, x[:4], _calibration(x), stop_at="x", repair=None,
+                          progress=False)
+    out_a, out_b = result.module(x)
+    torch.testing.assert_close(out_a, model_a(x))
+    torch.testing.assert_close(out_b, model_b(x))
+    result = mergec.merge(model_a, model_b, x[:4], _calibration(x), heads="separate",
+                          width="sum", repair=None, progress=False)
+    out_a, out_b = result.module(x)  # nothing merged at width d_a + d_b: the parents exactly
+    torch.testing.assert_close(out_a, model_a(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_b, model_b(x), rtol=1e-4, atol=1e-5)
+    assert result.module.state_dict()["fc2.weight"].shape == (20, 20)
