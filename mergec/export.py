@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import fx, nn
 
 from mergec.errors import CheckpointError, MergeError
+from mergec.passes.trace import is_guard
 
 _HEADER = '''"""A model merged by mergec. Runs with torch and safetensors alone:
 
@@ -72,7 +73,7 @@ def plain_graph_module(module: fx.GraphModule) -> fx.GraphModule:
     values: dict[fx.Node, fx.Node] = {}
     output = graph.graph_copy(module.graph, values)
     for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
+        if is_guard(node):
             graph.erase_node(node)
     flat = output if isinstance(output, (tuple, list)) else (output,)
     graph.output(flat[0] if len(flat) == 1 else tuple(flat))

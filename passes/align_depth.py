@@ -24,6 +24,7 @@ from mergec.algorithms.cka import LinearCKA
 from mergec.errors import MergeError
 from mergec.passes.collect_stats import ProbeInterpreter, check_batch
 from mergec.passes.segment import Block
+from mergec.passes.trace import module_path
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _last_producers(module: fx.GraphModule, block: Block) -> list[str]:
     for add_name in block.adds:
         add = nodes[add_name]
         branches = [a for a in add.args[:2] if isinstance(a, fx.Node)
-                    and _path(a).startswith(block.path) and a.op == "call_function"]
+                    and module_path(a).startswith(block.path) and a.op == "call_function"]
         if not branches:
             raise MergeError(f"align-depth: cannot tell the residual branch of {add.format_node()}")
         node = branches[-1]
@@ -100,11 +101,6 @@ def _last_producers(module: fx.GraphModule, block: Block) -> list[str]:
             raise MergeError(f"align-depth: the residual branch of block {block.path} ends in "
                              f"{node.format_node()}, which mergec cannot make an identity")
     return keys
-
-
-def _path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import sympy
 import torch
 from torch import fx
 
+from mergec.passes.trace import module_path
 from mergec.spec import Binding, Space, UnitSpec
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,7 @@ class Annotator:
         node = self.node
         if node is None:
             return ""
-        stack = node.meta.get("nn_module_stack") or {}
-        path = list(stack.values())[-1][0] if stack else ""
+        path = module_path(node)
         return f"{node.format_node()}" + (f" (module {path})" if path else "")
 
     def fix(self, label: Label, reason: str) -> None:
@@ -613,11 +613,18 @@ def elementwise(a: Annotator, node: fx.Node) -> Any:
     return tuple(reversed(labels))
 
 
+def _with_saved(node: fx.Node, out: tuple) -> Any:
+    """``out`` for a one-tensor op; for an op returning (output, saved statistics...) the
+    output's labels and none for the rest."""
+    value = node.meta.get("val")
+    if isinstance(value, (tuple, list)):
+        return [out] + [_none_labels(v) for v in value[1:]]
+    return out
+
+
 def tuple_of_input(a: Annotator, node: fx.Node) -> Any:
     """Op returning (output, saved...) where the output is labelled like the input."""
-    value = node.meta.get("val")
-    first = a.of(node.args[0])
-    return [first] + [_none_labels(v) for v in value[1:]]
+    return _with_saved(node, a.of(node.args[0]))
 
 
 def getitem(a: Annotator, node: fx.Node) -> Any:
@@ -770,11 +777,7 @@ def batch_norm(a: Annotator, node: fx.Node) -> Any:
         if labels:
             a.role(labels[0], "elementwise")
             channel = a.unify(channel, labels[0], "batch norm parameter")
-    out = x[:1] + (channel,) + x[2:]
-    value = node.meta.get("val")
-    if isinstance(value, (tuple, list)):
-        return [out] + [_none_labels(v) for v in value[1:]]
-    return out
+    return _with_saved(node, x[:1] + (channel,) + x[2:])
 
 
 def layer_norm(a: Annotator, node: fx.Node) -> Any:
@@ -791,11 +794,7 @@ def layer_norm(a: Annotator, node: fx.Node) -> Any:
                 a.role(labels[offset], "elementwise")
                 position = len(x) - normalized + offset
                 out[position] = a.unify(out[position], labels[offset], "norm parameter")
-    out = tuple(out)
-    value = node.meta.get("val")
-    if isinstance(value, (tuple, list)):
-        return [out] + [_none_labels(v) for v in value[1:]]
-    return out
+    return _with_saved(node, tuple(out))
 
 
 def group_norm(a: Annotator, node: fx.Node) -> Any:
@@ -826,8 +825,7 @@ def native_group_norm(a: Annotator, node: fx.Node) -> Any:
         if labels:
             a.role(labels[0], "elementwise")
             channel = a.unify(channel, labels[0], "group norm parameter")
-    value = node.meta.get("val")
-    return [x[:1] + (channel,) + x[2:]] + [_none_labels(v) for v in value[1:]]
+    return _with_saved(node, x[:1] + (channel,) + x[2:])
 
 
 def attention(a: Annotator, node: fx.Node) -> Any:
@@ -945,11 +943,7 @@ def spatial_op(a: Annotator, node: fx.Node) -> Any:
     x = a.of(node.args[0])
     for label in x[2:]:
         a.fix(label, "is a spatial axis of pooling")
-    out = x[:2] + (None,) * (len(x) - 2)
-    value = node.meta.get("val")
-    if isinstance(value, (tuple, list)):
-        return [out] + [_none_labels(v) for v in value[1:]]
-    return out
+    return _with_saved(node, x[:2] + (None,) * (len(x) - 2))
 
 
 def pad(a: Annotator, node: fx.Node) -> Any:

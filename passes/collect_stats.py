@@ -17,22 +17,32 @@ from tqdm.auto import tqdm
 
 from mergec.algorithms.covariance import JointMoments, feature_rows
 from mergec.errors import MergeError
+from mergec.passes.trace import is_guard
 from mergec.spec import UnitSpec
 
 log = logging.getLogger(__name__)
 
 
-class ProbeInterpreter(fx.Interpreter):
+class GraphRunner(fx.Interpreter):
+    """Runs a traced graph module on data of any batch size: export's shape guards are
+    skipped, intermediate values freed as soon as they are used."""
+
+    def __init__(self, graph_module: fx.GraphModule):
+        super().__init__(graph_module, garbage_collect_values=True)
+
+    def run_node(self, node: fx.Node) -> Any:
+        return None if is_guard(node) else super().run_node(node)
+
+
+class ProbeInterpreter(GraphRunner):
     """Runs a graph module and keeps the values of the named nodes."""
 
     def __init__(self, graph_module: fx.GraphModule, wanted: Iterable[str]):
-        super().__init__(graph_module, garbage_collect_values=True)
+        super().__init__(graph_module)
         self.wanted = set(wanted)
         self.captured: dict[str, torch.Tensor] = {}
 
     def run_node(self, node: fx.Node) -> Any:
-        if node.op == "call_module" and node.target == "_guards_fn":
-            return None  # shape guards of the export: calibration shapes may differ
         value = super().run_node(node)
         if node.name in self.wanted:
             self.captured[node.name] = value

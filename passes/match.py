@@ -37,6 +37,7 @@ from mergec.algorithms import solvers
 from mergec.algorithms.covariance import JointMoments
 from mergec.algorithms.solvers import MergePlan
 from mergec.errors import MergeError
+from mergec.passes.zip import apply_along
 from mergec.spec import Binding, UnitSpec
 
 log = logging.getLogger(__name__)
@@ -161,12 +162,6 @@ def activation_similarity(moments: JointMoments | None, size: int) -> torch.Tens
     return joint
 
 
-def _apply(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
-    """``new[.., i, ..] = Σ_j matrix[i, j] · tensor[.., j, ..]`` along ``axis``."""
-    moved = tensor.movedim(axis, -1)
-    return (moved @ matrix.T.to(moved)).movedim(-1, axis)
-
-
 def weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, torch.Tensor],
                       params_b: Mapping[str, torch.Tensor], plans: Mapping[str, MergePlan]
                       ) -> torch.Tensor:
@@ -190,7 +185,7 @@ def weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, torch.Te
             b = params_b[key].detach().to(torch.float64).cpu()
             for other in bindings:
                 if other is not binding:
-                    b = _apply(b, other.axis, 2.0 * plans[other.space].merge_b)
+                    b = apply_along(b, other.axis, 2.0 * plans[other.space].merge_b)
             for positions in places:
                 vectors_a = a.index_select(binding.axis, positions).movedim(binding.axis, 0)
                 vectors_b = b.index_select(binding.axis, positions).movedim(binding.axis, 0)

@@ -16,7 +16,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from mergec.errors import MergeError
-from mergec.passes.collect_stats import check_batch
+from mergec.passes.collect_stats import GraphRunner, check_batch
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +28,14 @@ def _is_batch_norm(node: fx.Node) -> bool:
     return node.op == "call_function" and packet is not None and packet.__name__ in _BATCH_NORMS
 
 
-class _ResetInterpreter(fx.Interpreter):
+class _ResetInterpreter(GraphRunner):
     """Runs the graph with batch statistics in every BatchNorm and averages them."""
 
     def __init__(self, graph_module: fx.GraphModule):
-        super().__init__(graph_module, garbage_collect_values=True)
+        super().__init__(graph_module)
         self.sums: dict[str, list[torch.Tensor]] = {}
-        self.batches = 0
 
     def run_node(self, node: fx.Node) -> Any:
-        if node.op == "call_module" and node.target == "_guards_fn":
-            return None
         if not _is_batch_norm(node):
             return super().run_node(node)
         x, weight, bias = (self.env[a] if isinstance(a, fx.Node) else a for a in node.args[:3])
@@ -130,13 +127,13 @@ class _Reached(Exception):
     """Raised by :class:`_ChannelStats` once every wanted node has been computed."""
 
 
-class _ChannelStats(fx.Interpreter):
+class _ChannelStats(GraphRunner):
     """Per-channel sum and sum of squares at the outputs of chosen nodes. With
     ``stop_early`` the run ends at the last of them."""
 
     def __init__(self, graph_module: fx.GraphModule, axes: dict[str, int],
                  stop_early: bool = False):
-        super().__init__(graph_module, garbage_collect_values=True)
+        super().__init__(graph_module)
         self.axes = axes
         self.sums: dict[str, list[torch.Tensor]] = {}
         self.stop_early = stop_early
@@ -153,8 +150,6 @@ class _ChannelStats(fx.Interpreter):
         return self.sums
 
     def run_node(self, node: fx.Node) -> Any:
-        if node.op == "call_module" and node.target == "_guards_fn":
-            return None
         value = super().run_node(node)
         if node.name in self.axes:
             out = value[0] if isinstance(value, (tuple, list)) else value

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from mergec.errors import MergeError
+from mergec.passes.trace import module_path
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,6 @@ class Block:
     @property
     def output(self) -> str:
         return self.adds[-1]
-
-
-def _module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
 
 
 def _is_residual_add(node: fx.Node) -> str | None:
@@ -62,7 +58,7 @@ class Segment:
             space = _is_residual_add(node)
             if space is None:
                 continue
-            path = _module_path(node)
+            path = module_path(node)
             blocks = stages.setdefault(space, [])
             if blocks and blocks[-1][0] == path:
                 blocks[-1][1].append(node.name)

@@ -27,6 +27,18 @@ log = logging.getLogger(__name__)
 STATE_KEYS = "mergec_state_keys"
 
 
+def is_guard(node: torch.fx.Node) -> bool:
+    """Export's shape-guard call: skipped when running a graph on other shapes, dropped when
+    emitting code."""
+    return node.op == "call_module" and node.target == "_guards_fn"
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The innermost module (``layer1.0.conv1``) a node was traced in; "" at the root."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
 def as_args(example_inputs: Any) -> tuple:
     """Normalises example inputs: a bare tensor is one positional input."""
     if isinstance(example_inputs, torch.Tensor):
@@ -148,8 +160,7 @@ def _drop_injected_kwargs(graph_module: torch.fx.GraphModule, args: tuple, kwarg
     """The keyword arguments trace adds (``use_cache=False``) are constants of the graph: the
     module is called like the model, with the positional inputs alone."""
     injected = [n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name in kwargs]
-    guards = [n for n in graph_module.graph.nodes
-              if n.op == "call_module" and n.target == "_guards_fn"]
+    guards = [n for n in graph_module.graph.nodes if is_guard(n)]
     if any(user not in guards for node in injected for user in node.users):
         return  # the graph reads it: keep the module's signature as exported
     for node in guards:  # export's shape guards take every input, the constants too

@@ -18,12 +18,13 @@ from torch import fx
 from mergec.algorithms.solvers import MergePlan
 from mergec.errors import MergeError
 from mergec.permute import block_diagonal, diagonal_blocks
+from mergec.passes.trace import is_guard
 from mergec.spec import Binding, UnitSpec
 
 log = logging.getLogger(__name__)
 
 
-def _along(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
+def apply_along(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
     """``new[.., r, ..] = Σ_d matrix[r, d] · tensor[.., d, ..]``."""
     moved = tensor.movedim(axis, -1)
     return (moved @ matrix.T.to(moved)).movedim(-1, axis)
@@ -45,9 +46,10 @@ def merge_entry(tensors: tuple[torch.Tensor, torch.Tensor], bindings: list[Bindi
             plan = plans[binding.space]
             if binding.role == "consumes":
                 unmerge = plan.unmerge_a if model == 0 else plan.unmerge_b
-                work = _along(work, binding.axis, unmerge.T)
+                work = apply_along(work, binding.axis, unmerge.T)
             else:
-                work = _along(work, binding.axis, plan.merge_a if model == 0 else plan.merge_b)
+                merge = plan.merge_a if model == 0 else plan.merge_b
+                work = apply_along(work, binding.axis, merge)
         if groups > 1:
             work = diagonal_blocks(work, groups)
         merged = work if merged is None else merged + work
@@ -148,12 +150,8 @@ def resize_module(module: fx.GraphModule, state: Mapping[str, torch.Tensor],
     parameters = {name for name, _ in module.named_parameters()}
     for key, value in state.items():
         owner_path, _, name = key.rpartition(".")
-        owner = module.get_submodule(owner_path) if owner_path else module
-        delattr(owner, name)
-        if key in parameters:
-            owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
-        else:
-            owner.register_buffer(name, value)
+        delattr(module.get_submodule(owner_path) if owner_path else module, name)
+        _attach(module, key, value, key in parameters)
     rewrite_sizes(module, widths, spec)
 
 
@@ -300,8 +298,7 @@ def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.
             start = graph.call_function(torch.ops.aten.movedim.int, (product, -1, axis))
         tail_values: dict[fx.Node, fx.Node] = {own_stop: start}
         for node in module.graph.nodes:
-            if as_a[node] in trunk or node.op in ("placeholder", "output") or \
-                    (node.op == "call_module" and node.target == "_guards_fn"):
+            if as_a[node] in trunk or node.op in ("placeholder", "output") or is_guard(node):
                 continue
             if node.op == "get_attr":
                 target = f"{prefix}.{node.target}"
