@@ -134,6 +134,11 @@ class Config:
                 "depth": depth, "dim": 64, "heads": 4, "mlp_dim": 128, "patch": 4,
                 "in_channels": 1, "num_classes": 10}
 
+    def vgg_settings(self, seed: int, classes: tuple[int, ...], cfg: str) -> dict[str, Any]:
+        """``mergec.zoo.vgg`` (width 16, BatchNorm) with the ResNets' SGD recipe."""
+        settings = self.training_settings(seed, classes, width=16)
+        return settings | {"model": "vgg", "cfg": cfg}
+
 
 @dataclass
 class Scores:
@@ -227,10 +232,14 @@ def load_data(config: Config) -> Data:
 
 def train_parent(config: Config, name: str, x: torch.Tensor, y: torch.Tensor,
                  classes: tuple[int, ...], seed: int, *, width: float | None = None,
-                 depth: int = 20, vit: bool = False) -> nn.Module:
-    """A ResNet (``width``, default ``config.width``; ``depth``) or, with ``vit``, a
-    ``small_vit`` of ``depth`` blocks, trained by ``cached_train`` (or loaded from its cache)."""
-    if vit:
+                 depth: int = 20, vit: bool = False, vgg_cfg: str | None = None) -> nn.Module:
+    """A ResNet (``width``, default ``config.width``; ``depth``), with ``vit`` a ``small_vit``
+    of ``depth`` blocks, or with ``vgg_cfg`` a VGG of that configuration ("11", "16"), trained
+    by ``cached_train`` (or loaded from its cache)."""
+    if vgg_cfg is not None:
+        settings = config.vgg_settings(seed, classes, vgg_cfg)
+        factory = lambda: vgg(vgg_cfg, width=16, num_classes=10, in_channels=1)  # noqa: E731
+    elif vit:
         settings = config.vit_settings(seed, classes, depth)
         factory = lambda: small_vit(depth=depth, dim=64, heads=4, mlp_dim=128, patch=4,  # noqa: E731
                                     num_classes=10, in_channels=1)
@@ -398,35 +407,85 @@ def unsupported_vgg(data: Data) -> tuple[str, str]:
     raise RuntimeError("merge of VGG-11 with VGG-16 did not raise; the benchmark must measure it")
 
 
-def heterogeneous_protocol(config: Config, data: Data) -> HeterogeneousResult:
-    """The three heterogeneous pairings of DESIGN.md that mergec supports, and the VGG pair."""
-    subsets = task_subsets(config, data)
-    train_a, train_b = subsets
-    # A and the homogeneous B of the ResNet pairings are the disjoint-task parents (cached).
-    resnet_a = train_parent(config, "fmnist-resnet20-classes0-4", *train_a, TASK_A, seed=0)
-    resnet_b = train_parent(config, "fmnist-resnet20-classes5-9", *train_b, TASK_B, seed=1)
-    resnet_b_wide = train_parent(config, "fmnist-resnet20x2-classes5-9", *train_b, TASK_B,
-                                 seed=1, width=2 * config.width)
-    resnet_b_deep = train_parent(config, "fmnist-resnet32-classes5-9", *train_b, TASK_B, seed=1,
-                                 depth=32)
-    vit_a = train_parent(config, "fmnist-vit4-classes0-4", *train_a, TASK_A, seed=0, depth=4,
-                         vit=True)
-    vit_b = train_parent(config, "fmnist-vit4-classes5-9", *train_b, TASK_B, seed=1, depth=4,
-                         vit=True)
-    vit_b_deep = train_parent(config, "fmnist-vit6-classes5-9", *train_b, TASK_B, seed=1,
-                              depth=6, vit=True)
-    pairings = [
-        pairing("(a) width: ResNet-20 ×1 with ResNet-20 ×2, merged at width \"max\" (×2)",
-                resnet_a, resnet_b, resnet_b_wide, ("ResNet-20 ×1", "ResNet-20 ×1",
-                                                     "ResNet-20 ×2"), data,
-                options={"width": "max"}, extra=[("zip A + ResNet-20 ×2 B, width \"min\" (×1)", {"width": "min"})]),
-        pairing("(b) depth: ResNet-20 with ResNet-32", resnet_a, resnet_b, resnet_b_deep,
-                ("ResNet-20", "ResNet-20", "ResNet-32"), data),
-        pairing("(c) depth: ViT with 4 blocks with ViT with 6 blocks", vit_a, vit_b, vit_b_deep,
-                ("ViT-4", "ViT-4", "ViT-6"), data),
-    ]
-    return HeterogeneousResult(pairings, [unsupported_vgg(data)],
-                               (len(train_a[0]), len(train_b[0])))
+@dataclass(frozen=True)
+class Roles:
+    """The training data, classes, seeds and checkpoint-name suffixes of A and B in one
+    protocol: disjoint tasks (A classes 0-4 seed 0, B classes 5-9 seed 1) or the same task
+    (both on the same-task sample, seeds 2 and 3)."""
+
+    same_task: bool
+    train: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    classes: tuple[tuple[int, ...], tuple[int, ...]]
+    seeds: tuple[int, int]
+    tags: tuple[str, str]
+
+
+def roles(config: Config, data: Data, same_task: bool) -> Roles:
+    if same_task:
+        sample = same_task_sample(config, data)
+        everything = tuple(range(10))
+        return Roles(True, (sample, sample), (everything, everything), (2, 3),
+                     ("all-seed2", "all-seed3"))
+    train_a, train_b = task_subsets(config, data)
+    return Roles(False, (train_a, train_b), (TASK_A, TASK_B), (0, 1),
+                 ("classes0-4", "classes5-9"))
+
+
+# architecture name in checkpoint names -> train_parent options
+HETERO_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "resnet20": {}, "resnet20x2": {"width": 2}, "resnet32": {"depth": 32},
+    "vit4": {"vit": True, "depth": 4}, "vit6": {"vit": True, "depth": 6},
+    "vgg11": {"vgg_cfg": "11"}, "vgg16": {"vgg_cfg": "16"},
+}
+# (title, A's architecture, B's of A's architecture, B's other architecture, labels, options of
+# the heterogeneous merge, extra heterogeneous merges)
+HETERO_PAIRINGS: list[tuple[str, str, str, tuple[str, str, str], dict[str, Any],
+                            list[tuple[str, dict[str, Any]]]]] = [
+    ("(a) width: ResNet-20 ×1 with ResNet-20 ×2, merged at width \"max\" (×2)", "resnet20",
+     "resnet20x2", ("ResNet-20 ×1", "ResNet-20 ×1", "ResNet-20 ×2"), {"width": "max"},
+     [("zip A + ResNet-20 ×2 B, width \"min\" (×1)", {"width": "min"})]),
+    ("(b) depth: ResNet-20 with ResNet-32", "resnet20", "resnet32",
+     ("ResNet-20", "ResNet-20", "ResNet-32"), {}, []),
+    ("(c) depth: VGG-11 with VGG-16", "vgg11", "vgg16", ("VGG-11", "VGG-11", "VGG-16"), {}, []),
+    ("(d) depth: ViT with 4 blocks with ViT with 6 blocks", "vit4", "vit6",
+     ("ViT-4", "ViT-4", "ViT-6"), {}, [("zip A + ViT-6 B, REPAIR", {"repair": "repair"})]),
+]
+
+
+def hetero_parent(config: Config, who: int, architecture: str, roles_: Roles) -> nn.Module:
+    """Parent A (``who`` 0) or B (1) of one architecture, trained in the role's protocol. The
+    ResNet-20 parents are those of sections 1-2 (the same checkpoints)."""
+    options = dict(HETERO_ARCHITECTURES[architecture])
+    if "width" in options:
+        options["width"] = options["width"] * config.width
+    return train_parent(config, f"fmnist-{architecture}-{roles_.tags[who]}", *roles_.train[who],
+                        roles_.classes[who], seed=roles_.seeds[who], **options)
+
+
+def train_hetero_parents(config: Config, data: Data) -> None:
+    """Trains (or loads) every parent of the heterogeneous section, both protocols."""
+    for same_task in (False, True):
+        roles_ = roles(config, data, same_task)
+        for _, a, b_other, *_ in HETERO_PAIRINGS:
+            hetero_parent(config, 0, a, roles_)
+            hetero_parent(config, 1, a, roles_)
+            hetero_parent(config, 1, b_other, roles_)
+
+
+def heterogeneous_protocol(config: Config, data: Data, same_task: bool = False
+                           ) -> HeterogeneousResult:
+    """The heterogeneous pairings of DESIGN.md, each beside the homogeneous merge of its
+    family, on disjoint tasks or (``same_task``) on the same task."""
+    roles_ = roles(config, data, same_task)
+    pairings = []
+    for title, a, b_other, labels, options, extra in HETERO_PAIRINGS:
+        model_a = hetero_parent(config, 0, a, roles_)
+        model_b = hetero_parent(config, 1, a, roles_)
+        model_b_other = hetero_parent(config, 1, b_other, roles_)
+        pairings.append(pairing(title, model_a, model_b, model_b_other, labels, data,
+                                options=options, extra=extra, same_task=same_task))
+    return HeterogeneousResult(pairings, len(roles_.train[0][0]), len(roles_.train[1][0]),
+                               same_task=same_task)
 
 
 SAME_TASK_REPAIRS: tuple[str | None, ...] = ("reset", "repair", None)
@@ -440,13 +499,18 @@ class SameTaskResult:
     train_size: int
 
 
+def same_task_sample(config: Config, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same-task parents' training set: a seeded random sample of all 10 classes."""
+    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(4321))
+    sample = order[:config.same_task_size].sort().values
+    return data.x_train[sample], data.y_train[sample]
+
+
 def same_task_protocol(config: Config, data: Data) -> SameTaskResult:
     all_classes = tuple(range(10))
     # Both parents see the same images (a seeded random sample, as large as a disjoint-task
     # parent's training set by default); only the seed (initialisation, order) differs.
-    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(4321))
-    sample = order[:config.same_task_size].sort().values
-    x, y = data.x_train[sample], data.y_train[sample]
+    x, y = same_task_sample(config, data)
     model_a = train_parent(config, "fmnist-resnet20-all-seed2", x, y, all_classes, seed=2)
     model_b = train_parent(config, "fmnist-resnet20-all-seed3", x, y, all_classes, seed=3)
     logits_a = predict_logits(model_a, data.x_test, device="cpu")
@@ -786,6 +850,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="run only the heterogeneous section (width, depth)")
     sections.add_argument("--homogeneous", action="store_true",
                           help="run only the disjoint-task and same-task sections")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train (or load) the heterogeneous section's parents and stop")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 epoch on 2,000 images per parent, 1,000 test images, "
                              "256 calibration images; prints the tables, writes no doc unless "
@@ -814,6 +880,9 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output if args.output is not None else (None if args.quick else DOC_PATH)
     commit = git_commit()
     data = load_data(config)
+    if args.train_only:
+        train_hetero_parents(config, data)
+        return
 
     if not args.heterogeneous:
         start_wall, start_cpu = time.perf_counter(), time.process_time()

@@ -110,11 +110,11 @@ def correspond(spec_a: UnitSpec, spec_b: UnitSpec, module_a: fx.GraphModule,
             raise MergeError(
                 "merge: the two models do not correspond. They part ways at A's "
                 f"{node_a.format_node()} and B's {node_b.format_node()}. mergec merges models "
-                "of one architecture, also at different widths; different depths are not "
-                "supported yet.")
+                "of one architecture, also at different widths, and residual networks or plain "
+                "chains of one family at different depths.")
     if len(nodes_a) != len(nodes_b):
         raise MergeError(f"merge: the two models do not correspond: A's graph has {len(nodes_a)} "
-                         f"nodes, B's {len(nodes_b)} (a different depth is not supported yet)")
+                         f"nodes, B's {len(nodes_b)}")
     if set(spec_a.shapes) != set(spec_b.shapes):
         missing = sorted(set(spec_a.shapes) ^ set(spec_b.shapes))[:5]
         raise MergeError(f"merge: the models' state dicts differ in keys, e.g. {missing}")
@@ -184,13 +184,15 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     architecture at different widths are merged by elastic zip (``method="zip"``); ``width``
     sets every merged layer's width: ``"max"`` (default), ``"min"``, ``"a"``, ``"b"``,
     ``"sum"`` (nothing merged: the logit ensemble), a fraction of d_a + d_b, or an int.
-    Residual models of one family at different depths are aligned block by block (linear CKA,
-    ``depth_variant`` "segment-wise" or "layer-wise"); the shallow model is padded with identity
-    blocks and the merged model has the deep one's architecture. Blocks only the deep model has
-    are averaged with the identity (``unaligned="average"``, the paper) or kept as they are
-    (``"keep"``). When the models were swapped (A the deeper), the merged outputs are the same. ``repair="reset"`` recomputes BatchNorm
-    statistics on the calibration data; ``repair="repair"`` also applies REPAIR (each merged
-    channel after a normalisation rescaled to the interpolated parents' mean and std). The input models are not modified.
+    Models of one family at different depths (residual networks, or plain chains such as VGG)
+    are aligned block by block, or layer by layer (linear CKA, ``depth_variant`` "segment-wise"
+    or "layer-wise"); the shallow model is padded with identity blocks or layers and the merged
+    model has the deep one's architecture. Blocks only the deep model has are averaged with the
+    identity (``unaligned="average"``, the paper) or kept as they are (``"keep"``). When the
+    models were swapped (A the deeper), the merged outputs are the same. ``repair="reset"``
+    recomputes BatchNorm statistics on the calibration data; ``repair="repair"`` also applies
+    REPAIR (each merged channel after a normalisation rescaled to the interpolated parents'
+    mean and std). The input models are not modified.
 
     Example::
 
@@ -309,12 +311,21 @@ def _depth_overrides(depth: Any, spec: UnitSpec, module: fx.GraphModule
     plan, unaligned = depth
     if unaligned not in ("average", "keep"):
         raise MergeError(f"merge: unaligned must be 'average' or 'keep', got {unaligned!r}")
-    keys = plan.unaligned_keys(spec.shapes)
-    # the padded shallow model is A, the deep model B
-    factors = {k: (1.0 if unaligned == "average" and k in plan.zeroed else 2.0) for k in keys}
+    # The padded shallow model is A, the deep model B. A residual block only B has: its
+    # zeroed producers averaged with B's (factor 1: the paper's average with the identity)
+    # and the rest of it B's alone (factor 2). A plain layer only B has: averaged with A's
+    # identity layer by the ordinary merge, or B's alone with unaligned="keep".
+    factors = {}
+    for key in plan.unaligned_keys(spec.shapes):
+        if unaligned == "keep":
+            factors[key] = 2.0
+        elif key in plan.zeroed:
+            factors[key] = 1.0
+        elif key not in plan.identity:
+            factors[key] = 2.0
     inside = frozenset(s for s in spec.spaces
                        if (bound := {b.key for b in spec.bindings if b.space == s})
-                       and bound <= keys)
+                       and bound <= factors.keys())
     return factors, inside
 
 

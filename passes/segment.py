@@ -1,38 +1,59 @@
-"""segment: the stages and blocks of a residual network, from its annotated graph.
+"""segment: the stages and blocks of a network, from its annotated graph.
 
-A *stage* is a residual stream: a space joined by adds of two input-dependent feature tensors.
-A *block* is the part of a stage owned by one module (``layer1.2``, ``encoder.layers.3``): the
-residual adds inside that module, in graph order; its output is its last add. A transformer
-layer with an attention and an MLP residual is one block with two adds.
+In a residual network, a *stage* is a residual stream: a space joined by adds of two
+input-dependent feature tensors. A *block* is the part of a stage owned by one module
+(``layer1.2``, ``encoder.layers.3``): the residual adds inside that module, in graph order; its
+output is its last add. A transformer layer with an attention and an MLP residual is one block
+with two adds.
+
+A network without residual adds is cut as a plain chain (VGG): a *layer* is a weight layer
+(convolution or linear) and the ops that follow it one after the other without changing the
+shape of its output (normalisation, activation, dropout); a *stage* is a run of layers each
+consuming the previous layer's output directly. Pooling, flattening, or anything else between
+two layers starts a new stage, so within a stage every layer but the first maps a shape to
+itself and can become an identity.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 from torch import fx
 
 from mergec.errors import MergeError
-from mergec.passes.trace import module_path
+from mergec.passes.trace import aten_name, module_path
+
+_WEIGHT_LAYERS = {"conv1d", "conv2d", "conv3d", "convolution", "linear", "addmm"}
+_FOLLOWERS = {"batch_norm", "_native_batch_norm_legit_no_training", "relu", "gelu",
+              "silu", "tanh", "sigmoid", "leaky_relu", "hardtanh", "elu", "dropout", "clone",
+              "layer_norm", "group_norm", "contiguous", "alias"}
 
 
 @dataclass(frozen=True)
 class Block:
-    """One block: the module ``path`` that owns it, its residual adds and its output node."""
+    """One block of a stage. A residual block: the module ``path`` that owns it and its
+    residual ``adds``. A plain layer (``adds`` empty): its ``nodes``, weight layer first;
+    ``path`` is the weight layer's module."""
 
     stage: int
     index: int
     path: str
-    adds: tuple[str, ...]
+    adds: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()  # the modules whose state the block holds, in graph order
 
     @property
     def output(self) -> str:
-        return self.adds[-1]
+        return self.adds[-1] if self.adds else self.nodes[-1]
+
+    @property
+    def is_layer(self) -> bool:
+        return not self.adds
 
 
 def _is_residual_add(node: fx.Node) -> str | None:
     """The stream space of a residual add, or None."""
-    packet = getattr(node.target, "_overloadpacket", None)
-    if node.op != "call_function" or packet is None or packet.__name__ not in ("add", "add_"):
+    if aten_name(node) != "add":
         return None
     inputs = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op == "call_function"]
     units = node.meta.get("mergec")
@@ -46,9 +67,56 @@ def _is_residual_add(node: fx.Node) -> str | None:
     return spaces[0] if len(spaces) == 1 else None
 
 
+def _shape(node: fx.Node) -> tuple | None:
+    value = node.meta.get("val")
+    return tuple(value.shape) if hasattr(value, "shape") else None
+
+
+def _state_modules(nodes: list[fx.Node]) -> tuple[str, ...]:
+    """The modules whose parameters and buffers ``nodes`` read, in order of first use."""
+    modules: list[str] = []
+    for node in nodes:
+        for argument in node.all_input_nodes:
+            if argument.op == "get_attr" and "." in str(argument.target):
+                module = str(argument.target).rsplit(".", 1)[0]
+                if module not in modules:
+                    modules.append(module)
+    return tuple(modules)
+
+
+def _plain_layers(module: fx.GraphModule) -> list[list[Block]]:
+    """The layers of a plain chain, grouped into stages."""
+    stages: list[list[tuple[list[fx.Node], str]]] = []
+    previous_output: fx.Node | None = None
+    for node in module.graph.nodes:
+        if aten_name(node) not in _WEIGHT_LAYERS or not any(
+                a.op == "get_attr" for a in node.all_input_nodes):
+            continue
+        data = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        nodes, shape = [node], _shape(node)
+        while len(nodes[-1].users) == 1:
+            user = next(iter(nodes[-1].users))
+            if aten_name(user) not in _FOLLOWERS and user.target is not operator.getitem:
+                break
+            if user.all_input_nodes[0] is not nodes[-1] or _shape(user) not in (shape, None):
+                break
+            nodes.append(user)
+        chained = previous_output is not None and data == [previous_output]
+        if chained:
+            stages[-1].append((nodes, module_path(node)))
+        else:
+            stages.append([(nodes, module_path(node))])
+        previous_output = nodes[-1]
+    return [[Block(stage, index, path, nodes=tuple(n.name for n in nodes),
+                   modules=_state_modules(nodes))
+             for index, (nodes, path) in enumerate(layers)]
+            for stage, layers in enumerate(stages)]
+
+
 @dataclass(frozen=True)
 class Segment:
-    """The segment pass: stages of blocks, in graph order."""
+    """The segment pass: stages of blocks, in graph order. Residual stages when the graph has
+    residual adds, else the layers of a plain chain."""
 
     name: str = "segment"
 
@@ -64,12 +132,14 @@ class Segment:
                 blocks[-1][1].append(node.name)
             else:
                 blocks.append((path, [node.name]))
+        if not stages:
+            return _plain_layers(module)
         result = []
         for stage, blocks in enumerate(stages.values()):
             paths = [path for path, _ in blocks]
             if len(set(paths)) != len(paths) or "" in paths:
                 raise MergeError(f"segment: stage {stage} has residual adds that no single module "
                                  f"owns ({paths}); depth alignment needs one module per block")
-            result.append([Block(stage, index, path, tuple(adds))
+            result.append([Block(stage, index, path, tuple(adds), modules=(path,))
                            for index, (path, adds) in enumerate(blocks)])
         return result

@@ -39,6 +39,16 @@ def module_path(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
+def aten_name(node: torch.fx.Node) -> str:
+    """The aten op a call node runs, in-place variants by their out-of-place name ("relu" for
+    ``relu_``); "" for anything else."""
+    packet = getattr(node.target, "_overloadpacket", None)
+    if node.op != "call_function" or packet is None:
+        return ""
+    name = packet.__name__
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
 def as_args(example_inputs: Any) -> tuple:
     """Normalises example inputs: a bare tensor is one positional input."""
     if isinstance(example_inputs, torch.Tensor):

@@ -612,12 +612,15 @@ def test_linear_cka_rejects_small_or_mismatched_batches() -> None:
 # ----------------------------------------------------------------------------- depth alignment
 
 
-def brute_force_alignment(similarity: torch.Tensor, variant: str, last_to_last: bool) -> float:
+def brute_force_alignment(similarity: torch.Tensor, variant: str, last_to_last: bool,
+                          allowed: torch.Tensor | None = None) -> float:
     num_shallow, num_deep = similarity.shape
     best = -math.inf
     for rest in itertools.combinations(range(1, num_deep), num_shallow - 1):
         mapping = (0,) + rest
         if last_to_last and mapping[-1] != num_deep - 1:
+            continue
+        if allowed is not None and not all(allowed[i, j] for i, j in enumerate(mapping)):
             continue
         best = max(best, alignment_score(similarity, mapping, variant))
     return best
@@ -660,6 +663,25 @@ def test_depth_alignment_is_optimal(
     covered = [block for segment in result.segments for block in segment]
     assert covered == list(range(mapping[-1] + 1))
     assert set(result.padding) == set(range(num_deep)) - set(mapping)
+
+
+@FAST
+@given(seed=seeds, num_shallow=st.integers(1, 4), extra=st.integers(0, 3),
+       variant=st.sampled_from(["segment-wise", "layer-wise"]))
+def test_depth_alignment_keeps_to_the_allowed_pairs(seed: int, num_shallow: int, extra: int,
+                                                    variant: str) -> None:
+    generator = random_generator(seed)
+    num_deep = num_shallow + extra
+    similarity = torch.rand(num_shallow, num_deep, generator=generator, dtype=torch.float64)
+    allowed = torch.rand(num_shallow, num_deep, generator=generator) < 0.7
+    best = brute_force_alignment(similarity, variant, False, allowed)
+    if best == -math.inf:
+        with pytest.raises(MergeError, match="no monotone alignment"):
+            align_depth(similarity, variant, allowed=allowed)
+        return
+    result = align_depth(similarity, variant, allowed=allowed)
+    assert all(allowed[i, j] for i, j in enumerate(result.mapping))
+    assert result.score == pytest.approx(best)
 
 
 def test_layer_wise_alignment_scores_the_blocks_before_the_aligned_one() -> None:

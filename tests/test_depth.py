@@ -106,3 +106,105 @@ def test_depth_options_are_checked(family):
     shallow, deep, x, calibration = family
     with pytest.raises(mergec.MergecError, match="unaligned must be"):
         mergec.merge(shallow, deep, x[:4], calibration, unaligned="drop", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain chains (no residual adds): layers, identity layers
+# ---------------------------------------------------------------------------------------------
+def _vgg_with_identity_layers(shallow: nn.Module, deep: nn.Module) -> nn.Module:
+    """``deep`` (a VGG with more convolutions per stage) computing ``shallow``: in every stage
+    the first convolutions hold the shallow model's, the extra ones are identities (Dirac
+    kernel, BatchNorm passing its input through, ReLU after ReLU)."""
+    convs = lambda model: [m for m in model.features if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]  # noqa: E731
+    shallow_layers, deep_layers = convs(shallow), convs(deep)
+    shallow_by_stage, deep_by_stage = {}, {}
+    for layers, by_stage in ((shallow_layers, shallow_by_stage), (deep_layers, deep_by_stage)):
+        for conv, bn in zip(layers[::2], layers[1::2]):
+            by_stage.setdefault(conv.out_channels, []).append((conv, bn))
+    with torch.no_grad():
+        for width, deep_stage in deep_by_stage.items():
+            for index, (conv, bn) in enumerate(deep_stage):
+                if index < len(shallow_by_stage[width]):
+                    source_conv, source_bn = shallow_by_stage[width][index]
+                    conv.load_state_dict(source_conv.state_dict())
+                    bn.load_state_dict(source_bn.state_dict())
+                else:
+                    nn.init.dirac_(conv.weight)
+                    bn.weight.fill_(1.0), bn.bias.zero_(), bn.running_mean.zero_()
+                    bn.running_var.fill_(1.0 - bn.eps)
+        deep.classifier.load_state_dict(shallow.classifier.state_dict())
+    return deep.eval()
+
+
+def test_segment_cuts_a_plain_chain_into_stages_of_layers():
+    torch.manual_seed(0)
+    stages = Segment()(_annotated(zoo.vgg("11", width=4).eval(), torch.randn(2, 1, 28, 28)))
+    assert [len(stage) for stage in stages] == [1, 1, 2, 2, 2, 2]  # 5 conv stages, classifier
+    assert stages[2][1].path == "features.11"
+    assert stages[2][1].modules == ("features.11", "features.12")  # conv and its BatchNorm
+    assert stages[-1][0].modules == ("classifier.0",)
+
+
+@pytest.mark.parametrize("method", ["permute", "zip"])
+def test_identity_layers_are_aligned_around_and_the_merge_computes_the_model(method):
+    torch.manual_seed(0)
+    shallow = _randomize_batch_norm(zoo.vgg("11", width=4))
+    deep = _vgg_with_identity_layers(shallow, _randomize_batch_norm(zoo.vgg("13", width=4)))
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x), shallow(x))
+    result = mergec.merge(shallow, deep, x[:4], [(b,) for b in x.split(16)], method=method,
+                          repair=None, progress=False)
+    plan = result.report.depth
+    assert [stage["mapping"] for stage in plan.stages] == [[0], [0], [0, 1], [0, 1], [0, 1],
+                                                            [0, 1]]
+    assert plan.padded_paths == ["features.3", "features.4", "features.10", "features.11"]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), shallow(x), rtol=1e-4, atol=1e-4)
+
+
+def test_vgg_11_with_vgg_16_merges_with_both_unaligned_modes():
+    torch.manual_seed(0)
+    shallow, deep = zoo.vgg("11", width=4).eval(), zoo.vgg("16", width=4).eval()
+    x = torch.randn(48, 1, 28, 28)
+    outputs = []
+    for unaligned in ("average", "keep"):
+        result = mergec.merge(deep, shallow, x[:4], [(b,) for b in x.split(16)],
+                              unaligned=unaligned, progress=False)
+        assert set(result.module.state_dict()) == set(deep.state_dict())
+        outputs.append(result.module(x))
+        assert [len(s["deep"]) for s in result.report.depth.stages] == [2, 2, 3, 3, 3, 2]
+        identity = result.report.depth.identity
+        assert "features.3.weight" in identity and "features.4.running_var" in identity
+    assert not torch.allclose(*outputs)  # the unaligned layers differ between the two modes
+
+
+def _chain(widths: list[int], activation: type[nn.Module]) -> nn.Module:
+    layers: list[nn.Module] = []
+    for width_in, width_out in zip(widths, widths[1:]):
+        layers += [nn.Linear(width_in, width_out), activation()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def test_an_mlp_with_an_identity_layer_inserted_merges_back():
+    torch.manual_seed(0)
+    shallow, deep = _chain([6, 12, 12, 3], nn.ReLU), _chain([6, 12, 12, 12, 3], nn.ReLU)
+    with torch.no_grad():
+        deep[0].load_state_dict(shallow[0].state_dict())
+        deep[2].weight.copy_(torch.eye(12)), deep[2].bias.zero_()
+        deep[4].load_state_dict(shallow[2].state_dict())
+        deep[6].load_state_dict(shallow[4].state_dict())
+    x = torch.randn(64, 6)
+    result = mergec.merge(shallow, deep, x[:4], [(b,) for b in x.split(16)], method="permute",
+                          repair=None, progress=False)
+    assert result.report.depth.stages[0]["mapping"] == [0, 2, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), shallow(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_chain_whose_layers_cannot_become_identities_is_refused():
+    torch.manual_seed(0)
+    shallow, deep = _chain([6, 12, 12, 3], nn.GELU), _chain([6, 12, 12, 12, 3], nn.GELU)
+    x = torch.randn(32, 6)
+    with pytest.raises(mergec.MergecError, match="cannot make an identity"):
+        mergec.merge(shallow, deep, x[:4], [(x,)], progress=False)

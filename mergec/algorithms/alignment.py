@@ -76,12 +76,15 @@ def align_depth(
     variant: Variant = "segment-wise",
     *,
     last_to_last: bool = False,
+    allowed: Tensor | None = None,
 ) -> DepthAlignment:
     """Best monotone alignment of shallow blocks (rows) to deep blocks (columns) of ``similarity``.
 
     ``similarity`` is ``[n_shallow, n_deep]`` with ``n_shallow <= n_deep``. With
     ``last_to_last`` the last shallow block must also map to the last deep block, so the
-    segments cover every deep block.
+    segments cover every deep block. ``allowed`` (bool, like ``similarity``) says which deep
+    blocks each shallow block may be aligned with (blocks of other shapes may not); a
+    MergeError is raised when no alignment keeps to it.
 
     >>> cka = torch.tensor([[1.0, 0.2, 0.1, 0.0], [0.1, 0.3, 0.9, 0.2]])
     >>> align_depth(cka).mapping
@@ -94,9 +97,16 @@ def align_depth(
     num_shallow, num_deep = similarity.shape
     best = torch.full((num_shallow, num_deep), -math.inf, dtype=torch.float64)
     previous = torch.zeros((num_shallow, num_deep), dtype=torch.long)
-    best[0, 0] = scores[0, 0, 0]
+    if allowed is None:
+        allowed = torch.ones(num_shallow, num_deep, dtype=torch.bool)
+    elif allowed.shape != similarity.shape:
+        raise MergeError(f"align_depth: allowed has shape {tuple(allowed.shape)}, the similarity "
+                         f"{tuple(similarity.shape)}")
+    best[0, 0] = scores[0, 0, 0] if allowed[0, 0] else -math.inf
     for shallow in range(1, num_shallow):
         for end in range(shallow, num_deep):
+            if not allowed[shallow, end]:
+                continue
             # the previous shallow block ends at `before`; this one covers before+1 .. end
             before = torch.arange(shallow - 1, end)
             candidates = best[shallow - 1, before] + scores[shallow, before + 1, end]
@@ -104,6 +114,9 @@ def align_depth(
             best[shallow, end] = candidates[choice]
             previous[shallow, end] = before[choice]
     last_end = num_deep - 1 if last_to_last else int(best[num_shallow - 1].argmax())
+    if best[num_shallow - 1, last_end] == -math.inf:
+        raise MergeError("align_depth: no monotone alignment maps every shallow block to an "
+                         "allowed deep block (of the same shapes), first block to first")
     mapping = _backtrack(previous, last_end)
     alignment = DepthAlignment(
         mapping, _segments(mapping), float(best[num_shallow - 1, last_end]), num_deep
