@@ -7,12 +7,12 @@
 2. Same task, different seeds (Git Re-Basin / REPAIR): two ResNet-20 trained on all 10 classes
    from different seeds; merged accuracy over the mean of the parents' accuracy, with and
    without the BatchNorm reset.
-3. Heterogeneous (``--heterogeneous``), on the same 5+5 tasks, zip (α=β=0.5) with the
-   BatchNorm reset: ResNet-20 ×1 (A) with ResNet-20 ×2 (B) by elastic zip at width "max";
-   ResNet-20 (A) with ResNet-32 (B) by CKA depth alignment and identity padding; a 4-layer
-   (A) with a 6-layer (B) ``small_vit``; each beside the homogeneous merge of the same family
-   (A with a B of A's architecture). VGG-11 with VGG-16 is tried and reported as not supported
-   (mergec raises a MergeError for plain chains of different depth).
+3. Heterogeneous (``--heterogeneous``), on the disjoint 5+5 tasks and on the same task, zip
+   (α=β=0.5) with the BatchNorm reset: ResNet-20 ×1 (A) with ResNet-20 ×2 (B) by elastic zip
+   at width "max"; ResNet-20 (A) with ResNet-32 (B) and VGG-11 (A) with VGG-16 (B) by CKA depth
+   alignment and identity padding; a 4-layer (A) with a 6-layer (B) ``small_vit`` (also with
+   REPAIR); each beside the homogeneous merge of the same family (A with a B of A's
+   architecture).
 
 Parents are trained once by ``mergec.training.cached_train`` (safetensors under
 ``benchmarks/checkpoints``, keyed by the settings and the data). The script prints the tables
@@ -25,6 +25,7 @@ Usage::
     .venv/bin/python benchmarks/merge_benchmark.py --heterogeneous # section 3 only
     .venv/bin/python benchmarks/merge_benchmark.py --homogeneous   # sections 1-2 only
     .venv/bin/python benchmarks/merge_benchmark.py --quick         # smoke run, prints only
+    .venv/bin/python benchmarks/merge_benchmark.py --train-only    # train the parents only
 """
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ import torch
 from torch import nn
 
 from mergec.datasets import FASHION_MNIST_CLASSES, class_subset, fashion_mnist
-from mergec.errors import MergeError
 from mergec.merge import merge
 from mergec.training import cached_train, predict_logits
 from mergec.zoo import resnet20, small_vit, vgg
@@ -339,15 +339,15 @@ class Pairing:
     b_heterogeneous: str
     parents: list[Row]   # A, B (homogeneous), B (heterogeneous)
     ensembles: list[Row]  # of A with each B
-    merges: list[Row]    # homogeneous merge, heterogeneous merge(s)
+    merges: list[tuple[Row, bool]]  # (merge, whether B is the heterogeneous one)
     note: str = ""
 
 
 @dataclass
 class HeterogeneousResult:
     pairings: list[Pairing]
-    unsupported: list[tuple[str, str]]  # (pairing, the error mergec raised)
     train_sizes: tuple[int, int]
+    same_task: bool
     run_seconds: float = 0.0
     cpu_seconds: float = 0.0
 
@@ -364,47 +364,37 @@ def _alignment_text(row: Row) -> str:
                        f"blocks): {stage['mapping']}"
                        for index, stage in enumerate(row.depth.stages))
     return (f"segment-wise linear CKA on the calibration images; the deep model's block index "
-            f"of each shallow block, per stage: {stages}; the identity blocks of the padded "
-            f"shallow model sit at {', '.join(row.depth.padded_paths)}")
+            f"of each shallow block, per stage: {stages}; the identity blocks (or layers) of "
+            f"the padded shallow model hold the modules {', '.join(row.depth.padded_paths)}")
 
 
 def pairing(title: str, model_a: nn.Module, model_b: nn.Module, model_b_other: nn.Module,
             labels: tuple[str, str, str], data: Data, options: dict[str, Any] | None = None,
-            extra: list[tuple[str, dict[str, Any]]] = ()) -> Pairing:
+            extra: list[tuple[str, dict[str, Any], bool]] = (), same_task: bool = False
+            ) -> Pairing:
     """Parents, ensembles and merges of one pairing; ``labels`` name A, B of A's architecture
     and B of the other; ``options`` are added to the heterogeneous merge's, ``extra`` adds
-    heterogeneous merges with other options."""
+    merges with other options (label, options, whether with the heterogeneous B)."""
     logits = [predict_logits(m, data.x_test, device="cpu") for m in (model_a, model_b, model_b_other)]
-    parents = [_parent_row(f"A: {labels[0]}, classes 0-4", model_a, logits[0], data),
-               _parent_row(f"B: {labels[1]}, classes 5-9", model_b, logits[1], data),
-               _parent_row(f"B: {labels[2]}, classes 5-9", model_b_other, logits[2], data)]
+    roles_ = ("seed 2", "seed 3", "seed 3") if same_task else ("classes 0-4",) + ("classes 5-9",) * 2
+    parents = [_parent_row(f"A: {labels[0]}, {roles_[0]}", model_a, logits[0], data),
+               _parent_row(f"B: {labels[1]}, {roles_[1]}", model_b, logits[1], data),
+               _parent_row(f"B: {labels[2]}, {roles_[2]}", model_b_other, logits[2], data)]
     ensembles = [Row(f"ensemble A + {labels[1]} B", score(ensemble_logits(logits[0], logits[1]),
                                                           data.y_test)),
                  Row(f"ensemble A + {labels[2]} B", score(ensemble_logits(logits[0], logits[2]),
                                                           data.y_test))]
-    merges = [merge_and_score(f"zip A + {labels[1]} B (homogeneous)", model_a, model_b, data,
-                              **HETERO_OPTIONS),
-              merge_and_score(f"zip A + {labels[2]} B (heterogeneous)", model_a, model_b_other,
-                              data, **{**HETERO_OPTIONS, **(options or {})})]
-    for label, options in extra:
-        merges.append(merge_and_score(label, model_a, model_b_other, data,
-                                      **{**HETERO_OPTIONS, **options}))
+    merges = [(merge_and_score(f"zip A + {labels[1]} B (homogeneous)", model_a, model_b, data,
+                               **HETERO_OPTIONS), False),
+              (merge_and_score(f"zip A + {labels[2]} B (heterogeneous)", model_a, model_b_other,
+                               data, **{**HETERO_OPTIONS, **(options or {})}), True)]
+    for label, more, heterogeneous in extra:
+        other = model_b_other if heterogeneous else model_b
+        merges.append((merge_and_score(label, model_a, other, data,
+                                       **{**HETERO_OPTIONS, **(options if heterogeneous else {}),
+                                          **more}), heterogeneous))
     return Pairing(title, labels[1], labels[2], parents, ensembles, merges,
-                   note=_alignment_text(merges[1]))
-
-
-def unsupported_vgg(data: Data) -> tuple[str, str]:
-    """VGG-11 with VGG-16 (untrained: mergec refuses the pair before any weight matters)."""
-    pair = "VGG-11 (A) with VGG-16 (B)"
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model_a, model_b = vgg("11").eval(), vgg("16").eval()
-        merge(model_a, model_b, data.example, data.calibration[:1], progress=False,
-              **HETERO_OPTIONS)
-    except MergeError as error:
-        return pair, str(error).splitlines()[0]
-    raise RuntimeError("merge of VGG-11 with VGG-16 did not raise; the benchmark must measure it")
+                   note=_alignment_text(merges[1][0]))
 
 
 @dataclass(frozen=True)
@@ -437,18 +427,22 @@ HETERO_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "vit4": {"vit": True, "depth": 4}, "vit6": {"vit": True, "depth": 6},
     "vgg11": {"vgg_cfg": "11"}, "vgg16": {"vgg_cfg": "16"},
 }
-# (title, A's architecture, B's of A's architecture, B's other architecture, labels, options of
-# the heterogeneous merge, extra heterogeneous merges)
+# (title, A's architecture, B's other architecture, labels, options of the heterogeneous
+# merge, extra merges: (label, options, whether with the heterogeneous B))
 HETERO_PAIRINGS: list[tuple[str, str, str, tuple[str, str, str], dict[str, Any],
-                            list[tuple[str, dict[str, Any]]]]] = [
+                            list[tuple[str, dict[str, Any], bool]]]] = [
     ("(a) width: ResNet-20 ×1 with ResNet-20 ×2, merged at width \"max\" (×2)", "resnet20",
      "resnet20x2", ("ResNet-20 ×1", "ResNet-20 ×1", "ResNet-20 ×2"), {"width": "max"},
-     [("zip A + ResNet-20 ×2 B, width \"min\" (×1)", {"width": "min"})]),
+     [("zip A + ResNet-20 ×2 B, width \"min\" (×1)", {"width": "min"}, True)]),
     ("(b) depth: ResNet-20 with ResNet-32", "resnet20", "resnet32",
      ("ResNet-20", "ResNet-20", "ResNet-32"), {}, []),
-    ("(c) depth: VGG-11 with VGG-16", "vgg11", "vgg16", ("VGG-11", "VGG-11", "VGG-16"), {}, []),
+    ("(c) depth: VGG-11 with VGG-16 (plain chains)", "vgg11", "vgg16",
+     ("VGG-11", "VGG-11", "VGG-16"), {},
+     [("zip A + VGG-16 B, unaligned=\"keep\"", {"unaligned": "keep"}, True)]),
     ("(d) depth: ViT with 4 blocks with ViT with 6 blocks", "vit4", "vit6",
-     ("ViT-4", "ViT-4", "ViT-6"), {}, [("zip A + ViT-6 B, REPAIR", {"repair": "repair"})]),
+     ("ViT-4", "ViT-4", "ViT-6"), {},
+     [("zip A + ViT-4 B, REPAIR (homogeneous)", {"repair": "repair"}, False),
+      ("zip A + ViT-6 B, REPAIR (heterogeneous)", {"repair": "repair"}, True)]),
 ]
 
 
@@ -484,7 +478,7 @@ def heterogeneous_protocol(config: Config, data: Data, same_task: bool = False
         model_b_other = hetero_parent(config, 1, b_other, roles_)
         pairings.append(pairing(title, model_a, model_b, model_b_other, labels, data,
                                 options=options, extra=extra, same_task=same_task))
-    return HeterogeneousResult(pairings, len(roles_.train[0][0]), len(roles_.train[1][0]),
+    return HeterogeneousResult(pairings, (len(roles_.train[0][0]), len(roles_.train[1][0])),
                                same_task=same_task)
 
 
@@ -592,61 +586,75 @@ def same_task_table(result: SameTaskResult) -> str:
     return "\n".join(lines)
 
 
-def heterogeneous_table(pairing: Pairing) -> str:
+def heterogeneous_table(pairing: Pairing, same_task: bool) -> str:
     """Parents, ensembles and merges of one pairing; ratios to the ensemble of the same A and
     B (a homogeneous merge over the homogeneous ensemble, a heterogeneous one over the
-    heterogeneous ensemble)."""
-    ensembles = {pairing.b_homogeneous: pairing.ensembles[0].scores,
-                 pairing.b_heterogeneous: pairing.ensembles[1].scores}
-    lines = ["| model | params | joint | task A | task B | joint / ens. "
-             "| task A (own head) | task B (own head) | own-head mean / ens. | merge s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    heterogeneous ensemble). Same task: accuracy, its ratio to the mean of the two parents'
+    and to the ensemble's."""
+    ensembles = (pairing.ensembles[0].scores, pairing.ensembles[1].scores)
+    parent_means = tuple(statistics.mean((pairing.parents[0].scores.joint,
+                                          pairing.parents[index].scores.joint))
+                         for index in (1, 2))
+    if same_task:
+        lines = ["| model | params | accuracy | / parent mean | / ens. | merge s |",
+                 "|---|---:|---:|---:|---:|---:|"]
+    else:
+        lines = ["| model | params | joint | task A | task B | joint / ens. "
+                 "| task A (own head) | task B (own head) | own-head mean / ens. | merge s |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def line(row: Row, reference: Scores | None) -> str:
+    def line(row: Row, which: int | None) -> str:
+        columns = 6 if same_task else 10
         if row.error is not None:
-            return f"| {row.label} | failed: {row.error} |" + " |" * 8
+            return f"| {row.label} | failed: {row.error} |" + " |" * (columns - 2)
         s = row.scores
+        params = "—" if row.parameters is None else f"{row.parameters:,}"
+        seconds = "—" if row.merge_seconds is None else f"{row.merge_seconds:.1f}"
+        reference = None if which is None else ensembles[which]
+        if same_task:
+            parents = "—" if which is None else _ratio(s.joint, parent_means[which])
+            ratio = "—" if reference is None else _ratio(s.joint, reference.joint)
+            return f"| {row.label} | {params} | {_percent(s.joint)} | {parents} | {ratio} | {seconds} |"
         ratio = "—" if reference is None else _ratio(s.joint, reference.joint)
         head_ratio = "—" if reference is None else _ratio(s.task_head_mean,
                                                           reference.task_head_mean)
-        params = "—" if row.parameters is None else f"{row.parameters:,}"
-        seconds = "—" if row.merge_seconds is None else f"{row.merge_seconds:.1f}"
         return (f"| {row.label} | {params} | {_percent(s.joint)} | {_percent(s.task_a)} "
                 f"| {_percent(s.task_b)} | {ratio} | {_percent(s.task_a_head)} "
                 f"| {_percent(s.task_b_head)} | {head_ratio} | {seconds} |")
 
     for row in pairing.parents:
         lines.append(line(row, None))
-    lines.append(line(pairing.ensembles[0], ensembles[pairing.b_homogeneous]))
-    lines.append(line(pairing.ensembles[1], ensembles[pairing.b_heterogeneous]))
-    lines.append(line(pairing.merges[0], ensembles[pairing.b_homogeneous]))
-    for row in pairing.merges[1:]:
-        lines.append(line(row, ensembles[pairing.b_heterogeneous]))
+    lines.append(line(pairing.ensembles[0], 0))
+    lines.append(line(pairing.ensembles[1], 1))
+    for row, heterogeneous in pairing.merges:
+        lines.append(line(row, int(heterogeneous)))
     return "\n".join(lines)
 
 
 def heterogeneous_summary(result: HeterogeneousResult) -> str:
-    """Per pairing: the merge's joint accuracy over its ensemble's, homogeneous and
-    heterogeneous, and the difference."""
-    lines = ["| pairing | homogeneous: merged / ens. (joint) | heterogeneous: merged / ens. "
-             "(joint) | difference | homogeneous: own-head mean / ens. | heterogeneous: "
-             "own-head mean / ens. |",
+    """Per pairing: the merge's accuracy (joint accuracy on disjoint tasks) over its
+    ensemble's, homogeneous and heterogeneous, and the difference."""
+    second = "parent mean" if result.same_task else "own-head mean / ens."
+    lines = ["| pairing | homogeneous: merged / ens. | heterogeneous: merged / ens. "
+             f"| difference | homogeneous: {second} | heterogeneous: {second} |",
              "|---|---:|---:|---:|---:|---:|"]
     for pairing in result.pairings:
-        homogeneous, heterogeneous = pairing.merges[0], pairing.merges[1]
-        ens_homogeneous, ens_heterogeneous = (e.scores for e in pairing.ensembles)
+        (homogeneous, _), (heterogeneous, _) = pairing.merges[:2]
+        ensembles = [e.scores for e in pairing.ensembles]
         if homogeneous.error or heterogeneous.error:
             lines.append(f"| {pairing.title} | failed | | | | |")
             continue
-        joint = (homogeneous.scores.joint / ens_homogeneous.joint,
-                 heterogeneous.scores.joint / ens_heterogeneous.joint)
-        head = (homogeneous.scores.task_head_mean / ens_homogeneous.task_head_mean,
-                heterogeneous.scores.task_head_mean / ens_heterogeneous.task_head_mean)
+        joint = (homogeneous.scores.joint / ensembles[0].joint,
+                 heterogeneous.scores.joint / ensembles[1].joint)
+        if result.same_task:
+            means = [statistics.mean((pairing.parents[0].scores.joint,
+                                      pairing.parents[i].scores.joint)) for i in (1, 2)]
+            other = (homogeneous.scores.joint / means[0], heterogeneous.scores.joint / means[1])
+        else:
+            other = (homogeneous.scores.task_head_mean / ensembles[0].task_head_mean,
+                     heterogeneous.scores.task_head_mean / ensembles[1].task_head_mean)
         lines.append(f"| {pairing.title} | {joint[0]:.3f} | {joint[1]:.3f} "
-                     f"| {joint[1] - joint[0]:+.3f} | {head[0]:.3f} | {head[1]:.3f} |")
-    for pair, error in result.unsupported:
-        lines.append(f"| (d) depth: {pair} | not supported (plain chains) | not supported "
-                     f"(plain chains) | — | — | — |")
+                     f"| {joint[1] - joint[0]:+.3f} | {other[0]:.3f} | {other[1]:.3f} |")
     return "\n".join(lines)
 
 
@@ -759,52 +767,57 @@ merged BatchNorm keeps the merged running statistics).
 {END_MARK}"""
 
 
-def heterogeneous_section(config: Config, result: HeterogeneousResult, test_size: int,
+def heterogeneous_section(config: Config, results: list[HeterogeneousResult], test_size: int,
                           commit: str) -> str:
     r = config.training_settings(seed=0, classes=TASK_A)
     v = config.vit_settings(seed=0, classes=TASK_A, depth=4)
+    disjoint = next(result for result in results if not result.same_task)
+    run = sum(result.run_seconds for result in results) / 60
+    cpu = sum(result.cpu_seconds for result in results) / 60
     parts = [f"""{HETERO_BEGIN_MARK}
-## Heterogeneous merges: Fashion-MNIST 5+5
+## Heterogeneous merges
 
-The disjoint-task protocol above, with A (classes 0-4) and B (classes 5-9) of different width
-or depth. Every merge is `method="zip"`, α = β = 0.5, `repair="reset"`; each heterogeneous
-merge is shown beside the homogeneous merge of the same family (the same A with a B of A's
-architecture, trained on the same images from the same seed). Ratios are to the ensemble of
-the same two parents (mean of the softmax distributions). Columns as in the disjoint-task
-table; **params** counts parameters (for a merge, of the merged model).
+The disjoint-task protocol (Fashion-MNIST 5+5) and the same-task protocol above, with A and B
+of different width or depth. Every merge is `method="zip"`, α = β = 0.5, `repair="reset"`
+unless its row says otherwise; each heterogeneous merge is shown beside the homogeneous merge
+of the same family (the same A with a B of A's architecture, trained on the same images from
+the same seed). Ratios are to the ensemble of the same two parents (mean of the softmax
+distributions) and, on the same task, to the mean of the two parents' accuracy. Columns as in
+the tables above; **params** counts parameters (for a merge, of the merged model).
 
 Setup:
-- ResNets (`mergec.zoo.resnet20`, `width`, `depth`): trained as the disjoint-task parents
-  above ({config.epochs} epochs, SGD with Nesterov momentum, peak lr {r['lr']}, cosine, weight
-  decay {r['weight_decay']}); A is the disjoint-task A (ResNet-20 ×{config.width}), the
-  homogeneous B the disjoint-task B; the wide B is ResNet-20 ×{2 * config.width}, the deep B
-  ResNet-32 (5 blocks per stage), both seed 1.
+- ResNets (`mergec.zoo.resnet20`, `width`, `depth`) and VGGs (`mergec.zoo.vgg`, width 16:
+  16/32/64/128/128 channels, BatchNorm): trained as the ResNet-20 parents above
+  ({config.epochs} epochs, SGD with Nesterov momentum, peak lr {r['lr']}, cosine, weight decay
+  {r['weight_decay']}). A is ResNet-20 ×{config.width}, VGG-11 or a 4-block ViT (seed 0 on
+  classes 0-4, seed 2 on the same task); every B is seed 1 on classes 5-9, seed 3 on the same
+  task. The ResNet-20 parents are those of the sections above. The wide B is ResNet-20
+  ×{2 * config.width}, the deep Bs ResNet-32 (5 blocks per stage) and VGG-16.
 - ViTs (`mergec.zoo.small_vit`: 4x4 patches, dim {v['dim']}, {v['heads']} heads, MLP
   {v['mlp_dim']}, pre-norm, class token): {config.vit_epochs} epochs, AdamW (`optimizer="adam"`),
   batch {v['batch_size']}, peak lr {v['lr']}, {int(100 * v['warmup_fraction'])}% warm-up then
-  cosine, weight decay {v['weight_decay']} (not on biases or norms); A 4 blocks seed 0, B 4 or 6
-  blocks seed 1.
-- training sets: A {result.train_sizes[0]}, B {result.train_sizes[1]} images (as above); test
-  set {test_size} images; calibration as above ({config.calibration_size} images of both tasks).
+  cosine, weight decay {v['weight_decay']} (not on biases or norms); A 4 blocks, B 4 or 6 blocks.
+- training sets: disjoint A {disjoint.train_sizes[0]}, B {disjoint.train_sizes[1]} images; same
+  task {config.same_task_size} images for every parent (as above); test set {test_size} images;
+  calibration as above ({config.calibration_size} images of all classes).
 - depth merges use the defaults `depth_variant="segment-wise"`, `unaligned="average"` (blocks
-  only the deep model has are averaged with an identity block); the merged model has the deep
-  model's architecture. The width merge at `width="max"` has B's (×2) widths.
-- whole section: {result.run_seconds / 60:.1f} min wall, {result.cpu_seconds / 60:.1f} min CPU
-  (parents from the checkpoint cache count only their loading time); mergec at commit {commit}
-
-Summary (joint accuracy of the merge over its ensemble's; the difference is heterogeneous minus
-homogeneous):
-
-{heterogeneous_summary(result)}
+  or layers only the deep model has are averaged with an identity block or layer); the merged
+  model has the deep model's architecture. The width merge at `width="max"` has B's (×2)
+  widths.
+- whole section: {run:.1f} min wall, {cpu:.1f} min CPU (parents from the checkpoint cache
+  count only their loading time); mergec at commit {commit}
 """]
-    for pairing in result.pairings:
-        parts.append(f"### {pairing.title}\n\n{heterogeneous_table(pairing)}\n")
-        if pairing.note:
-            parts.append(f"Alignment: {pairing.note}.\n")
-    for pair, error in result.unsupported:
-        parts.append(f"### (d) depth: {pair}\n\nNot supported (plain chains): mergec aligns "
-                     f"depth only for residual networks, where an identity block can be "
-                     f"inserted; `mergec.merge` raises `MergeError`: \"{error}\"\n")
+    for result in results:
+        name = "Same task, different seeds" if result.same_task else "Disjoint tasks 5+5"
+        measure = "accuracy" if result.same_task else "joint accuracy"
+        parts.append(f"### {name}\n\nSummary ({measure} of the merge over its ensemble's; the "
+                     f"difference is heterogeneous minus homogeneous):\n\n"
+                     f"{heterogeneous_summary(result)}\n")
+        for pairing in result.pairings:
+            parts.append(f"#### {pairing.title} ({name.lower()})\n\n"
+                         f"{heterogeneous_table(pairing, result.same_task)}\n")
+            if pairing.note:
+                parts.append(f"Alignment: {pairing.note}.\n")
     parts.append(HETERO_END_MARK)
     return "\n".join(parts)
 
@@ -901,23 +914,23 @@ def main(argv: list[str] | None = None) -> None:
             write_doc(output, generated_section(config, disjoint, same, len(data.x_test),
                                                 run_seconds, cpu_seconds, commit))
     if not args.homogeneous:
-        start_wall, start_cpu = time.perf_counter(), time.process_time()
-        hetero = heterogeneous_protocol(config, data)
-        hetero.run_seconds = time.perf_counter() - start_wall
-        hetero.cpu_seconds = time.process_time() - start_cpu
-        print("Heterogeneous (Fashion-MNIST 5+5, zip α=β=0.5, reset)\n")
-        print(heterogeneous_summary(hetero), end="\n\n")
-        for pairing in hetero.pairings:
-            print(pairing.title + "\n")
-            print(heterogeneous_table(pairing), end="\n\n")
-            if pairing.note:
-                print(pairing.note, end="\n\n")
-        for pair, error in hetero.unsupported:
-            print(f"{pair}: not supported (plain chains): {error}\n")
-        print(f"heterogeneous section: {hetero.run_seconds / 60:.1f} min wall")
+        results = []
+        for same_task in (False, True):
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            hetero = heterogeneous_protocol(config, data, same_task=same_task)
+            hetero.run_seconds = time.perf_counter() - start_wall
+            hetero.cpu_seconds = time.process_time() - start_cpu
+            results.append(hetero)
+            print(f"Heterogeneous, {'same task' if same_task else 'disjoint tasks 5+5'}\n")
+            print(heterogeneous_summary(hetero), end="\n\n")
+            for pairing in hetero.pairings:
+                print(pairing.title + "\n")
+                print(heterogeneous_table(pairing, same_task), end="\n\n")
+                if pairing.note:
+                    print(pairing.note, end="\n\n")
+            print(f"section: {hetero.run_seconds / 60:.1f} min wall\n")
         if output is not None:
-            write_doc(output, heterogeneous_section(config, hetero, len(data.x_test), commit))
-
+            write_doc(output, heterogeneous_section(config, results, len(data.x_test), commit))
 
 if __name__ == "__main__":
     main()

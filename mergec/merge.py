@@ -21,7 +21,7 @@ from mergec.passes.annotate_units import AnnotateUnits
 from mergec.passes.collect_stats import CollectStats
 from mergec.passes.match import METHODS, Match
 from mergec.passes.repair import Repair
-from mergec.passes.trace import STATE_KEYS, as_args, trace
+from mergec.passes.trace import STATE_KEYS, aten_name, as_args, trace
 from mergec.passes.zip import Zip
 from mergec.spec import UnitSpec
 
@@ -138,9 +138,14 @@ def target_widths(spec_a: UnitSpec, spec_b: UnitSpec, width: Any) -> dict[str, i
     ``"b"``, ``"sum"`` (d_a + d_b: nothing merged), a fraction of d_a + d_b, or an int."""
     widths = {}
     for space_id, space in spec_a.spaces.items():
+        other = spec_b.spaces[space_id]
+        if space.kind == "blocks" and not space.parts and space.size != other.size \
+                and space.block_count == other.block_count:
+            widths[space_id] = space.block_count * _head_size(space, other, width)
+            continue
         if space.kind != "flat" or not spec_a.is_free(space_id):
             continue
-        d_a, d_b = space.size, spec_b.spaces[space_id].size
+        d_a, d_b = space.size, other.size
         if width == "max":
             target = max(d_a, d_b)
         elif width == "min":
@@ -160,6 +165,18 @@ def target_widths(spec_a: UnitSpec, spec_b: UnitSpec, width: Any) -> dict[str, i
                              f"in (0, 1] or a positive int, got {width!r}")
         widths[space_id] = target
     return widths
+
+
+def _head_size(space_a: Any, space_b: Any, width: Any) -> int:
+    """The merged size of heads (or groups) whose count agrees and size differs."""
+    sizes = {"max": max(space_a.block_size, space_b.block_size),
+             "min": min(space_a.block_size, space_b.block_size),
+             "a": space_a.block_size, "b": space_b.block_size}
+    if width not in sizes:
+        raise MergeError(f"merge: the heads of {space_a.origin} have sizes {space_a.block_size} "
+                         f"and {space_b.block_size}; heads of different sizes merge at width "
+                         f"'max', 'min', 'a' or 'b', not {width!r}")
+    return sizes[width]
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
@@ -241,7 +258,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     moments = timed("collect-stats", lambda: CollectStats(device=device, progress=progress)(
         module_a, module_b, spec, calibration, example, spec_b=spec_b)) if needs_stats else {}
     only_b, exclude = _depth_overrides(_depth, spec, module_a)
-    matcher = Match(method=method, alpha=alpha, beta=beta, weight_beta=weight_beta, seed=seed)
+    matcher = Match(method=method, alpha=alpha, beta=beta, weight_beta=weight_beta, seed=seed,
+                    attention=tuple(sorted(attention_roles(module_a, spec).items())))
     plans, summaries = timed("match", lambda: matcher(
         spec, moments, dict(module_a.named_parameters()), dict(module_b.named_parameters()),
         spec_b=spec_b, widths=widths if resizing else None, exclude=exclude))
@@ -268,6 +286,44 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     if _depth is not None:
         report.depth = _depth[0]
     return MergeResult(module=merged, report=report)
+
+
+def attention_roles(module: fx.GraphModule, spec: UnitSpec) -> dict[str, str]:
+    """The heads spaces read by ``scaled_dot_product_attention`` with its default scale
+    (1/sqrt(head size)): "qk" for query and key, "v" for value. A space also read by another
+    attention (one with a given scale) gets no role."""
+    roles: dict[str, str] = {}
+    refused: set[str] = set()
+    for node in module.graph.nodes:
+        if aten_name(node) != "scaled_dot_product_attention":
+            continue
+        default = node.kwargs.get("scale") is None
+        for position, role in ((0, "qk"), (1, "qk"), (2, "v")):
+            space = _heads_space(node.args[position], spec)
+            if space is None:
+                continue
+            if not default or roles.get(space, role) != role:
+                refused.add(space)
+            roles[space] = role
+    return {space: role for space, role in roles.items() if space not in refused}
+
+
+def _heads_space(node: Any, spec: UnitSpec) -> str | None:
+    """The blocks space whose heads ``node`` (an attention operand) carries: the nearest
+    producer upstream, through reshapes, transposes and cuts, whose axes include one."""
+    for _ in range(16):
+        if not isinstance(node, fx.Node):
+            return None
+        units = node.meta.get("mergec")
+        for space_id in (units.spaces or ()) if units is not None else ():
+            if space_id is not None and spec.spaces[space_id].kind == "blocks":
+                return space_id
+        inputs = [a for a in node.all_input_nodes
+                  if a.op != "get_attr" and isinstance(a.meta.get("val"), torch.Tensor)]
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None
 
 
 def _align_depth(model_a: nn.Module, model_b: nn.Module, module_a: fx.GraphModule,

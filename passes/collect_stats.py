@@ -94,8 +94,10 @@ class CollectStats:
         """``spec_b`` gives B's widths where they differ from A's."""
         spec_b = spec_b or spec
         device = torch.device(self.device) if self.device else torch.device("cpu")
+        # a block order (the heads of an attention) is matched through its blocks' units
+        orders = {space.block_space for space in spec.spaces.values() if space.block_space}
         wanted = [s for s in (spaces if spaces is not None else spec.spaces)
-                  if spec.spaces[s].probe is not None and spec.is_free(s)]
+                  if spec.spaces[s].probe is not None and spec.is_free(s) and s not in orders]
         probes = {spec.spaces[s].probe for s in wanted}
         moments = {s: JointMoments(spec.spaces[s].size, spec_b.spaces[s].size, device=device)
                    for s in wanted}

@@ -282,6 +282,9 @@ class Match:
     alpha: float = 0.0
     beta: float = 0.0
     weight_beta: float = 0.5  # MuDSC's β: share of weight similarity in the dual space
+    # blocks spaces read by scaled_dot_product_attention with its default scale: "qk" (query
+    # and key heads), "v" (value heads); only those may change their head size
+    attention: tuple[tuple[str, str], ...] = ()
     max_iter: int = 30
     seed: int = 0
     name: str = "match"
@@ -398,7 +401,28 @@ class Match:
         groups = _block_groups(spec_a, leaves)
         plans: dict[str, MergePlan] = {}
         summary: dict[str, dict] = {}
+        for order, members in groups["members"].items():
+            if order not in elastic and not elastic.intersection(members):
+                continue
+            sizes = (spec_a.spaces[order].size, spec_b.spaces[order].size)
+            if order in groups["fixed_order"] or not spec_a.is_free(order):
+                raise MergeError(f"match: the heads or groups of {', '.join(members)} (counts "
+                                 f"{sizes[0]} and {sizes[1]}) have a fixed order (grouped-query "
+                                 "attention, or separated parts); mergec cannot change their "
+                                 "count")
+            target = widths.get(order, max(sizes))
+            if sizes[0] == sizes[1] == target:
+                new, block_summary = self._elastic_within(spec_a, spec_b, moments, order,
+                                                          members, widths)
+            else:
+                new, block_summary = self._elastic_blocks(spec_a, spec_b, moments, order,
+                                                          members, target)
+            plans.update(new)
+            summary.update(block_summary)
+            elastic.update(new)
         for leaf in leaves:
+            if leaf in plans:
+                continue
             space_a, space_b = spec_a.spaces[leaf], spec_b.spaces[leaf]
             d_a, d_b = space_a.size, space_b.size
             target = widths.get(leaf, max(d_a, d_b))
@@ -417,7 +441,7 @@ class Match:
                 summary[leaf] = {"width": target, "widths": [d_a, d_b]}
             else:
                 plans[leaf] = solvers.average(d_a)
-        same = [s for s in leaves if s not in elastic]
+        same = [s for s in leaves if s not in elastic and s not in plans]
         if same:  # same-width leaves: the ordinary matcher, restricted to them
             sub_plans, sub_summary = Match(method=self.method, alpha=self.alpha, beta=self.beta,
                                            seed=self.seed)._same_width(spec_a, moments, same)
@@ -426,6 +450,164 @@ class Match:
         merged = resized(spec_a, {s: plans[s].width for s in leaves})
         full = {s: full_plan(spec_a, s, plans, spec_b, merged) for s in spec_a.spaces}
         return full, summary
+
+
+    def _elastic_blocks(self, spec_a: UnitSpec, spec_b: UnitSpec,
+                        moments: Mapping[str, JointMoments], order: str, members: list[str],
+                        target: int) -> tuple[dict[str, MergePlan], dict[str, dict]]:
+        """Elastic zip over heads or groups whose count differs: blocks of one size, scored
+        pairwise (within and across models) by their best within-block match summed over the
+        spaces sharing the block order, are zipped to ``target`` blocks; inside a merged block
+        every contributor is permuted to the first one's order and averaged."""
+        counts = (spec_a.spaces[order].size, spec_b.spaces[order].size)
+        block_sizes = []
+        for member in members:
+            size_a, size_b = spec_a.spaces[member].block_size, spec_b.spaces[member].block_size
+            if size_a != size_b:
+                raise MergeError(
+                    f"match: the blocks of {member} ({spec_a.spaces[member].origin}) have "
+                    f"sizes {size_a} and {size_b}; elastic merging changes the number of heads "
+                    "or groups, not their size")
+            block_sizes.append(size_a)
+        total = sum(counts)
+        # the positions of block x (A's blocks first, then B's) in each member's joint matrix
+        def positions(member_index: int, block: int) -> torch.Tensor:
+            size = block_sizes[member_index]
+            start = block * size if block < counts[0] else (
+                counts[0] * size + (block - counts[0]) * size)
+            return torch.arange(start, start + size)
+
+        joints = []
+        for member, size in zip(members, block_sizes):
+            observed = moments.get(member)
+            dims = (counts[0] * size, counts[1] * size)
+            joints.append(activation_similarity(observed, dims[0]) if observed is not None
+                          else torch.eye(sum(dims), dtype=torch.float64))
+        alignments: dict[tuple[int, int, int], torch.Tensor] = {}
+        scores = torch.eye(total, dtype=torch.float64)
+        for x in range(total):
+            for y in range(x + 1, total):
+                score = 0.0
+                for index, (member, joint) in enumerate(zip(members, joints)):
+                    cross = joint[positions(index, x)][:, positions(index, y)]
+                    if spec_a.spaces[member].within_fixed is not None:
+                        order_y = torch.arange(len(cross))
+                    else:
+                        cost = torch.nan_to_num(cross, neginf=-1.0).numpy()
+                        rows, columns = linear_sum_assignment(cost, maximize=True)
+                        order_y = torch.as_tensor(columns[rows.argsort()])
+                    alignments[(index, x, y)] = order_y
+                    score += float(cross[torch.arange(len(cross)), order_y].mean())
+                scores[x, y] = scores[y, x] = score / len(members)
+        block_plan = solvers.elastic_zip(scores, counts[0], counts[1], target=target,
+                                         alpha=self.alpha)
+        merges = (block_plan.merge_a.to(torch.float64), block_plan.merge_b.to(torch.float64))
+        unmerges = (block_plan.unmerge_a.to(torch.float64), block_plan.unmerge_b.to(torch.float64))
+        plans = {order: block_plan}
+        summary = {order: {"width": target, "widths": list(counts), "merged blocks": [
+            [("A" if x < counts[0] else "B", x if x < counts[0] else x - counts[0])
+             for x in range(total) if _unmerge_of(unmerges, counts, x)[k] > 0]
+            for k in range(target)]}}
+        for index, (member, size) in enumerate(zip(members, block_sizes)):
+            matrices = [torch.zeros(target * size, counts[0] * size, dtype=torch.float64),
+                        torch.zeros(target * size, counts[1] * size, dtype=torch.float64),
+                        torch.zeros(counts[0] * size, target * size, dtype=torch.float64),
+                        torch.zeros(counts[1] * size, target * size, dtype=torch.float64)]
+            for k in range(target):
+                merged = torch.arange(k * size, (k + 1) * size)
+                contributors = [x for x in range(total) if _unmerge_of(unmerges, counts, x)[k] > 0]
+                anchor = contributors[0]
+                for x in contributors:
+                    model = 0 if x < counts[0] else 1
+                    block = x if model == 0 else x - counts[0]
+                    inside = (torch.arange(size) if x == anchor
+                              else alignments[(index, anchor, x)] if anchor < x
+                              else alignments[(index, x, anchor)].argsort())
+                    source = block * size + inside  # contributor unit for each merged unit
+                    matrices[model][merged, source] = merges[model][k, block]
+                    matrices[2 + model][source, merged] = unmerges[model][block, k]
+            plans[member] = MergePlan(*matrices)
+            summary[member] = {"width": target * size,
+                               "widths": [counts[0] * size, counts[1] * size]}
+        return plans, summary
+
+
+    def _elastic_within(self, spec_a: UnitSpec, spec_b: UnitSpec,
+                        moments: Mapping[str, JointMoments], order: str, members: list[str],
+                        widths: Mapping[str, int]) -> tuple[dict[str, MergePlan], dict[str, dict]]:
+        """Elastic zip inside heads whose count agrees and whose size differs: heads are
+        paired across the models (Hungarian on their best unit matching), then each pair is
+        zipped to the merged head size. Query and key heads of an attention whose scale is
+        1/sqrt(head size) are rescaled so that each model's attention logits keep their scale."""
+        count = spec_a.spaces[order].size
+        roles = dict(self.attention)
+        sizes, joints = [], []
+        for member in members:
+            size_a, size_b = spec_a.spaces[member].block_size, spec_b.spaces[member].block_size
+            size = widths.get(member, count * max(size_a, size_b)) // count
+            if len({size_a, size_b, size}) > 1 and (
+                    roles.get(member) not in ("qk", "v")
+                    or spec_a.spaces[member].within_fixed is not None):
+                raise MergeError(
+                    f"match: the heads of {member} ({spec_a.spaces[member].origin}) have sizes "
+                    f"{size_a} and {size_b}; mergec changes the size of heads only for "
+                    "scaled_dot_product_attention with its default scale, whose scale it can "
+                    "follow, and not for heads whose inside order is pinned (rotary embeddings)")
+            sizes.append((size_a, size_b, size))
+            observed = moments.get(member)
+            joints.append(activation_similarity(observed, count * size_a) if observed is not None
+                          else torch.eye(count * (size_a + size_b), dtype=torch.float64))
+
+        def cross(index: int, block_a: int, block_b: int) -> torch.Tensor:
+            size_a, size_b, _ = sizes[index]
+            rows = torch.arange(block_a * size_a, (block_a + 1) * size_a)
+            columns = count * size_a + torch.arange(block_b * size_b, (block_b + 1) * size_b)
+            return torch.cat([rows, columns])
+
+        scores = torch.zeros(count, count, dtype=torch.float64)
+        for index, joint in enumerate(joints):
+            size_a = sizes[index][0]
+            for block_a in range(count):
+                for block_b in range(count):
+                    positions = cross(index, block_a, block_b)
+                    block = joint[positions[:size_a]][:, positions[size_a:]]
+                    cost = torch.nan_to_num(block, neginf=-1.0).numpy()
+                    rows, columns = linear_sum_assignment(cost, maximize=True)
+                    scores[block_a, block_b] += float(block[rows, columns].mean())
+        rows, columns = linear_sum_assignment(scores.numpy(), maximize=True)
+        pairing = torch.as_tensor(columns[rows.argsort()])
+        plans = {order: pairing_plan(pairing)}
+        summary = {order: {"width": count, "pairing": pairing.tolist()}}
+        for index, (member, joint) in enumerate(zip(members, joints)):
+            size_a, size_b, size = sizes[index]
+            matrices = [torch.zeros(count * size, count * size_a, dtype=torch.float64),
+                        torch.zeros(count * size, count * size_b, dtype=torch.float64),
+                        torch.zeros(count * size_a, count * size, dtype=torch.float64),
+                        torch.zeros(count * size_b, count * size, dtype=torch.float64)]
+            scale = ((size / size_a) ** 0.25, (size / size_b) ** 0.25) \
+                if roles.get(member) == "qk" else (1.0, 1.0)
+            for block_a in range(count):
+                block_b = int(pairing[block_a])
+                positions = cross(index, block_a, block_b)
+                plan = solvers.elastic_zip(joint[positions][:, positions], size_a, size_b,
+                                           target=size, alpha=self.alpha)
+                out = slice(block_a * size, (block_a + 1) * size)
+                from_a = slice(block_a * size_a, (block_a + 1) * size_a)
+                from_b = slice(block_b * size_b, (block_b + 1) * size_b)
+                matrices[0][out, from_a] = plan.merge_a.to(torch.float64) * scale[0]
+                matrices[1][out, from_b] = plan.merge_b.to(torch.float64) * scale[1]
+                matrices[2][from_a, out] = plan.unmerge_a.to(torch.float64)
+                matrices[3][from_b, out] = plan.unmerge_b.to(torch.float64)
+            plans[member] = MergePlan(*matrices)
+            summary[member] = {"width": count * size,
+                               "widths": [count * size_a, count * size_b]}
+        return plans, summary
+
+
+def _unmerge_of(unmerges: tuple[torch.Tensor, torch.Tensor], counts: tuple[int, int],
+                block: int) -> torch.Tensor:
+    """The row of the block plan's unmerge matrix of block ``block`` (A's blocks first)."""
+    return unmerges[0][block] if block < counts[0] else unmerges[1][block - counts[0]]
 
 
 def _block_groups(spec: UnitSpec, leaves: list[str]) -> dict:

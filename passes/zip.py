@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import fx
@@ -165,7 +165,12 @@ def rewrite_sizes(module: fx.GraphModule, widths: Mapping[str, int], spec: UnitS
             continue
         packet = getattr(node.target, "_overloadpacket", None)
         units = node.meta.get("mergec")
-        if packet is None or packet.__name__ not in sized or units is None or not units.spaces:
+        if packet is None or units is None or not units.spaces:
+            continue
+        if packet.__name__ in ("layer_norm", "group_norm"):
+            _rewrite_norm_sizes(node, packet.__name__, widths, spec)
+            continue
+        if packet.__name__ not in sized:
             continue
         sizes = list(node.args[1])
         changed = False
@@ -174,10 +179,48 @@ def rewrite_sizes(module: fx.GraphModule, widths: Mapping[str, int], spec: UnitS
                     and sizes[axis] == spec.spaces[space_id].size:
                 sizes[axis] = widths[space_id]
                 changed = True
+            # heads split off a blocks space: the axis after the heads is the head size
+            blocks = _split_blocks(node, space_id, spec)
+            if blocks is not None and axis + 1 < len(sizes) \
+                    and sizes[axis + 1] == blocks.block_size and blocks.id in widths:
+                sizes[axis + 1] = widths[blocks.id] // widths[space_id]
+                changed = True
         if changed:
             node.args = (node.args[0], sizes) + tuple(node.args[2:])
     module.graph.lint()
     module.recompile()
+
+
+def _split_blocks(node: fx.Node, order: str | None, spec: UnitSpec) -> Any:
+    """The blocks space of ``node``'s input whose blocks ``node`` splits into axis ``order``."""
+    if order is None or not isinstance(node.args[0], fx.Node):
+        return None
+    units = node.args[0].meta.get("mergec")
+    for space_id in (units.spaces or ()) if units is not None else ():
+        space = spec.spaces.get(space_id) if space_id is not None else None
+        if space is not None and space.kind == "blocks" and space.block_space == order:
+            return space
+    return None
+
+
+def _rewrite_norm_sizes(node: fx.Node, name: str, widths: Mapping[str, int],
+                        spec: UnitSpec) -> None:
+    """LayerNorm's normalized shape (the trailing axes) and GroupNorm's group count are
+    literals of the call: set them to the merged widths."""
+    units = node.meta["mergec"]
+    if name == "layer_norm":
+        shape = list(node.args[1])
+        trailing = units.spaces[len(units.spaces) - len(shape):]
+        for axis, space_id in enumerate(trailing):
+            if space_id is not None and shape[axis] == spec.spaces[space_id].size:
+                shape[axis] = widths.get(space_id, shape[axis])
+        node.args = (node.args[0], shape) + tuple(node.args[2:])
+        return
+    channels = units.spaces[1] if len(units.spaces) > 1 else None
+    space = spec.spaces.get(channels) if channels is not None else None
+    if space is not None and space.block_space is not None and isinstance(node.args[1], int):
+        node.args = (node.args[0], widths.get(space.block_space, node.args[1])) \
+            + tuple(node.args[2:])
 
 
 def _space_ids_of(spec: UnitSpec, module: fx.GraphModule, node: fx.Node) -> list[str | None]:

@@ -159,3 +159,203 @@ def test_partial_zip_between_widths():
     torch.testing.assert_close(out_a, model_a(x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out_b, model_b(x), rtol=1e-4, atol=1e-5)
     assert result.module.state_dict()["fc2.weight"].shape == (20, 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Different numbers of heads
+# ---------------------------------------------------------------------------------------------
+class Attender(nn.Module):
+    """Tokens -> embedding -> multi-head self-attention with a residual (no normalisation) ->
+    ReLU MLP -> mean over tokens -> 3 logits; ``head_size`` features per head, a stream of
+    ``width`` features (default heads x head_size)."""
+
+    def __init__(self, heads: int, head_size: int = 4, attend: str = "sdpa",
+                 width: int | None = None):
+        super().__init__()
+        inner = heads * head_size
+        width = width or inner
+        self.heads, self.attend = heads, attend
+        self.embed = nn.Linear(5, width)
+        self.q, self.k, self.v = (nn.Linear(width, inner) for _ in range(3))
+        self.out = nn.Linear(inner, width)
+        self.mlp = nn.Linear(width, 2 * width)
+        self.head = nn.Linear(2 * width, 3)
+
+    def _split(self, x):
+        batch, tokens, width = x.shape
+        return x.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
+
+    def forward(self, x):
+        h = self.embed(x)
+        q, k, v = (self._split(layer(h)) for layer in (self.q, self.k, self.v))
+        if self.attend == "sdpa":
+            y = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            y = ((q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5).softmax(dim=-1) @ v
+        h = h + self.out(y.transpose(1, 2).flatten(2))
+        return self.head(torch.relu(self.mlp(h)).mean(dim=1))
+
+
+@pytest.mark.parametrize("attend", ["sdpa", "explicit"])
+def test_width_sum_over_heads_reproduces_the_logit_ensemble(attend):
+    torch.manual_seed(0)
+    model_a, model_b = Attender(2, attend=attend).eval(), Attender(3, attend=attend).eval()
+    x = torch.randn(96, 6, 5)
+    result = mergec.merge(model_a, model_b, x[:4], _calibration(x), width="sum", repair=None,
+                          progress=False)
+    assert result.module.state_dict()["q.weight"].shape == (20, 20)  # 5 heads of 4
+    heads = next(s for s in result.report.matches.values() if "merged blocks" in s)
+    assert sorted(map(len, heads["merged blocks"])) == [1] * 5  # nothing merged
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), (model_a(x) + model_b(x)) / 2,
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("width, heads", [("max", 3), ("min", 2), ("a", 2), ("b", 3), (4, 4)])
+def test_elastic_heads_give_that_many_heads(width, heads):
+    torch.manual_seed(0)
+    model_a, model_b = Attender(2).eval(), Attender(3).eval()
+    x = torch.randn(64, 6, 5)
+    result = mergec.merge(model_a, model_b, x[:4], _calibration(x), width=width,
+                          progress=False)
+    state = result.module.state_dict()
+    assert state["q.weight"].shape[0] == state["v.weight"].shape[0] == 4 * heads
+    assert result.module(x).shape == (64, 3)
+
+
+def _with_split_heads(model: Attender, seed: int) -> Attender:
+    """A twin with every head duplicated (the out projection's columns split between the two
+    copies, so it computes the same function), heads and units inside heads permuted."""
+    generator = torch.Generator().manual_seed(seed)
+    size = model.q.out_features // model.heads
+    twin = Attender(2 * model.heads, size, width=model.embed.out_features).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    heads = torch.cat([torch.arange(model.heads)] * 2)[torch.randperm(2 * model.heads,
+                                                                       generator=generator)]
+    inside_qk = [torch.randperm(size, generator=generator) for _ in heads]
+    inside_v = [torch.randperm(size, generator=generator) for _ in heads]
+    rows_qk = torch.cat([h * size + p for h, p in zip(heads, inside_qk)])
+    rows_v = torch.cat([h * size + p for h, p in zip(heads, inside_v)])
+    new = {}
+    for name in ("q", "k"):
+        new[f"{name}.weight"], new[f"{name}.bias"] = (state[f"{name}.weight"][rows_qk],
+                                                      state[f"{name}.bias"][rows_qk])
+    new["v.weight"], new["v.bias"] = state["v.weight"][rows_v], state["v.bias"][rows_v]
+    new["out.weight"], new["out.bias"] = state["out.weight"][:, rows_v] / 2, state["out.bias"]
+    twin.load_state_dict({**state, **new})
+    return twin
+
+
+def test_a_twin_with_duplicated_heads_merges_back_to_the_model():
+    torch.manual_seed(0)
+    model = Attender(2).eval()
+    twin = _with_split_heads(model, seed=1)
+    x = torch.randn(128, 6, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-4, atol=1e-5)
+    result = mergec.merge(model, twin, x[:4], _calibration(x), width="a", alpha=1.0,
+                          repair=None, progress=False)
+    assert result.module.state_dict()["q.weight"].shape == (8, 8)  # A's 2 heads of 4
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def _with_larger_heads(model: Attender, extra: int, seed: int) -> Attender:
+    """A twin computing the same function with ``extra`` more features per head: query and
+    key get zero features and are scaled by (new size / size) ** 1/4, so that the attention
+    logits under sdpa's 1/sqrt(head size) stay the same; value gets duplicated features whose
+    out-projection columns are split between the copies (Net2Net). Heads and their insides
+    are then permuted."""
+    generator = torch.Generator().manual_seed(seed)
+    heads, size = model.heads, model.q.out_features // model.heads
+    new_size = size + extra
+    twin = Attender(heads, new_size, width=model.embed.out_features).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    scale = (new_size / size) ** 0.25
+    order = torch.randperm(heads, generator=generator)
+    new = {}
+    for name in ("q", "k"):
+        weight = torch.zeros(heads, new_size, state[f"{name}.weight"].shape[1])
+        bias = torch.zeros(heads, new_size)
+        weight[:, :size] = state[f"{name}.weight"].view(heads, size, -1) * scale
+        bias[:, :size] = state[f"{name}.bias"].view(heads, size) * scale
+        new[f"{name}.weight"], new[f"{name}.bias"] = weight, bias
+    copies = torch.randint(size, (extra,), generator=generator)
+    inside = torch.cat([torch.arange(size), copies])
+    v_weight = state["v.weight"].view(heads, size, -1)[:, inside]
+    v_bias = state["v.bias"].view(heads, size)[:, inside]
+    out = state["out.weight"].view(-1, heads, size).clone()
+    counts = torch.bincount(inside, minlength=size).to(out.dtype)
+    out = (out / counts)[:, :, inside]
+    qk_inside = torch.randperm(new_size, generator=generator)
+    v_inside = torch.randperm(new_size, generator=generator)
+    for name in ("q", "k"):
+        new[f"{name}.weight"] = new[f"{name}.weight"][order][:, qk_inside].reshape(
+            heads * new_size, -1)
+        new[f"{name}.bias"] = new[f"{name}.bias"][order][:, qk_inside].reshape(-1)
+    new["v.weight"] = v_weight[order][:, v_inside].reshape(heads * new_size, -1)
+    new["v.bias"] = v_bias[order][:, v_inside].reshape(-1)
+    new["out.weight"] = out[:, order][:, :, v_inside].reshape(out.shape[0], -1)
+    twin.load_state_dict({**state, **new})
+    return twin
+
+
+def test_heads_widened_inside_merge_back_to_the_model():
+    """Elastic zip inside heads: B has A's function with larger heads (sdpa's scale follows
+    the head size); merged at B's head size, the model computes A's function."""
+    torch.manual_seed(0)
+    model = Attender(2, head_size=4).eval()
+    twin = _with_larger_heads(model, extra=2, seed=1)
+    x = torch.randn(128, 6, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-4, atol=1e-5)
+    result = mergec.merge(model, twin, x[:4], _calibration(x), width="b", repair=None,
+                          progress=False)
+    assert result.module.state_dict()["q.weight"].shape == (12, 8)  # 2 heads of 6
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("width, size", [("max", 6), ("min", 4), ("a", 4), ("b", 6)])
+def test_heads_of_different_sizes_merge_to_the_chosen_size(width, size):
+    torch.manual_seed(0)
+    model_a = Attender(2, head_size=4, width=8).eval()
+    model_b = Attender(2, head_size=6, width=8).eval()
+    x = torch.randn(64, 6, 5)
+    result = mergec.merge(model_a, model_b, x[:4], _calibration(x), width=width, progress=False)
+    assert result.module.state_dict()["v.weight"].shape == (2 * size, 8)
+    assert result.module(x).shape == (64, 3)
+
+
+def test_heads_of_different_sizes_are_refused_where_mergec_cannot_follow_the_scale():
+    torch.manual_seed(0)
+    model_a = Attender(2, head_size=4, attend="explicit", width=8).eval()
+    model_b = Attender(2, head_size=6, attend="explicit", width=8).eval()
+    x = torch.randn(32, 6, 5)
+    with pytest.raises(mergec.MergecError, match="heads of .* sizes 4 and 6"):
+        mergec.merge(model_a, model_b, x[:4], _calibration(x), progress=False)
+    with pytest.raises(mergec.MergecError, match="'max', 'min', 'a' or 'b'"):
+        mergec.merge(Attender(2, head_size=4, width=8).eval(),
+                     Attender(2, head_size=6, width=8).eval(), x[:4], _calibration(x),
+                     width="sum", progress=False)
+    with pytest.raises(mergec.MergecError, match="not their size"):  # count and size differ
+        mergec.merge(Attender(2, head_size=4, width=8).eval(),
+                     Attender(3, head_size=6, width=8).eval(), x[:4], _calibration(x),
+                     progress=False)
+
+
+def test_vits_of_different_widths_and_head_counts_merge():
+    """zoo.small_vit at dim 32 with 2 heads and dim 48 with 3 heads (heads of 16): elastic
+    zip over the residual stream, the MLP and the heads; LayerNorm's shape follows."""
+    torch.manual_seed(0)
+    make = lambda dim, heads: zoo.small_vit(depth=2, dim=dim, heads=heads, mlp_dim=64,  # noqa: E731
+                                            image_size=8, patch=4).eval()
+    model_a, model_b = make(32, 2), make(48, 3)
+    x = torch.randn(64, 1, 8, 8)
+    for width, dim in (("max", 48), ("min", 32)):
+        result = mergec.merge(model_a, model_b, x[:4], _calibration(x), width=width,
+                              repair="repair", progress=False)
+        state = result.module.state_dict()
+        assert state["blocks.0.attn.q.weight"].shape == (dim, dim)
+        assert state["blocks.0.norm1.weight"].shape == (dim,)
+        assert result.module(x).shape == (64, 10)

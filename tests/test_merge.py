@@ -475,12 +475,20 @@ def test_bad_options_are_refused(pair, options: dict, message: str) -> None:
         mergec.merge(model_a, model_b, example, calibration, progress=False, **options)
 
 
-def test_models_of_different_depth_do_not_correspond() -> None:
+def test_mlps_of_different_depth_merge_into_the_deeper_one() -> None:
     model_a = zoo.digits_mlp(width=16, depth=2)
     model_b = zoo.digits_mlp(width=16, depth=3)
     x = torch.randn(32, 1, 8, 8)
+    result = mergec.merge(model_a, model_b, x[:2], [(x,)], progress=False)
+    assert set(result.module.state_dict()) == set(model_b.state_dict())
+    assert len(result.report.depth.padded_paths) >= 1
+
+
+def test_an_mlp_and_a_cnn_do_not_correspond() -> None:
+    x = torch.randn(32, 1, 8, 8)
     with pytest.raises(MergeError, match=r"do not correspond"):
-        mergec.merge(model_a, model_b, x[:2], [(x,)], progress=False)
+        mergec.merge(zoo.digits_mlp(width=16), zoo.digits_cnn(width=4), x[:2], [(x,)],
+                     progress=False)
 
 
 @pytest.mark.parametrize("method", ["permute", "weight-match", "average"])
