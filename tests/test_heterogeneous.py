@@ -359,3 +359,34 @@ def test_vits_of_different_widths_and_head_counts_merge():
         assert state["blocks.0.attn.q.weight"].shape == (dim, dim)
         assert state["blocks.0.norm1.weight"].shape == (dim,)
         assert result.module(x).shape == (64, 10)
+
+
+class GroupNet(nn.Module):
+    """conv -> GroupNorm(groups of 4 channels) -> ReLU -> pool -> 3 logits."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4 * groups, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, 4 * groups)
+        self.head = nn.Linear(4 * groups, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.conv(x)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_width_sum_over_groupnorm_groups_reproduces_the_logit_ensemble():
+    torch.manual_seed(0)
+    model_a, model_b = GroupNet(2).eval(), GroupNet(3).eval()
+    for model in (model_a, model_b):
+        model.norm.weight.data.uniform_(0.5, 1.5), model.norm.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(64, 1, 6, 6)
+    result = mergec.merge(model_a, model_b, x[:4], _calibration(x), width="sum", repair=None,
+                          progress=False)
+    assert result.module.state_dict()["norm.weight"].shape == (20,)
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), (model_a(x) + model_b(x)) / 2,
+                                   rtol=1e-4, atol=1e-5)
+    merged = mergec.merge(model_a, model_b, x[:4], _calibration(x), progress=False)
+    assert merged.module.state_dict()["norm.weight"].shape == (12,)  # "max": 3 groups
+    assert merged.module(x).shape == (64, 3)
