@@ -283,10 +283,14 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
 
 
 def check_cut(module: fx.GraphModule, stop: fx.Node) -> None:
-    """Every path from a model input to an output must cross ``stop``."""
+    """Every path from a model input to an output must cross ``stop``. Paths through shapes
+    only (``x.size(0)``: the batch, the tokens) do not count: they are the same in both
+    models."""
     reached = {n for n in module.graph.nodes if n.op == "placeholder"} - {stop}
     for node in module.graph.nodes:
         if node is stop or node in reached or node.op == "placeholder":
+            continue
+        if node.op != "output" and not isinstance(node.meta.get("val"), torch.Tensor):
             continue
         if any(parent in reached for parent in node.all_input_nodes):
             reached.add(node)

@@ -390,3 +390,22 @@ def test_width_sum_over_groupnorm_groups_reproduces_the_logit_ensemble():
     merged = mergec.merge(model_a, model_b, x[:4], _calibration(x), progress=False)
     assert merged.module.state_dict()["norm.weight"].shape == (12,)  # "max": 3 groups
     assert merged.module(x).shape == (64, 3)
+
+
+@pytest.mark.parametrize("stop_at", ["embed", "add"])  # heads in both tails; heads merged
+def test_partial_zip_with_different_head_counts(stop_at):
+    """At width "sum" nothing merges, so the two tails give both parents back exactly,
+    whether the heads are in the tails (stop at the embedding: a path through the input's
+    shape alone does not go around the stop) or in the merged trunk."""
+    torch.manual_seed(0)
+    model_a, model_b = Attender(2).eval(), Attender(3).eval()
+    x = torch.randn(64, 6, 5)
+    result = mergec.merge(model_a, model_b, x[:4], _calibration(x), width="sum",
+                          stop_at=stop_at, repair=None, progress=False)
+    with torch.no_grad():
+        out_a, out_b = result.module(x)
+        torch.testing.assert_close(out_a, model_a(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out_b, model_b(x), rtol=1e-4, atol=1e-5)
+    merged = mergec.merge(model_a, model_b, x[:4], _calibration(x), stop_at=stop_at,
+                          progress=False)
+    assert [o.shape for o in merged.module(x)] == [(64, 3), (64, 3)]
