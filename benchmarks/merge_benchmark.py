@@ -442,7 +442,11 @@ HETERO_PAIRINGS: list[tuple[str, str, str, tuple[str, str, str], dict[str, Any],
     ("(d) depth: ViT with 4 blocks with ViT with 6 blocks", "vit4", "vit6",
      ("ViT-4", "ViT-4", "ViT-6"), {},
      [("zip A + ViT-4 B, REPAIR (homogeneous)", {"repair": "repair"}, False),
-      ("zip A + ViT-6 B, REPAIR (heterogeneous)", {"repair": "repair"}, True)]),
+      ("zip A + ViT-6 B, REPAIR (heterogeneous)", {"repair": "repair"}, True),
+      ("zip partial A + ViT-4 B, stop after blocks.1 (homogeneous)", {"stop_at": "blocks.1"},
+       False),
+      ("zip partial A + ViT-6 B, stop after blocks.1 (heterogeneous)", {"stop_at": "blocks.1"},
+       True)]),
 ]
 
 
