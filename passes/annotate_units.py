@@ -417,10 +417,16 @@ class Annotator:
         return None
 
     def role(self, label: Label, role: str) -> None:
+        """Records the role of a parameter axis. A parameter used twice (an embedding tied to
+        the output layer) takes "consumes" where one use consumes the axis: the output layer
+        is then merged exactly, and the embedding too under a permutation (for zip, whose
+        merge and unmerge differ, the embedding's rows are its units' unmerged sums)."""
         if isinstance(label, int):
             self.cls(label).feature = True
             if label in self.param_axes:
-                self.roles.setdefault(self.param_axes[label], role)
+                axis = self.param_axes[label]
+                if role == "consumes" or axis not in self.roles:
+                    self.roles[axis] = role
 
     def run(self) -> None:
         for node in self.graph_module.graph.nodes:

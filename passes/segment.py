@@ -64,7 +64,27 @@ def _is_residual_add(node: fx.Node) -> str | None:
         argument_units = argument.meta.get("mergec")
         if argument_units is None or argument_units.spaces != units.spaces:
             return None
+    if not _has_weights_between(*inputs):
+        return None  # x + c * x ** 3 (a GELU's polynomial), not a residual branch
     return spaces[0] if len(spaces) == 1 else None
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+def _has_weights_between(first: fx.Node, second: fx.Node) -> bool:
+    """Whether a node that only one of the two inputs depends on reads a parameter: a residual
+    branch holds a layer, an elementwise function of the stream does not."""
+    ancestors = _ancestors(first) ^ _ancestors(second)
+    return any(argument.op == "get_attr" for node in ancestors
+               for argument in node.all_input_nodes)
 
 
 def _shape(node: fx.Node) -> tuple | None:
@@ -136,6 +156,10 @@ class Segment:
             return _plain_layers(module)
         result = []
         for stage, blocks in enumerate(stages.values()):
+            # an add owned by a module that holds the other blocks (the sum of token and
+            # position embeddings in a transformer's root) is not a block of its own
+            blocks = [(path, adds) for path, adds in blocks
+                      if not any(other.startswith(path + ".") for other, _ in blocks)]
             paths = [path for path, _ in blocks]
             if len(set(paths)) != len(paths) or "" in paths:
                 raise MergeError(f"segment: stage {stage} has residual adds that no single module "

@@ -208,3 +208,51 @@ def test_a_chain_whose_layers_cannot_become_identities_is_refused():
     x = torch.randn(32, 6)
     with pytest.raises(mergec.MergecError, match="cannot make an identity"):
         mergec.merge(shallow, deep, x[:4], [(x,)], progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# A transformers model: GPT-2 (pre-norm blocks, GELU written as a polynomial, embeddings summed)
+# ---------------------------------------------------------------------------------------------
+def _gpt2(layers: int):
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=50,
+                                     n_positions=16)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_segment_finds_gpt2_blocks_and_not_its_polynomials():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (4, 8))
+    stages = Segment()(_annotated(_gpt2(2), ids))
+    # one stage (the residual stream); the embeddings' sum and GELU's x + 0.044715 x³ are
+    # not blocks
+    assert [[block.path for block in stage] for stage in stages] == [
+        ["transformer.h.0", "transformer.h.1"]]
+
+
+def test_gpt2_with_an_identity_block_inserted_merges_back():
+    torch.manual_seed(0)
+    shallow, deep = _gpt2(2), _gpt2(3)
+    state = deep.state_dict()
+    source = shallow.state_dict()
+    for key in state:  # deep block 0 is shallow block 0, deep block 2 is shallow block 1
+        if key.startswith("transformer.h.1."):
+            if key.endswith(("attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_proj.weight",
+                             "mlp.c_proj.bias")):
+                state[key] = torch.zeros_like(state[key])
+        elif key.startswith("transformer.h.2."):
+            state[key] = source[key.replace("h.2.", "h.1.")].clone()
+        else:
+            state[key] = source[key].clone()
+    deep.load_state_dict(state)
+    ids = torch.randint(0, 50, (64, 8))
+    with torch.no_grad():
+        expected = shallow(ids).logits
+        torch.testing.assert_close(deep(ids).logits, expected)
+    result = mergec.merge(shallow, deep, ids[:4], [(b,) for b in ids.split(16)],
+                          method="permute", repair=None, progress=False)
+    assert result.report.depth.stages[0]["mapping"] == [0, 2]
+    assert result.report.depth.padded_paths == ["transformer.h.1"]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(ids).logits, expected, rtol=1e-4, atol=1e-4)
