@@ -352,11 +352,22 @@ def _align_depth(model_a: nn.Module, model_b: nn.Module, module_a: fx.GraphModul
     plan.swapped = swapped
     with torch.no_grad():  # the traced shallow model: eval mode, the caller's model untouched
         expected, got = modules[0](*example), padded(*example)
-    if isinstance(expected, torch.Tensor) and not torch.allclose(expected, got, rtol=1e-3,
-                                                                  atol=1e-4):
+    expected, got = (_tensor_leaves(value) for value in (expected, got))
+    if len(expected) != len(got) or not all(
+            a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+            for a, b in zip(expected, got)):
         raise MergeError("align-depth: the padded shallow model does not compute the shallow "
                          "model's function; its blocks cannot be made identities")
     return padded, deep, plan
+
+
+def _tensor_leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors in a model's output (a tensor, a tuple, a dict, a transformers output)."""
+    from torch.utils import _pytree as pytree
+
+    if hasattr(value, "to_tuple"):  # transformers' ModelOutput
+        value = value.to_tuple()
+    return [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
 def _depth_overrides(depth: Any, spec: UnitSpec, module: fx.GraphModule

@@ -27,8 +27,8 @@ from mergec.algorithms.alignment import DepthAlignment, align_depth
 from mergec.algorithms.cka import LinearCKA
 from mergec.errors import MergeError
 from mergec.passes.collect_stats import ProbeInterpreter, check_batch
-from mergec.passes.segment import Block
-from mergec.passes.trace import aten_name, module_path
+from mergec.passes.segment import Block, tensor_ancestors
+from mergec.passes.trace import aten_name
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,13 @@ def _last_producers(module: fx.GraphModule, block: Block) -> list[str]:
     nodes = {node.name: node for node in module.graph.nodes}
     for add_name in block.adds:
         add = nodes[add_name]
-        branches = [a for a in add.args[:2] if isinstance(a, fx.Node)
-                    and module_path(a).startswith(block.path) and a.op == "call_function"]
-        if not branches:
+        first, second = add.args[:2]
+        # the skip is the input that the branch forks from
+        branches = [branch for skip, branch in ((first, second), (second, first))
+                    if skip in tensor_ancestors(branch)]
+        if len(branches) != 1:
             raise MergeError(f"align-depth: cannot tell the residual branch of {add.format_node()}")
-        node = branches[-1]
+        node = branches[0]
         while True:
             name = aten_name(node)
             parameters = [a.target for a in node.args if isinstance(a, fx.Node)

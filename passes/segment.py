@@ -18,6 +18,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 
 from mergec.errors import MergeError
@@ -52,7 +53,10 @@ class Block:
 
 
 def _is_residual_add(node: fx.Node) -> str | None:
-    """The stream space of a residual add, or None."""
+    """The stream space of a residual add, or None. Both inputs carry the stream's space and
+    fork from one input-dependent tensor (not a sum of token and position embeddings), and a
+    node only one of them depends on reads a parameter: a residual branch holds a layer,
+    GELU's x + 0.044715·x³ does not."""
     if aten_name(node) != "add":
         return None
     inputs = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op == "call_function"]
@@ -64,27 +68,50 @@ def _is_residual_add(node: fx.Node) -> str | None:
         argument_units = argument.meta.get("mergec")
         if argument_units is None or argument_units.spaces != units.spaces:
             return None
-    if not _has_weights_between(*inputs):
-        return None  # x + c * x ** 3 (a GELU's polynomial), not a residual branch
+    first, second = (tensor_ancestors(argument) for argument in inputs)
+    if not any(n.op == "placeholder" for n in first & second):
+        return None
+    if not _parameter_modules(first ^ second):
+        return None
     return spaces[0] if len(spaces) == 1 else None
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
+def tensor_ancestors(node: fx.Node) -> set[fx.Node]:
+    """The tensors ``node`` depends on (shapes alone, ``x.size(0)``, do not count)."""
     seen, stack = set(), [node]
     while stack:
         current = stack.pop()
         if current not in seen:
             seen.add(current)
-            stack.extend(current.all_input_nodes)
+            stack.extend(a for a in current.all_input_nodes
+                         if isinstance(a.meta.get("val"), torch.Tensor) or a.op == "get_attr")
     return seen
 
 
-def _has_weights_between(first: fx.Node, second: fx.Node) -> bool:
-    """Whether a node that only one of the two inputs depends on reads a parameter: a residual
-    branch holds a layer, an elementwise function of the stream does not."""
-    ancestors = _ancestors(first) ^ _ancestors(second)
-    return any(argument.op == "get_attr" for node in ancestors
-               for argument in node.all_input_nodes)
+def _parameter_modules(nodes: set[fx.Node]) -> set[str]:
+    """The modules of the parameters and buffers ``nodes`` read."""
+    return {str(a.target).rsplit(".", 1)[0] for node in nodes for a in node.all_input_nodes
+            if a.op == "get_attr" and "." in str(a.target)}
+
+
+def _common_module(paths: list[str]) -> str:
+    """The innermost module holding every one of ``paths``."""
+    parts = [path.split(".") if path else [] for path in paths]
+    common = []
+    for names in zip(*parts):
+        if len(set(names)) != 1:
+            break
+        common.append(names[0])
+    return ".".join(common)
+
+
+def _owner(node: fx.Node) -> str:
+    """The module a residual add belongs to: the innermost one holding the add and its
+    branch's layers (BERT's attention add sits in ``attention.output``, its branch in
+    ``attention``)."""
+    inputs = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    branch = tensor_ancestors(inputs[0]) ^ tensor_ancestors(inputs[1])
+    return _common_module([module_path(node), *sorted(_parameter_modules(branch))])
 
 
 def _shape(node: fx.Node) -> tuple | None:
@@ -133,6 +160,10 @@ def _plain_layers(module: fx.GraphModule) -> list[list[Block]]:
             for stage, layers in enumerate(stages)]
 
 
+def _nested(outer: str, inner: str) -> bool:
+    return outer == inner or inner.startswith(outer + ".") or outer.startswith(inner + ".")
+
+
 @dataclass(frozen=True)
 class Segment:
     """The segment pass: stages of blocks, in graph order. Residual stages when the graph has
@@ -146,20 +177,18 @@ class Segment:
             space = _is_residual_add(node)
             if space is None:
                 continue
-            path = module_path(node)
+            path = _owner(node)
             blocks = stages.setdefault(space, [])
-            if blocks and blocks[-1][0] == path:
-                blocks[-1][1].append(node.name)
+            if blocks and _nested(blocks[-1][0], path):
+                # one layer's adds: the block is owned by the outer module
+                outer = min(blocks[-1][0], path, key=len)
+                blocks[-1] = (outer, blocks[-1][1] + [node.name])
             else:
                 blocks.append((path, [node.name]))
         if not stages:
             return _plain_layers(module)
         result = []
         for stage, blocks in enumerate(stages.values()):
-            # an add owned by a module that holds the other blocks (the sum of token and
-            # position embeddings in a transformer's root) is not a block of its own
-            blocks = [(path, adds) for path, adds in blocks
-                      if not any(other.startswith(path + ".") for other, _ in blocks)]
             paths = [path for path, _ in blocks]
             if len(set(paths)) != len(paths) or "" in paths:
                 raise MergeError(f"segment: stage {stage} has residual adds that no single module "

@@ -256,3 +256,47 @@ def test_gpt2_with_an_identity_block_inserted_merges_back():
     assert result.report.depth.padded_paths == ["transformer.h.1"]
     with torch.no_grad():
         torch.testing.assert_close(result.module(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_transformers_vit_segments_by_layer_and_merges_across_depths():
+    """HF ViT: a layer's first residual add sits in the layer, its second in ``output``; both
+    belong to one block."""
+    import transformers
+
+    def make(layers: int):
+        config = transformers.ViTConfig(num_hidden_layers=layers, hidden_size=32,
+                                        num_attention_heads=2, intermediate_size=64,
+                                        image_size=8, patch_size=4, num_channels=1,
+                                        num_labels=3)
+        return transformers.ViTForImageClassification(config).eval()
+
+    torch.manual_seed(0)
+    shallow, deep = make(2), make(3)
+    x = torch.randn(48, 1, 8, 8)
+    stages = Segment()(_annotated(shallow, x[:4]))
+    assert [[len(block.adds) for block in stage] for stage in stages] == [[2, 2]]
+    result = mergec.merge(shallow, deep, x[:4], [(b,) for b in x.split(16)], progress=False)
+    assert len(result.report.depth.padded_paths) == 1
+    assert result.module(x).logits.shape == (48, 3)
+
+
+def test_post_norm_blocks_that_cannot_be_identities_are_refused():
+    """BERT normalises after each residual add: with a LayerNorm that is not the identity on
+    its inputs, a block with a zeroed branch is no identity, and align-depth says so."""
+    import transformers
+
+    def make(layers: int):
+        config = transformers.BertConfig(num_hidden_layers=layers, hidden_size=32,
+                                         num_attention_heads=2, intermediate_size=64,
+                                         vocab_size=50, max_position_embeddings=16)
+        model = transformers.BertModel(config).eval()
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "LayerNorm" in name:
+                    parameter.uniform_(0.5, 1.5)
+        return model
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (32, 8))
+    with pytest.raises(mergec.MergecError, match="does not compute the shallow model"):
+        mergec.merge(make(2), make(3), ids[:4], [(ids,)], progress=False)
