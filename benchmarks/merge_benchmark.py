@@ -9,7 +9,7 @@
    without the BatchNorm reset.
 3. Heterogeneous (``--heterogeneous``), on the disjoint 5+5 tasks and on the same task, zip
    (α=β=0.5) with the BatchNorm reset: ResNet-20 ×1 (A) with ResNet-20 ×2 (B) by elastic zip
-   at width "max"; ResNet-20 (A) with ResNet-32 (B) and VGG-11 (A) with VGG-16 (B) by CKA depth
+   at width "max" (and a ViT with a 1.5× wider one with 6 heads instead of 4); ResNet-20 (A) with ResNet-32 (B) and VGG-11 (A) with VGG-16 (B) by CKA depth
    alignment and identity padding; a 4-layer (A) with a 6-layer (B) ``small_vit`` (also with
    REPAIR); each beside the homogeneous merge of the same family (A with a B of A's
    architecture).
@@ -125,13 +125,15 @@ class Config:
             settings["depth"] = depth
         return settings
 
-    def vit_settings(self, seed: int, classes: tuple[int, ...], depth: int) -> dict[str, Any]:
-        """``mergec.zoo.small_vit`` (dim 64, 4 heads, MLP 128, 4x4 patches) with AdamW."""
+    def vit_settings(self, seed: int, classes: tuple[int, ...], depth: int, dim: int = 64,
+                     heads: int = 4, mlp_dim: int = 128) -> dict[str, Any]:
+        """``mergec.zoo.small_vit`` (default dim 64, 4 heads, MLP 128; 4x4 patches) with
+        AdamW."""
         return {"epochs": self.vit_epochs, "batch_size": self.batch_size, "lr": self.vit_lr,
                 "seed": seed, "optimizer": "adam", "schedule": "cosine",
                 "weight_decay": self.vit_weight_decay, "warmup_fraction": self.warmup_fraction,
                 "label_smoothing": 0.0, "classes": list(classes), "model": "small_vit",
-                "depth": depth, "dim": 64, "heads": 4, "mlp_dim": 128, "patch": 4,
+                "depth": depth, "dim": dim, "heads": heads, "mlp_dim": mlp_dim, "patch": 4,
                 "in_channels": 1, "num_classes": 10}
 
     def vgg_settings(self, seed: int, classes: tuple[int, ...], cfg: str) -> dict[str, Any]:
@@ -232,17 +234,20 @@ def load_data(config: Config) -> Data:
 
 def train_parent(config: Config, name: str, x: torch.Tensor, y: torch.Tensor,
                  classes: tuple[int, ...], seed: int, *, width: float | None = None,
-                 depth: int = 20, vit: bool = False, vgg_cfg: str | None = None) -> nn.Module:
+                 depth: int = 20, vit: bool = False, vgg_cfg: str | None = None,
+                 vit_shape: tuple[int, int, int] = (64, 4, 128)) -> nn.Module:
     """A ResNet (``width``, default ``config.width``; ``depth``), with ``vit`` a ``small_vit``
-    of ``depth`` blocks, or with ``vgg_cfg`` a VGG of that configuration ("11", "16"), trained
+    of ``depth`` blocks and ``vit_shape`` (dim, heads, MLP width), or with ``vgg_cfg`` a VGG of
+    that configuration ("11", "16"), trained
     by ``cached_train`` (or loaded from its cache)."""
     if vgg_cfg is not None:
         settings = config.vgg_settings(seed, classes, vgg_cfg)
         factory = lambda: vgg(vgg_cfg, width=16, num_classes=10, in_channels=1)  # noqa: E731
     elif vit:
-        settings = config.vit_settings(seed, classes, depth)
-        factory = lambda: small_vit(depth=depth, dim=64, heads=4, mlp_dim=128, patch=4,  # noqa: E731
-                                    num_classes=10, in_channels=1)
+        dim, heads, mlp_dim = vit_shape
+        settings = config.vit_settings(seed, classes, depth, dim, heads, mlp_dim)
+        factory = lambda: small_vit(depth=depth, dim=dim, heads=heads, mlp_dim=mlp_dim,  # noqa: E731
+                                    patch=4, num_classes=10, in_channels=1)
     else:
         settings = config.training_settings(seed, classes, width, depth)
         factory = lambda: resnet20(width=settings["width"], num_classes=10, depth=depth,  # noqa: E731
@@ -425,6 +430,7 @@ def roles(config: Config, data: Data, same_task: bool) -> Roles:
 HETERO_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "resnet20": {}, "resnet20x2": {"width": 2}, "resnet32": {"depth": 32},
     "vit4": {"vit": True, "depth": 4}, "vit6": {"vit": True, "depth": 6},
+    "vit4x1.5": {"vit": True, "depth": 4, "vit_shape": (96, 6, 192)},
     "vgg11": {"vgg_cfg": "11"}, "vgg16": {"vgg_cfg": "16"},
 }
 # (title, A's architecture, B's other architecture, labels, options of the heterogeneous
@@ -447,6 +453,9 @@ HETERO_PAIRINGS: list[tuple[str, str, str, tuple[str, str, str], dict[str, Any],
        False),
       ("zip partial A + ViT-6 B, stop after blocks.1 (heterogeneous)", {"stop_at": "blocks.1"},
        True)]),
+    ("(e) width and heads: ViT dim 64, 4 heads with ViT dim 96, 6 heads (heads of 16), merged "
+     "at width \"max\"", "vit4", "vit4x1.5", ("ViT-4", "ViT-4", "ViT-4 ×1.5"), {},
+     [("zip A + ViT-4 ×1.5 B, REPAIR", {"repair": "repair"}, True)]),
 ]
 
 
@@ -800,7 +809,10 @@ Setup:
 - ViTs (`mergec.zoo.small_vit`: 4x4 patches, dim {v['dim']}, {v['heads']} heads, MLP
   {v['mlp_dim']}, pre-norm, class token): {config.vit_epochs} epochs, AdamW (`optimizer="adam"`),
   batch {v['batch_size']}, peak lr {v['lr']}, {int(100 * v['warmup_fraction'])}% warm-up then
-  cosine, weight decay {v['weight_decay']} (not on biases or norms); A 4 blocks, B 4 or 6 blocks.
+  cosine, weight decay {v['weight_decay']} (not on biases or norms); A 4 blocks, B 4 or 6 blocks,
+  or 4 blocks at dim 96 with 6 heads and MLP 192 (×1.5: heads of the same size 16, half as
+  many again); the width merge over heads runs elastic zip on the residual stream, the MLPs and
+  the heads.
 - training sets: disjoint A {disjoint.train_sizes[0]}, B {disjoint.train_sizes[1]} images; same
   task {config.same_task_size} images for every parent (as above); test set {test_size} images;
   calibration as above ({config.calibration_size} images of all classes).

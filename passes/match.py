@@ -470,12 +470,11 @@ class Match:
                     "or groups, not their size")
             block_sizes.append(size_a)
         total = sum(counts)
-        # the positions of block x (A's blocks first, then B's) in each member's joint matrix
+
         def positions(member_index: int, block: int) -> torch.Tensor:
+            """Block ``block``'s units in a member's joint matrix (A's blocks, then B's)."""
             size = block_sizes[member_index]
-            start = block * size if block < counts[0] else (
-                counts[0] * size + (block - counts[0]) * size)
-            return torch.arange(start, start + size)
+            return torch.arange(block * size, (block + 1) * size)
 
         joints = []
         for member, size in zip(members, block_sizes):
