@@ -1,0 +1,88 @@
+"""The ``mergec`` command line: inspect and merge as a user runs them, and its errors."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mergec
+from mergec import zoo
+from mergec.cli import main
+
+VGG = "mergec.zoo:vgg"
+
+
+@pytest.fixture
+def vgg_checkpoints(tmp_path):
+    """VGG-11 and VGG-16 (width 4) checkpoints and a file of calibration inputs."""
+    torch.manual_seed(0)
+    shallow, deep = zoo.vgg("11", width=4).eval(), zoo.vgg("16", width=4).eval()
+    paths = tmp_path / "vgg11.safetensors", tmp_path / "vgg16.pt"
+    save_file(shallow.state_dict(), str(paths[0]))
+    torch.save(deep.state_dict(), paths[1])
+    inputs = tmp_path / "inputs.pt"
+    torch.save(torch.randn(96, 1, 28, 28), inputs)
+    return shallow, deep, paths, inputs
+
+
+def test_inspect_prints_the_spaces_as_json(capsys):
+    assert main(["inspect", VGG, "--kwargs", '{"cfg": "11", "width": 4}',
+                 "--input-shape", "2,1,28,28", "--json"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert any(space["origin"] == "features.0.weight" for space in spec["spaces"])
+
+
+def test_merge_of_different_depths_writes_a_model_that_loads(vgg_checkpoints, tmp_path, capsys):
+    shallow, deep, (path_a, path_b), inputs = vgg_checkpoints
+    output = tmp_path / "merged"
+    code = main(["merge", str(path_a), str(path_b), "--model", VGG,
+                 "--kwargs", '{"cfg": "11", "width": 4}',
+                 "--kwargs-b", '{"cfg": "16", "width": 4}',
+                 "--calibration", str(inputs), "--batch-size", "32", "--unaligned", "keep",
+                 "--plots", "--quiet", "-o", str(output)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((output / "report.json").read_text())
+    assert report["depth"]["padded"]  # the shallow model was padded with identity layers
+    assert any(path.name.startswith("cka_stage") for path in (output / "plots").iterdir())
+    merged = mergec.load(output)
+    x = torch.randn(8, 1, 28, 28)
+    assert merged(x).shape == (8, 10)
+    assert set(merged.state_dict()) == set(deep.state_dict())
+
+
+def test_merge_of_different_widths_at_the_narrower_width(tmp_path, capsys):
+    torch.manual_seed(0)
+    paths = []
+    for width in (4, 6):
+        path = tmp_path / f"cnn{width}.safetensors"
+        save_file(zoo.digits_cnn(width=width).state_dict(), str(path))
+        paths.append(str(path))
+    output = tmp_path / "merged"
+    code = main(["merge", *paths, "--model", "mergec.zoo:digits_cnn",
+                 "--kwargs", '{"width": 4}', "--kwargs-b", '{"width": 6}',
+                 "--calibration", "digits", "--batches", "2", "--width", "min", "--quiet",
+                 "-o", str(output)])
+    assert code == 0, capsys.readouterr().err
+    state = mergec.load(output).state_dict()
+    first = next(v for k, v in state.items() if k.endswith("weight") and v.dim() == 4)
+    assert first.shape[0] == 4  # width "min"
+
+
+def test_merge_errors_are_reported_not_raised(vgg_checkpoints, tmp_path, capsys):
+    _, _, (path_a, _), inputs = vgg_checkpoints
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a checkpoint")
+    arguments = ["--model", VGG, "--kwargs", '{"cfg": "11", "width": 4}',
+                 "--calibration", str(inputs), "--quiet"]
+    assert main(["merge", str(path_a), str(corrupt), *arguments,
+                 "-o", str(tmp_path / "a")]) == 1
+    assert "mergec: error:" in capsys.readouterr().err
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    assert main(["merge", str(path_a), str(path_a), *arguments, "-o", str(existing)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    # a checkpoint of another architecture than --model
+    assert main(["merge", str(path_a), str(path_a), "--model", VGG,
+                 "--kwargs", '{"cfg": "16", "width": 4}', "--calibration", str(inputs),
+                 "--quiet", "-o", str(tmp_path / "b")]) == 1
+    assert "does not fit --model" in capsys.readouterr().err
