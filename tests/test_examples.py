@@ -21,7 +21,7 @@ def run_example(name: str, *arguments: str, timeout: float = 300) -> str:
 
 def test_every_example_has_a_smoke_test() -> None:
     tested = {"merge_cnns_disjoint.py", "merge_transformers.py", "inspect_model.py",
-              "read_report.py"}
+              "read_report.py", "merge_heterogeneous.py"}
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
 
 
@@ -31,6 +31,18 @@ def test_merge_cnns_disjoint() -> None:
     assert "ensemble" in output
     for method in ("average", "permute", "weight-match", "mudsc", "zip"):
         assert f"merged: {method}" in output
+
+
+@pytest.mark.slow
+def test_merge_heterogeneous() -> None:
+    output = run_example("merge_heterogeneous.py", "--epochs", "5")
+    merged = [line for line in output.splitlines() if line.startswith("merged:")]
+    assert len(merged) == 6
+    assert "identity layers at" in output
+    params = {line.split()[2]: int(line.split()[-1]) for line in merged if "width" in line}
+    parents = [int(line.split()[-1]) for line in output.splitlines()
+               if line.startswith("width: parent")]
+    assert params["max"] == parents[1] and params["min"] == parents[0]
 
 
 @pytest.mark.slow
