@@ -39,6 +39,53 @@ def module_path(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
+def attach(root: nn.Module, key: str, value: torch.Tensor, parameter: bool) -> None:
+    """Registers ``value`` on ``root`` under the dotted state-dict ``key``, creating empty
+    modules along the path."""
+    *path, name = key.split(".")
+    owner = root
+    for part in path:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if parameter:
+        owner.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    else:
+        owner.register_buffer(name, value)
+
+
+def untie(graph_module: torch.fx.GraphModule, model: nn.Module) -> None:
+    """A parameter the model holds under several names (an embedding tied to the output layer)
+    is read by the graph under one of them. Each use is given its own copy, under the name
+    that belongs to the module using it, so that every use is bound, and merged, by its own
+    role; the graph computes the same function."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+    aliases = {name: names for names in names_of.values() if len(names) > 1 for name in names}
+    graph = graph_module.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or node.target not in aliases or len(node.users) < 2:
+            continue
+        value = graph_module.get_parameter(node.target)
+        for user in list(node.users):
+            path = module_path(user)
+            alias = next((name for name in aliases[node.target]
+                          if path and name.rsplit(".", 1)[0] == path), None)
+            if alias is None or alias == node.target:
+                continue
+            attach(graph_module, alias, value.detach().clone(), parameter=True)
+            with graph.inserting_before(user):
+                copy_node = graph.get_attr(alias)
+            copy_node.meta = dict(node.meta)
+            user.replace_input_with(node, copy_node)
+            changed = True
+    if changed:
+        graph.lint()
+        graph_module.recompile()
+
+
 def aten_name(node: torch.fx.Node) -> str:
     """The aten op a call node runs, in-place variants by their out-of-place name ("relu" for
     ``relu_``); "" for anything else."""
@@ -162,6 +209,7 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = True
     graph_module = program.module()
     if kwargs:
         _drop_injected_kwargs(graph_module, args, kwargs)
+    untie(graph_module, model)
     graph_module.meta[STATE_KEYS] = tuple(model.state_dict().keys())
     return graph_module
 

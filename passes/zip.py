@@ -18,7 +18,7 @@ from torch import fx
 from mergec.algorithms.solvers import MergePlan
 from mergec.errors import MergeError
 from mergec.permute import block_diagonal, diagonal_blocks
-from mergec.passes.trace import is_guard
+from mergec.passes.trace import attach, is_guard
 from mergec.spec import Binding, UnitSpec
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def resize_module(module: fx.GraphModule, state: Mapping[str, torch.Tensor],
     for key, value in state.items():
         owner_path, _, name = key.rpartition(".")
         delattr(module.get_submodule(owner_path) if owner_path else module, name)
-        _attach(module, key, value, key in parameters)
+        attach(module, key, value, key in parameters)
     rewrite_sizes(module, widths, spec)
 
 
@@ -301,19 +301,6 @@ def check_cut(module: fx.GraphModule, stop: fx.Node) -> None:
                     "that every path crosses (e.g. a residual stream's add, not a branch).")
 
 
-def _attach(root: torch.nn.Module, key: str, value: torch.Tensor, parameter: bool) -> None:
-    *path, name = key.split(".")
-    owner = root
-    for part in path:
-        if not hasattr(owner, part):
-            owner.add_module(part, torch.nn.Module())
-        owner = getattr(owner, part)
-    if parameter:
-        owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
-    else:
-        owner.register_buffer(name, value)
-
-
 def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.Node,
                    merged: Mapping[str, torch.Tensor], unmerge: tuple[torch.Tensor, torch.Tensor],
                    axis: int | None, widths: Mapping[str, int] | None = None,
@@ -330,7 +317,7 @@ def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.
         if node in trunk:
             values[node] = graph.node_copy(node, lambda n: values[n])
             if node.op == "get_attr":
-                _attach(root, node.target, merged[node.target], node.target in parameters)
+                attach(root, node.target, merged[node.target], node.target in parameters)
     outputs = []
     states = (module_a.state_dict(), module_b.state_dict())
     for index, (prefix, module) in enumerate((("tail_a", module_a), ("tail_b", module_b))):
@@ -338,7 +325,7 @@ def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.
         own_stop = next(n for n, m in as_a.items() if m is stop)
         start = values[stop]
         if axis is not None:
-            _attach(root, f"{prefix}_unmerge", unmerge[index].T.contiguous(), False)
+            attach(root, f"{prefix}_unmerge", unmerge[index].T.contiguous(), False)
             matrix = graph.get_attr(f"{prefix}_unmerge")
             moved = graph.call_function(torch.ops.aten.movedim.int, (start, axis, -1))
             product = graph.call_function(torch.ops.aten.matmul.default, (moved, matrix))
@@ -349,7 +336,7 @@ def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.
                 continue
             if node.op == "get_attr":
                 target = f"{prefix}.{node.target}"
-                _attach(root, target, states[index][node.target].clone(),
+                attach(root, target, states[index][node.target].clone(),
                         node.target in parameters)
                 tail_values[node] = graph.get_attr(target)
                 continue

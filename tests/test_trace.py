@@ -185,3 +185,29 @@ def test_transformers_decoder_graph_module_is_called_like_the_model() -> None:
     with torch.no_grad():
         torch.testing.assert_close(graph_module(input_ids).last_hidden_state,
                                    model(input_ids, use_cache=False).last_hidden_state)
+
+
+def test_a_tied_embedding_is_untied_with_one_role_per_use():
+    """GPT-2 ties its token embedding to the output layer: trace gives each use its own copy,
+    under its own module's name, so the spec binds the embedding's feature axis as produced
+    and the output layer's as consumed, and merging two models averages each correctly."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=30,
+                                     n_positions=8)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 30, (4, 6))
+    graph_module = mergec.trace(model, ids)
+    state = graph_module.state_dict()
+    assert state["transformer.wte.weight"].data_ptr() != state["lm_head.weight"].data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(graph_module(ids).logits, model(ids).logits)
+    spec = mergec.discover(graph_module)
+    roles = {(b.key, b.axis): b.role for b in spec.bindings}
+    assert roles[("transformer.wte.weight", 1)] == "produces"
+    assert roles[("lm_head.weight", 1)] == "consumes"
+    result = mergec.merge(model, model, ids, [(ids,)], method="average", repair=None,
+                          progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(ids).logits, model(ids).logits)
