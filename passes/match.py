@@ -431,7 +431,8 @@ class Match:
                 raise MergeError(
                     f"match: space {leaf} ({space_a.kind}, origin {space_a.origin}) has widths "
                     f"{d_a} and {d_b}{'' if spec_a.is_free(leaf) else ' and is fixed'}; only "
-                    "free flat spaces can change width (heads and groups must keep theirs)")
+                    "free flat spaces, and heads or groups whose order is free, can change "
+                    "width")
             observed = moments.get(leaf)
             if leaf in elastic:
                 joint = (activation_similarity(observed, d_a) if observed is not None
