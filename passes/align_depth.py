@@ -28,7 +28,7 @@ from mergec.algorithms.cka import LinearCKA
 from mergec.errors import MergeError
 from mergec.passes.collect_stats import ProbeInterpreter, check_batch
 from mergec.passes.segment import Block, tensor_ancestors
-from mergec.passes.trace import aten_name
+from mergec.passes.trace import aten_name, call_arguments
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +110,6 @@ def _last_producers(module: fx.GraphModule, block: Block) -> list[str]:
     return keys
 
 
-def _argument(node: fx.Node, name: str) -> Any:
-    """Argument ``name`` of an aten call, by its schema."""
-    for index, argument in enumerate(node.target._schema.arguments):
-        if argument.name == name:
-            if index < len(node.args):
-                return node.args[index]
-            return node.kwargs.get(name, argument.default_value)
-    raise KeyError(name)
-
-
 def _layer_identity(module: fx.GraphModule, layer: Block, previous: Block,
                     state: dict[str, torch.Tensor]) -> list[str]:
     """Sets the entries of plain layer ``layer`` in ``state`` so that it computes the identity
@@ -152,7 +142,7 @@ def _layer_identity(module: fx.GraphModule, layer: Block, previous: Block,
                 keys.append(bias_key)
         elif op in ("batch_norm", "_native_batch_norm_legit_no_training"):
             weight_key, bias_key, mean_key, var_key = (entry(node, i) for i in range(1, 5))
-            eps = float(_argument(node, "eps"))
+            eps = float(call_arguments(node)["eps"])
             for key, value in ((weight_key, 1.0), (bias_key, 0.0), (mean_key, 0.0),
                                (var_key, 1.0 - eps)):
                 if key is not None:

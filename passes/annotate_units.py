@@ -29,7 +29,7 @@ import sympy
 import torch
 from torch import fx
 
-from mergec.passes.trace import module_path
+from mergec.passes.trace import call_arguments, module_path
 from mergec.spec import Binding, Space, UnitSpec
 
 log = logging.getLogger(__name__)
@@ -567,22 +567,6 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
-def _arguments(node: fx.Node) -> dict[str, Any]:
-    """The call's arguments by schema name, defaults filled in (aten overloads only)."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return dict(node.kwargs)
-    result = {}
-    for index, argument in enumerate(schema.arguments):
-        if index < len(node.args):
-            result[argument.name] = node.args[index]
-        elif argument.name in node.kwargs:
-            result[argument.name] = node.kwargs[argument.name]
-        elif argument.has_default_value():
-            result[argument.name] = argument.default_value
-    return result
-
-
 def _reduced_dims(value: Any, rank: int) -> set[int]:
     if value is None or value == [] or value == ():
         return set(range(rank))
@@ -789,7 +773,7 @@ def batch_norm(a: Annotator, node: fx.Node) -> Any:
 def layer_norm(a: Annotator, node: fx.Node) -> Any:
     """LayerNorm / RMSNorm over the last axes: an invariant reduction; the affine parameters
     bind to the normalised axes."""
-    arguments = _arguments(node)
+    arguments = call_arguments(node)
     x = a.of(arguments.get("input", node.args[0]))
     normalized = len(arguments.get("normalized_shape", node.args[1]))
     out = list(x)
@@ -859,7 +843,7 @@ def reduction(a: Annotator, node: fx.Node) -> Any:
     (or keep size 1 with keepdim). Reducing over the block axis of heads or groups lines the
     blocks up position by position: the permutation inside blocks must then be shared."""
     x = a.of(node.args[0])
-    arguments = _arguments(node)
+    arguments = call_arguments(node)
     dims = _reduced_dims(arguments.get("dim"), len(x))
     keepdim = bool(arguments.get("keepdim", False))
     _tie_blocks_reduced(a, x, dims)
@@ -886,7 +870,7 @@ def max_with_indices(a: Annotator, node: fx.Node) -> Any:
     """max.dim / min.dim: values are a reduction; indices are positions along that axis, so a
     feature axis reduced there is fixed."""
     x = a.of(node.args[0])
-    arguments = _arguments(node)
+    arguments = call_arguments(node)
     dims = _reduced_dims(arguments.get("dim"), len(x))
     keepdim = bool(arguments.get("keepdim", False))
     for d in dims:
@@ -900,7 +884,7 @@ def positional_reduction(a: Annotator, node: fx.Node) -> Any:
     """argmax / sort / topk / median: the result exposes positions along the axis, which is
     fixed if it is a feature axis; other axes keep their labels."""
     x = a.of(node.args[0])
-    arguments = _arguments(node)
+    arguments = call_arguments(node)
     dim = arguments.get("dim")
     dims = _reduced_dims(dim, len(x))
     for d in dims:

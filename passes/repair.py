@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from mergec.errors import MergeError
 from mergec.passes.collect_stats import GraphRunner, check_batch
+from mergec.passes.trace import aten_name
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,7 @@ _BATCH_NORMS = {"batch_norm", "_native_batch_norm_legit_no_training"}
 
 
 def _is_batch_norm(node: fx.Node) -> bool:
-    packet = getattr(node.target, "_overloadpacket", None)
-    return node.op == "call_function" and packet is not None and packet.__name__ in _BATCH_NORMS
+    return aten_name(node) in _BATCH_NORMS
 
 
 class _ResetInterpreter(GraphRunner):
@@ -180,12 +180,11 @@ def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
     Returns the number of normalisations repaired."""
     targets: dict[str, tuple[int, str, fx.Node, fx.Node]] = {}
     for node in merged.graph.nodes:
-        packet = getattr(node.target, "_overloadpacket", None)
+        name = aten_name(node)
         units = node.meta.get("mergec")
-        if node.op != "call_function" or packet is None or packet.__name__ not in _NORMS \
-                or units is None or units.spaces is None:
+        if name not in _NORMS or units is None or units.spaces is None:
             continue
-        weight, bias = node.args[1:3] if packet.__name__ in _BATCH_NORMS else node.args[2:4]
+        weight, bias = node.args[1:3] if name in _BATCH_NORMS else node.args[2:4]
         spaced = [(axis, space) for axis, space in enumerate(units.spaces) if space is not None]
         if len(spaced) == 1 and isinstance(weight, fx.Node) and isinstance(bias, fx.Node):
             targets[node.name] = (spaced[0][0], spaced[0][1], weight, bias)

@@ -96,6 +96,22 @@ def aten_name(node: torch.fx.Node) -> str:
     return name[:-1] if name.endswith("_") and not name.endswith("__") else name
 
 
+def call_arguments(node: torch.fx.Node) -> dict[str, Any]:
+    """The call's arguments by schema name, defaults filled in (aten overloads only)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return dict(node.kwargs)
+    result = {}
+    for index, argument in enumerate(schema.arguments):
+        if index < len(node.args):
+            result[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            result[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            result[argument.name] = argument.default_value
+    return result
+
+
 def as_args(example_inputs: Any) -> tuple:
     """Normalises example inputs: a bare tensor is one positional input."""
     if isinstance(example_inputs, torch.Tensor):

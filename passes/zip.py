@@ -18,7 +18,7 @@ from torch import fx
 from mergec.algorithms.solvers import MergePlan
 from mergec.errors import MergeError
 from mergec.permute import block_diagonal, diagonal_blocks
-from mergec.passes.trace import attach, is_guard
+from mergec.passes.trace import aten_name, attach, is_guard
 from mergec.spec import Binding, UnitSpec
 
 log = logging.getLogger(__name__)
@@ -163,14 +163,14 @@ def rewrite_sizes(module: fx.GraphModule, widths: Mapping[str, int], spec: UnitS
     for node in module.graph.nodes:
         if nodes is not None and node not in nodes:
             continue
-        packet = getattr(node.target, "_overloadpacket", None)
+        name = aten_name(node)
         units = node.meta.get("mergec")
-        if packet is None or units is None or not units.spaces:
+        if not name or units is None or not units.spaces:
             continue
-        if packet.__name__ in ("layer_norm", "group_norm"):
-            _rewrite_norm_sizes(node, packet.__name__, widths, spec)
+        if name in ("layer_norm", "group_norm"):
+            _rewrite_norm_sizes(node, name, widths, spec)
             continue
-        if packet.__name__ not in sized:
+        if name not in sized:
             continue
         sizes = list(node.args[1])
         changed = False
@@ -262,8 +262,7 @@ def last_feature_node(module: fx.GraphModule) -> fx.Node:
     while isinstance(node, (tuple, list)):
         node = node[0]
     while isinstance(node, fx.Node) and node.op == "call_function":
-        name = getattr(node.target, "_overloadpacket", None)
-        name = name.__name__ if name is not None else ""
+        name = aten_name(node)
         if name in ("linear", "conv2d", "conv1d", "matmul", "mm"):
             return node.args[0]
         if name == "addmm":
