@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import fx
@@ -52,11 +53,13 @@ class Block:
         return not self.adds
 
 
-def _is_residual_add(node: fx.Node) -> str | None:
-    """The stream space of a residual add, or None. Both inputs carry the stream's space and
-    fork from one input-dependent tensor (not a sum of token and position embeddings), and a
-    node only one of them depends on reads a parameter: a residual branch holds a layer,
-    GELU's x + 0.044715·x³ does not."""
+def _residual_add(node: fx.Node) -> tuple[str, str] | None:
+    """The stream space and the owning module of a residual add, or None. Both inputs carry
+    the stream's space and fork from one input-dependent tensor (not a sum of token and
+    position embeddings), and a node only one of them depends on reads a parameter: a residual
+    branch holds a layer, GELU's x + 0.044715·x³ does not. The add belongs to the innermost
+    module holding it and its branch's layers (BERT's attention add sits in
+    ``attention.output``, its branch in ``attention``)."""
     if aten_name(node) != "add":
         return None
     inputs = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op == "call_function"]
@@ -71,9 +74,10 @@ def _is_residual_add(node: fx.Node) -> str | None:
     first, second = (tensor_ancestors(argument) for argument in inputs)
     if not any(n.op == "placeholder" for n in first & second):
         return None
-    if not _parameter_modules(first ^ second):
+    branch = _state_modules(first ^ second)
+    if not branch or len(spaces) != 1:
         return None
-    return spaces[0] if len(spaces) == 1 else None
+    return spaces[0], _common_module([module_path(node), *sorted(branch)])
 
 
 def tensor_ancestors(node: fx.Node) -> set[fx.Node]:
@@ -88,12 +92,6 @@ def tensor_ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _parameter_modules(nodes: set[fx.Node]) -> set[str]:
-    """The modules of the parameters and buffers ``nodes`` read."""
-    return {str(a.target).rsplit(".", 1)[0] for node in nodes for a in node.all_input_nodes
-            if a.op == "get_attr" and "." in str(a.target)}
-
-
 def _common_module(paths: list[str]) -> str:
     """The innermost module holding every one of ``paths``."""
     parts = [path.split(".") if path else [] for path in paths]
@@ -105,30 +103,17 @@ def _common_module(paths: list[str]) -> str:
     return ".".join(common)
 
 
-def _owner(node: fx.Node) -> str:
-    """The module a residual add belongs to: the innermost one holding the add and its
-    branch's layers (BERT's attention add sits in ``attention.output``, its branch in
-    ``attention``)."""
-    inputs = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-    branch = tensor_ancestors(inputs[0]) ^ tensor_ancestors(inputs[1])
-    return _common_module([module_path(node), *sorted(_parameter_modules(branch))])
-
-
 def _shape(node: fx.Node) -> tuple | None:
     value = node.meta.get("val")
     return tuple(value.shape) if hasattr(value, "shape") else None
 
 
-def _state_modules(nodes: list[fx.Node]) -> tuple[str, ...]:
+def _state_modules(nodes: Iterable[fx.Node]) -> tuple[str, ...]:
     """The modules whose parameters and buffers ``nodes`` read, in order of first use."""
-    modules: list[str] = []
-    for node in nodes:
-        for argument in node.all_input_nodes:
-            if argument.op == "get_attr" and "." in str(argument.target):
-                module = str(argument.target).rsplit(".", 1)[0]
-                if module not in modules:
-                    modules.append(module)
-    return tuple(modules)
+    return tuple(dict.fromkeys(
+        str(argument.target).rsplit(".", 1)[0] for node in nodes
+        for argument in node.all_input_nodes
+        if argument.op == "get_attr" and "." in str(argument.target)))
 
 
 def _plain_layers(module: fx.GraphModule) -> list[list[Block]]:
@@ -174,10 +159,10 @@ class Segment:
     def __call__(self, module: fx.GraphModule) -> list[list[Block]]:
         stages: dict[str, list[tuple[str, list[str]]]] = {}
         for node in module.graph.nodes:
-            space = _is_residual_add(node)
-            if space is None:
+            residual = _residual_add(node)
+            if residual is None:
                 continue
-            path = _owner(node)
+            space, path = residual
             blocks = stages.setdefault(space, [])
             if blocks and _nested(blocks[-1][0], path):
                 # one layer's adds: the block is owned by the outer module
