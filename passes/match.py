@@ -243,8 +243,7 @@ def solve_blocks(method: str, joints: list[torch.Tensor], count: int,
                 together = (plan.unmerge_a.to(torch.float64) @ plan.unmerge_b.T.to(torch.float64))
                 scores[block_a, block_b] += (cross * together).sum() / block
     if pair:
-        rows, columns = linear_sum_assignment(scores.numpy(), maximize=True)
-        pairing = torch.as_tensor(columns[rows.argsort()])
+        pairing, _ = _best_matching(scores)
     else:
         pairing = torch.arange(count)
     results = []
@@ -263,6 +262,15 @@ def solve_blocks(method: str, joints: list[torch.Tensor], count: int,
             matrices[3][from_b, out] = plan.unmerge_b.to(torch.float64)
         results.append(MergePlan(*matrices))
     return pairing, results
+
+
+def _best_matching(similarity: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The Hungarian matching of rows to columns with the largest total similarity (-inf,
+    a constant unit, counts as -1): the column of each row, and the mean matched similarity."""
+    rows, columns = linear_sum_assignment(torch.nan_to_num(similarity, neginf=-1.0).numpy(),
+                                          maximize=True)
+    rows, columns = torch.as_tensor(rows), torch.as_tensor(columns)
+    return columns[rows.argsort()], float(similarity[rows, columns].mean())
 
 
 def pairing_plan(pairing: torch.Tensor) -> MergePlan:
@@ -452,7 +460,6 @@ class Match:
         full = {s: full_plan(spec_a, s, plans, spec_b, merged) for s in spec_a.spaces}
         return full, summary
 
-
     def _elastic_blocks(self, spec_a: UnitSpec, spec_b: UnitSpec,
                         moments: Mapping[str, JointMoments], order: str, members: list[str],
                         target: int) -> tuple[dict[str, MergePlan], dict[str, dict]]:
@@ -492,12 +499,11 @@ class Match:
                     cross = joint[positions(index, x)][:, positions(index, y)]
                     if spec_a.spaces[member].within_fixed is not None:
                         order_y = torch.arange(len(cross))
+                        matched = float(cross.diagonal().mean())
                     else:
-                        cost = torch.nan_to_num(cross, neginf=-1.0).numpy()
-                        rows, columns = linear_sum_assignment(cost, maximize=True)
-                        order_y = torch.as_tensor(columns[rows.argsort()])
+                        order_y, matched = _best_matching(cross)
                     alignments[(index, x, y)] = order_y
-                    score += float(cross[torch.arange(len(cross)), order_y].mean())
+                    score += matched
                 scores[x, y] = scores[y, x] = score / len(members)
         block_plan = solvers.elastic_zip(scores, counts[0], counts[1], target=target,
                                          alpha=self.alpha)
@@ -530,7 +536,6 @@ class Match:
             summary[member] = {"width": target * size,
                                "widths": [counts[0] * size, counts[1] * size]}
         return plans, summary
-
 
     def _elastic_within(self, spec_a: UnitSpec, spec_b: UnitSpec,
                         moments: Mapping[str, JointMoments], order: str, members: list[str],
@@ -571,11 +576,8 @@ class Match:
                 for block_b in range(count):
                     positions = cross(index, block_a, block_b)
                     block = joint[positions[:size_a]][:, positions[size_a:]]
-                    cost = torch.nan_to_num(block, neginf=-1.0).numpy()
-                    rows, columns = linear_sum_assignment(cost, maximize=True)
-                    scores[block_a, block_b] += float(block[rows, columns].mean())
-        rows, columns = linear_sum_assignment(scores.numpy(), maximize=True)
-        pairing = torch.as_tensor(columns[rows.argsort()])
+                    scores[block_a, block_b] += _best_matching(block)[1]
+        pairing, _ = _best_matching(scores)
         plans = {order: pairing_plan(pairing)}
         summary = {order: {"width": count, "pairing": pairing.tolist()}}
         for index, (member, joint) in enumerate(zip(members, joints)):
