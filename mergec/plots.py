@@ -17,6 +17,13 @@ def plot_report(report: "MergeReport", folder: Path, max_heatmaps: int = 24) -> 
 
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+
+    def save(figure, name: str) -> None:
+        path = folder / name
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
     for space_id, similarity in list(report.similarities.items())[:max_heatmaps]:
         figure, axes = plt.subplots(figsize=(4, 3.5))
         image = axes.imshow(similarity.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
@@ -25,11 +32,7 @@ def plot_report(report: "MergeReport", folder: Path, max_heatmaps: int = 24) -> 
         axes.set_xlabel("unit of B")
         axes.set_ylabel("unit of A")
         figure.colorbar(image, ax=axes)
-        path = folder / f"similarity_{space_id}.png"
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
+        save(figure, f"similarity_{space_id}.png")
     if report.depth is not None:
         for stage in report.depth.stages:
             figure, axes = plt.subplots(figsize=(4, 3.5))
@@ -44,11 +47,7 @@ def plot_report(report: "MergeReport", folder: Path, max_heatmaps: int = 24) -> 
             axes.set_title(f"linear CKA, stage {stage['stage']}", fontsize=8)
             axes.legend(fontsize=7)
             figure.colorbar(image, ax=axes)
-            path = folder / f"cka_stage{stage['stage']}.png"
-            figure.tight_layout()
-            figure.savefig(path, dpi=100)
-            plt.close(figure)
-            written.append(path)
+            save(figure, f"cka_stage{stage['stage']}.png")
     rows = [(s, m) for s, m in report.matches.items() if "matched_similarity" in m]
     if rows:
         figure, axes = plt.subplots(figsize=(max(4, 0.35 * len(rows)), 3))
@@ -60,9 +59,5 @@ def plot_report(report: "MergeReport", folder: Path, max_heatmaps: int = 24) -> 
         axes.set_xticks(list(positions), [s for s, _ in rows], rotation=90, fontsize=7)
         axes.set_ylabel("mean correlation of merged pairs")
         axes.legend(fontsize=7)
-        figure.tight_layout()
-        path = folder / "matched_similarity.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
+        save(figure, "matched_similarity.png")
     return written

@@ -87,15 +87,8 @@ SMOOTH = st.sampled_from(["gelu", "tanh", "silu", "leaky_relu"])
 WIDE = st.integers(min_value=6, max_value=10)
 
 
-class SmoothResidualConv(nn.Module):
+class SmoothResidualConv(archgen.ResidualConv):
     """x + bn2(conv2(gelu(bn1(conv1(x))))): a ResNet basic block without dead units."""
-
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, hidden, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(hidden)
-        self.conv2 = nn.Conv2d(hidden, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.bn2(self.conv2(F.gelu(self.bn1(self.conv1(x)))))
@@ -532,8 +525,8 @@ def test_merge_does_not_modify_its_inputs(pair, method: str) -> None:
         assert model.state_dict().keys() == state.keys()
         for key, value in model.state_dict().items():
             assert torch.equal(value, state[key]), key
-    for batch, copy in zip(calibration, batches):
-        assert all(torch.equal(t, c) for t, c in zip(batch, copy))
+    for batch, kept in zip(calibration, batches):
+        assert all(torch.equal(t, c) for t, c in zip(batch, kept))
 
 
 # ---------------------------------------------------------------------------------------------
