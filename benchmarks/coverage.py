@@ -31,9 +31,9 @@ import transformers
 from torch import nn
 
 import mergec
-from mergec.passes.annotate_units import AnnotateUnits
-from mergec.passes.trace import STATE_KEYS
-from mergec.spec import UnitSpec
+from mergec.passes.annotate_units import annotate_units
+from mergec.ir.fx import STATE_KEYS
+from mergec.ir.spec import UnitSpec
 
 BATCH = 2
 
@@ -149,18 +149,16 @@ def measure(entry: Entry, repeats: int) -> Result:
     trace_s, graph_module = _median_time(lambda: mergec.trace(model, x), repeats)
     keys = graph_module.meta[STATE_KEYS]
     name = type(model).__name__
-    annotations = {True: AnnotateUnits(fix_outputs=True)}
-    if entry.family == "transformers":
-        annotations[False] = AnnotateUnits(fix_outputs=False)
+    fixed_outputs = [True, False] if entry.family == "transformers" else [True]
     forward_times, annotate_times = [], []
     specs: dict[bool, UnitSpec] = {}
     for _ in range(repeats):
         forward_times.append(_median_time(forward, 1)[0])
-        seconds, (specs[True], _) = _median_time(
-            lambda: annotations[True](graph_module, keys, name), 1)
+        seconds, specs[True] = _median_time(
+            lambda: annotate_units(graph_module, keys, True, name), 1)
         annotate_times.append(seconds)
-    if False in annotations:
-        specs[False], _ = annotations[False](graph_module, keys, name)
+    if False in fixed_outputs:
+        specs[False] = annotate_units(graph_module, keys, False, name)
     return Result(entry, len(graph_module.graph.nodes), trace_s,
                   statistics.median(forward_times), statistics.median(annotate_times), specs)
 

@@ -5,10 +5,13 @@ from typing import Any
 
 from torch import fx, nn
 
+from mergec.ir.fx import STATE_KEYS, as_args
+from mergec.ir.spec import UnitSpec
+from mergec.ir.state import MergeOptions, PipelineState
 from mergec.passes.annotate_units import AnnotateUnits
-from mergec.passes.trace import STATE_KEYS, trace
+from mergec.passes.trace import Trace
 from mergec.permute import permute_model
-from mergec.spec import UnitSpec
+from mergec.pipeline import run_pipeline
 
 
 def discover(model: nn.Module | fx.GraphModule, example_inputs: Any = None, *,
@@ -24,13 +27,12 @@ def discover(model: nn.Module | fx.GraphModule, example_inputs: Any = None, *,
         spec = mergec.discover(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))
         print(spec.coverage())
     """
-    if isinstance(model, fx.GraphModule) and STATE_KEYS in model.meta:
-        graph_module = model
-    else:
-        graph_module = trace(model, example_inputs)
-    keys = graph_module.meta[STATE_KEYS]
-    spec, _ = AnnotateUnits(fix_outputs=fix_outputs)(graph_module, keys, type(model).__name__)
-    return spec
+    traced = isinstance(model, fx.GraphModule) and STATE_KEYS in model.meta
+    state = PipelineState(options=MergeOptions(), models=(model,),
+                          example=() if traced else as_args(example_inputs),
+                          graphs=(model,) if traced else ())
+    passes = ([] if traced else [Trace()]) + [AnnotateUnits(fix_outputs=fix_outputs)]
+    return run_pipeline(state, passes).specs[0]
 
 
 def permute(model: nn.Module, example_inputs: Any, seed: int = 0, *,

@@ -45,38 +45,65 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from mergec.checkpoints import calibration_batches, load_checkpoint
-    from mergec.loading import load_model, parse_kwargs
-    from mergec.merge import merge
+    from mergec.checkpoints import calibration_batches
+    from mergec.ir.state import MergeOptions
+    from mergec.merge import MergeResult, report_of, run_merge
+    from mergec.passes import PIPELINE
+    from mergec.pipeline import check_pass_name
 
-    output = Path(args.output)
-    if output.exists():
+    check_pass_name(args.stop_after)
+    if args.output is None and args.stop_after is None:
+        raise MergecError("merge: name the folder for the result (-o FOLDER), or stop early "
+                          "with --stop-after PASS")
+    output = Path(args.output) if args.output is not None else None
+    if output is not None and args.stop_after is not None \
+            and PIPELINE.index(args.stop_after) < PIPELINE.index("zip"):
+        raise MergecError(f"merge: no merged model after {args.stop_after}; the zip pass "
+                          "emits it (stop after zip or repair to save one, or drop -o)")
+    if output is not None and output.exists():
         raise MergecError(f"merge: output folder {str(output)!r} already exists")
+    options = MergeOptions(method=args.method, alpha=args.alpha, beta=args.beta,
+                           width=_width(args.width), depth_variant=args.depth_variant,
+                           unaligned=args.unaligned,
+                           repair=None if args.repair == "none" else args.repair,
+                           device=args.device, progress=not args.quiet)
+    models = _load_models(args)
+    calibration = calibration_batches(args.calibration, args.batch_size, args.batches)
+    example = calibration[0]
+    state = run_merge(options, models, example, calibration, stop_after=args.stop_after)
+    report = report_of(state)
+    if args.dump:
+        Path(args.dump).write_text(report.to_json())
+        print(f"after {state.completed[-1]}: wrote the report to {args.dump}")
+    if output is None:
+        return 0
+    MergeResult(module=state.merged, report=report, state=state).save(output)
+    if args.plots:
+        report.plot(output / "plots")
+    print(f"merged with {args.method}: wrote {output}/model.py, weights.safetensors, "
+          "report.json")
+    return 0
+
+
+def _load_models(args: argparse.Namespace) -> tuple:
+    """Models A and B: ``--model`` built with each one's factory arguments, its checkpoint
+    loaded."""
+    from mergec.checkpoints import load_checkpoint
+    from mergec.loading import load_model, parse_kwargs
+
     kwargs = parse_kwargs(args.kwargs)
     kwargs_b = parse_kwargs(args.kwargs_b) if args.kwargs_b else kwargs
     models = []
     for checkpoint, factory_kwargs in ((args.model_a, kwargs), (args.model_b, kwargs_b)):
         model = load_model(args.model, factory_kwargs)
-        state = load_checkpoint(checkpoint)
+        weights = load_checkpoint(checkpoint)
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(weights)
         except RuntimeError as error:
             raise MergecError(f"merge: checkpoint {checkpoint!r} does not fit --model "
                               f"{args.model}: {str(error).splitlines()[0]}") from error
         models.append(model)
-    calibration = calibration_batches(args.calibration, args.batch_size, args.batches)
-    example = calibration[0]
-    result = merge(models[0], models[1], example, calibration, method=args.method,
-                   alpha=args.alpha, beta=args.beta, width=_width(args.width),
-                   depth_variant=args.depth_variant, unaligned=args.unaligned,
-                   repair=None if args.repair == "none" else args.repair, device=args.device,
-                   progress=not args.quiet)
-    result.save(output)
-    if args.plots:
-        result.report.plot(output / "plots")
-    print(f"merged with {args.method}: wrote {output}/model.py, weights.safetensors, "
-          "report.json")
-    return 0
+    return tuple(models)
 
 
 def _width(text: str):
@@ -146,7 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default=None)
     merge.add_argument("--plots", action="store_true", help="also write report plots")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
-    merge.add_argument("-o", "--output", required=True, help="new folder for the result")
+    merge.add_argument("--stop-after", metavar="PASS",
+                       help="end the pipeline after this pass (trace, annotate-units, segment, "
+                            "align-depth, collect-stats, match, zip, repair)")
+    merge.add_argument("--dump", metavar="FILE",
+                       help="write the report (JSON) of the passes that ran to this file")
+    merge.add_argument("-o", "--output", help="new folder for the result (needed unless "
+                                              "--stop-after ends before zip)")
     merge.set_defaults(run=_merge)
     return parser
 

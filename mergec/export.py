@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import fx, nn
 
 from mergec.errors import CheckpointError, MergeError
-from mergec.passes.trace import is_guard
+from mergec.ir.fx import is_guard
 
 _HEADER = '''"""A model merged by mergec. Runs with torch and safetensors alone:
 

@@ -12,8 +12,9 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from mergec.algorithms.tensors import block_diagonal, diagonal_blocks
 from mergec.errors import SpecError
-from mergec.spec import Binding, UnitSpec
+from mergec.ir.spec import Binding, UnitSpec
 
 
 def _identity(size: int) -> torch.Tensor:
@@ -115,25 +116,6 @@ def _permute_grouped(weight: torch.Tensor, bindings: list[Binding],
     for binding in bindings:
         dense = dense.index_select(binding.axis, perms[binding.space].to(weight.device))
     return diagonal_blocks(dense, groups)
-
-
-def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """(out, in/groups, ...) grouped weight -> (out, in, ...) block-diagonal weight."""
-    out_channels, per_group = weight.shape[:2]
-    dense = weight.new_zeros((out_channels, per_group * groups) + tuple(weight.shape[2:]))
-    rows = out_channels // groups
-    for g in range(groups):
-        dense[g * rows:(g + 1) * rows, g * per_group:(g + 1) * per_group] = \
-            weight[g * rows:(g + 1) * rows]
-    return dense
-
-
-def diagonal_blocks(dense: torch.Tensor, groups: int) -> torch.Tensor:
-    """Inverse of :func:`block_diagonal`."""
-    out_channels, in_channels = dense.shape[:2]
-    rows, per_group = out_channels // groups, in_channels // groups
-    return torch.cat([dense[g * rows:(g + 1) * rows, g * per_group:(g + 1) * per_group]
-                      for g in range(groups)])
 
 
 def permute_model(model: nn.Module, spec: UnitSpec, seed: int = 0) -> nn.Module:

@@ -5,7 +5,7 @@ from collections import Counter
 
 import networkx as nx
 
-from mergec.spec import Space, UnitSpec
+from mergec.ir.spec import Space, UnitSpec
 
 
 def describe_structure(space: Space) -> str:

@@ -2,10 +2,10 @@
 
     trace → annotate-units → segment → align-depth → collect-stats → match → zip → repair
 
-segment and align-depth run only when the two models differ in depth.
-
-``REGISTRY`` maps each pass's kebab-case name to its class (``trace`` is a function: the
-frontend has no options worth a class).
+Each pass is a frozen dataclass with its options as fields and one entry point,
+``run(state) -> state`` (``mergec.ir.state.PipelineState``); align-depth and collect-stats
+also say whether they apply (``applies(state)``). ``REGISTRY`` maps each pass's kebab-case
+name to its class; ``PIPELINE`` is the order in which ``mergec.pipeline`` runs them.
 """
 from mergec.passes.align_depth import AlignDepth
 from mergec.passes.annotate_units import AnnotateUnits
@@ -13,10 +13,11 @@ from mergec.passes.collect_stats import CollectStats
 from mergec.passes.match import Match
 from mergec.passes.repair import Repair
 from mergec.passes.segment import Segment
-from mergec.passes.trace import TraceOptions, trace
+from mergec.passes.trace import Trace
 from mergec.passes.zip import Zip
 
 REGISTRY = {
+    "trace": Trace,
     "annotate-units": AnnotateUnits,
     "segment": Segment,
     "align-depth": AlignDepth,
@@ -26,8 +27,7 @@ REGISTRY = {
     "repair": Repair,
 }
 
-PIPELINE = ("trace", "annotate-units", "segment", "align-depth", "collect-stats", "match",
-            "zip", "repair")
+PIPELINE = tuple(REGISTRY)
 
-__all__ = ["REGISTRY", "PIPELINE", "trace", "TraceOptions", "AnnotateUnits", "Segment",
-           "AlignDepth", "CollectStats", "Match", "Zip", "Repair"]
+__all__ = ["REGISTRY", "PIPELINE", "Trace", "AnnotateUnits", "Segment", "AlignDepth",
+           "CollectStats", "Match", "Zip", "Repair"]

@@ -18,7 +18,7 @@ import copy
 import logging
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import fx, nn
@@ -26,9 +26,11 @@ from torch import fx, nn
 from mergec.algorithms.alignment import DepthAlignment, align_depth
 from mergec.algorithms.cka import LinearCKA
 from mergec.errors import MergeError
-from mergec.passes.collect_stats import ProbeInterpreter, check_batch
-from mergec.passes.segment import Block, tensor_ancestors
-from mergec.passes.trace import aten_name, call_arguments
+from mergec.ir.blocks import Block, DepthPlan, Stages
+from mergec.ir.fx import (ProbeInterpreter, aten_name, call_arguments, check_batch,
+                          tensor_ancestors, tensor_leaves)
+from mergec.ir.spec import UnitSpec
+from mergec.ir.state import PipelineState
 
 log = logging.getLogger(__name__)
 
@@ -36,27 +38,6 @@ _PRODUCERS = {"batch_norm", "_native_batch_norm_legit_no_training", "layer_norm"
               "linear", "conv1d", "conv2d", "conv3d", "mul", "addmm"}
 _PASS_THROUGH = {"dropout", "clone", "contiguous", "alias", "view", "reshape", "permute",
                  "transpose", "flatten", "to", "_to_copy"}
-
-
-@dataclass
-class DepthPlan:
-    """What align-depth decided: the CKA matrix and alignment of every stage, and how the
-    shallow model was padded (deep block paths that are identity blocks, keys zeroed)."""
-
-    stages: list[dict] = field(default_factory=list)
-    padded_paths: list[str] = field(default_factory=list)
-    zeroed: list[str] = field(default_factory=list)
-    identity: list[str] = field(default_factory=list)  # keys of plain layers made identities
-    swapped: bool = False
-
-    def unaligned_keys(self, keys: Iterable[str]) -> set[str]:
-        return {k for k in keys if any(k.startswith(p + ".") for p in self.padded_paths)}
-
-    def to_dict(self) -> dict:
-        return {"swapped": self.swapped, "padded": self.padded_paths, "zeroed": self.zeroed,
-                "identity": self.identity,
-                "stages": [{key: value for key, value in stage.items() if key != "cka"}
-                           | {"cka": stage["cka"].tolist()} for stage in self.stages]}
 
 
 def block_cka(module_a: fx.GraphModule, module_b: fx.GraphModule, stages_a: list[list[Block]],
@@ -167,79 +148,154 @@ def _signature(block: Block, state: dict[str, torch.Tensor]) -> tuple:
                  for key in state if key.startswith(module + "."))
 
 
+def _align_stages(matrices: list[torch.Tensor], stages_shallow: Stages, stages_deep: Stages,
+                  states: tuple[dict, dict], variant: str) -> tuple[DepthPlan, dict[str, str]]:
+    """Per stage, the monotone alignment of the shallow model's blocks to the deep model's
+    blocks of the same state shapes with the largest total CKA. Returns the plan and, for every
+    module of an aligned deep block, the shallow model's module that it takes its state from."""
+    plan = DepthPlan()
+    mapping: dict[str, str] = {}
+    for stage, (cka, shallow, deep) in enumerate(zip(matrices, stages_shallow, stages_deep)):
+        # ties (an identity block repeats its input) go to the earlier deep block
+        tie_break = 1e-9 * torch.arange(cka.shape[1], dtype=cka.dtype)
+        signatures = ([_signature(b, states[0]) for b in shallow],
+                      [_signature(b, states[1]) for b in deep])
+        allowed = torch.tensor([[a == b for b in signatures[1]] for a in signatures[0]],
+                               dtype=torch.bool)
+        try:
+            alignment: DepthAlignment = align_depth(cka - tie_break, variant, allowed=allowed)
+        except MergeError as error:
+            raise MergeError(f"align-depth: stage {stage} ({shallow[0].path} ...): {error}; "
+                             "the models are not of one family") from None
+        for i, j in enumerate(alignment.mapping):
+            mapping.update(zip(deep[j].modules, shallow[i].modules))
+        plan.stages.append({"stage": stage, "cka": cka, "mapping": list(alignment.mapping),
+                            "shallow": [b.path for b in shallow],
+                            "deep": [b.path for b in deep]})
+        plan.padded_paths += [m for j in alignment.padding for m in deep[j].modules]
+    return plan, mapping
+
+
+def _padded_state(shallow_state: dict[str, torch.Tensor], deep_state: dict[str, torch.Tensor],
+                  mapping: dict[str, str], padded_modules: set[str]) -> dict[str, torch.Tensor]:
+    """The deep model's state dict filled from the shallow model: aligned blocks take their
+    shallow block's state, padded blocks (made identities next) keep the deep model's."""
+    state = {}
+    for key, value in deep_state.items():
+        owner = next((m for m in (*mapping, *padded_modules) if key.startswith(m + ".")), None)
+        if owner in padded_modules:
+            state[key] = value.clone()
+            continue
+        source = key if owner is None else mapping[owner] + key[len(owner):]
+        if source not in shallow_state or shallow_state[source].shape != value.shape:
+            raise MergeError(f"align-depth: the shallow model has no entry {source!r} of "
+                             f"shape {tuple(value.shape)} for the deep model's {key!r}; "
+                             "the two models are not of one family")
+        state[key] = shallow_state[source].clone()
+    return state
+
+
+def _make_identities(module_deep: fx.GraphModule, stages_deep: Stages,
+                     state: dict[str, torch.Tensor], plan: DepthPlan) -> None:
+    """Turns every padded block of ``state`` into an identity block or layer, recording in
+    ``plan`` which keys it zeroed or made identities."""
+    padded_modules = set(plan.padded_paths)
+    for stage in stages_deep:
+        for index, block in enumerate(stage):
+            if not padded_modules.issuperset(block.modules):
+                continue
+            if not block.is_layer:
+                zeroed = _last_producers(module_deep, block)
+                plan.zeroed += zeroed
+                state.update({key: torch.zeros_like(state[key]) for key in zeroed})
+            elif index == 0:
+                raise MergeError(f"align-depth: the first layer of a stage ({block.path}) "
+                                 "cannot be an identity")
+            else:
+                plan.identity += _layer_identity(module_deep, block, stage[index - 1], state)
+
+
+def pad_shallow(module_shallow: fx.GraphModule, module_deep: fx.GraphModule,
+                stages_shallow: Stages, stages_deep: Stages, calibration: Iterable[Any],
+                example: tuple, variant: str = "segment-wise", device: str | None = None
+                ) -> tuple[fx.GraphModule, DepthPlan]:
+    """The shallow model in the deep model's graph: aligned blocks with the shallow model's
+    state, every other block an identity, so that it computes the shallow model's function."""
+    if len(stages_shallow) != len(stages_deep):
+        raise MergeError(f"align-depth: the models have {len(stages_shallow)} and "
+                         f"{len(stages_deep)} residual stages; they must have as many")
+    matrices = block_cka(module_shallow, module_deep, stages_shallow, stages_deep,
+                         calibration, example, device)
+    states = (module_shallow.state_dict(), module_deep.state_dict())
+    plan, mapping = _align_stages(matrices, stages_shallow, stages_deep, states, variant)
+    state = _padded_state(*states, mapping, set(plan.padded_paths))
+    _make_identities(module_deep, stages_deep, state, plan)
+    padded = copy.deepcopy(module_deep)
+    padded.load_state_dict(state)
+    _check_padded(module_shallow, padded, example)
+    return padded, plan
+
+
+def _check_padded(shallow: fx.GraphModule, padded: fx.GraphModule, example: tuple) -> None:
+    """The padded model must compute the shallow model's function."""
+    device = next((t.device for t in shallow.state_dict().values()), torch.device("cpu"))
+    inputs = tuple(t.to(device) for t in example)
+    with torch.no_grad():
+        expected, got = shallow(*inputs), padded.to(device)(*inputs)
+    expected, got = tensor_leaves(expected), tensor_leaves(got)
+    if len(expected) != len(got) or not all(
+            a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+            for a, b in zip(expected, got)):
+        raise MergeError("align-depth: the padded shallow model does not compute the shallow "
+                         "model's function; its blocks cannot be made identities")
+
+
+def unaligned_entries(plan: DepthPlan, spec: UnitSpec, unaligned: str
+                      ) -> tuple[dict[str, float], frozenset[str]]:
+    """The state-dict keys of blocks only the deep model (B) has, each with the factor of B's
+    entry in the merged one, and the spaces inside those blocks."""
+    # A residual block only B has: its zeroed producers averaged with B's (factor 1: the
+    # paper's average with the identity) and the rest of it B's alone (factor 2). A plain
+    # layer only B has: averaged with A's identity layer by the ordinary merge, or B's alone
+    # with unaligned="keep".
+    factors = {}
+    for key in plan.unaligned_keys(spec.shapes):
+        if unaligned == "keep":
+            factors[key] = 2.0
+        elif key in plan.zeroed:
+            factors[key] = 1.0
+        elif key not in plan.identity:
+            factors[key] = 2.0
+    inside = frozenset(s for s in spec.spaces
+                       if (bound := {b.key for b in spec.bindings if b.space == s})
+                       and bound <= factors.keys())
+    return factors, inside
+
+
 @dataclass(frozen=True)
 class AlignDepth:
-    """The align-depth pass. ``variant`` is "segment-wise" or "layer-wise"."""
+    """The align-depth pass, for models that segment found to differ in depth: the shallow
+    model becomes A, padded with identity blocks into the deep model's graph, and the deep
+    model B (``swapped`` in the plan when the caller's A was the deep one). ``variant`` is
+    "segment-wise" or "layer-wise"; ``unaligned`` says how blocks only B has merge."""
 
     variant: str = "segment-wise"
+    unaligned: str = "average"
     device: str | None = None
-    name: str = "align-depth"
+    name: ClassVar[str] = "align-depth"
 
-    def __call__(self, model_shallow: nn.Module, model_deep: nn.Module,
-                 module_shallow: fx.GraphModule, module_deep: fx.GraphModule,
-                 stages_shallow: list[list[Block]], stages_deep: list[list[Block]],
-                 calibration: list, example: tuple) -> tuple[nn.Module, DepthPlan]:
-        if len(stages_shallow) != len(stages_deep):
-            raise MergeError(f"align-depth: the models have {len(stages_shallow)} and "
-                             f"{len(stages_deep)} residual stages; they must have as many")
-        matrices = block_cka(module_shallow, module_deep, stages_shallow, stages_deep,
-                             calibration, example, self.device)
-        plan = DepthPlan()
-        mapping: dict[str, str] = {}
-        state_shallow, state_deep = model_shallow.state_dict(), model_deep.state_dict()
-        for stage, (cka, shallow, deep) in enumerate(zip(matrices, stages_shallow, stages_deep)):
-            # ties (an identity block repeats its input) go to the earlier deep block
-            tie_break = 1e-9 * torch.arange(cka.shape[1], dtype=cka.dtype)
-            signatures = ([_signature(b, state_shallow) for b in shallow],
-                          [_signature(b, state_deep) for b in deep])
-            allowed = torch.tensor([[a == b for b in signatures[1]] for a in signatures[0]],
-                                   dtype=torch.bool)
-            try:
-                alignment: DepthAlignment = align_depth(cka - tie_break, self.variant,
-                                                        allowed=allowed)
-            except MergeError as error:
-                raise MergeError(f"align-depth: stage {stage} ({shallow[0].path} ...): {error}; "
-                                 "the models are not of one family") from None
-            for i, j in enumerate(alignment.mapping):
-                mapping.update(zip(deep[j].modules, shallow[i].modules))
-            plan.stages.append({"stage": stage, "cka": cka, "mapping": list(alignment.mapping),
-                                "shallow": [b.path for b in shallow],
-                                "deep": [b.path for b in deep]})
-            plan.padded_paths += [m for j in alignment.padding for m in deep[j].modules]
-        padded = self._pad(model_shallow, model_deep, module_deep, stages_deep, mapping, plan)
-        return padded, plan
+    def applies(self, state: PipelineState) -> bool:
+        return bool(state.stages)
 
-    def _pad(self, model_shallow: nn.Module, model_deep: nn.Module, module_deep: fx.GraphModule,
-             stages_deep: list[list[Block]], mapping: dict[str, str], plan: DepthPlan
-             ) -> nn.Module:
-        shallow_state = model_shallow.state_dict()
-        deep_state = model_deep.state_dict()
-        padded_modules = set(plan.padded_paths)
-        state = {}
-        for key, value in deep_state.items():
-            owner = next((m for m in (*mapping, *padded_modules) if key.startswith(m + ".")), None)
-            if owner in padded_modules:
-                state[key] = value.clone()
-                continue
-            source = key if owner is None else mapping[owner] + key[len(owner):]
-            if source not in shallow_state or shallow_state[source].shape != value.shape:
-                raise MergeError(f"align-depth: the shallow model has no entry {source!r} of "
-                                 f"shape {tuple(value.shape)} for the deep model's {key!r}; "
-                                 "the two models are not of one family")
-            state[key] = shallow_state[source].clone()
-        for stage in stages_deep:
-            for index, block in enumerate(stage):
-                if not padded_modules.issuperset(block.modules):
-                    continue
-                if not block.is_layer:
-                    zeroed = _last_producers(module_deep, block)
-                    plan.zeroed += zeroed
-                    state.update({key: torch.zeros_like(state[key]) for key in zeroed})
-                elif index == 0:
-                    raise MergeError(f"align-depth: the first layer of a stage ({block.path}) "
-                                     "cannot be an identity")
-                else:
-                    plan.identity += _layer_identity(module_deep, block, stage[index - 1], state)
-        padded = copy.deepcopy(model_deep)
-        padded.load_state_dict(state)
-        return padded.eval()
+    def run(self, state: PipelineState) -> PipelineState:
+        graphs, specs = state.require("graphs", self.name), state.require("specs", self.name)
+        blocks = [sum(len(stage) for stage in stages) for stages in state.stages]
+        swapped = blocks[0] > blocks[1]
+        shallow, deep = (1, 0) if swapped else (0, 1)
+        padded, plan = pad_shallow(graphs[shallow], graphs[deep], state.stages[shallow],
+                                   state.stages[deep], state.calibration, state.example,
+                                   self.variant, self.device)
+        plan.swapped = swapped
+        only_b, inside = unaligned_entries(plan, specs[deep], self.unaligned)
+        return state.evolve(graphs=(padded, graphs[deep]), specs=(specs[deep], specs[deep]),
+                            depth=plan, only_b=only_b, unaligned_spaces=inside)

@@ -14,7 +14,7 @@ structure (heads, groups, composite parts) or *fix* spaces (identity only) with 
 without a rule fixes every space it touches, unless all its inputs are constants. Soundness
 first: a wrong space silently breaks a merged model, a fixed space only merges less.
 
-The result is a :class:`~mergec.spec.UnitSpec`; the labels of every node are also written to
+The result is a :class:`~mergec.ir.spec.UnitSpec`; the labels of every node are also written to
 ``node.meta["mergec"]`` as an immutable :class:`NodeUnits`.
 """
 from __future__ import annotations
@@ -23,14 +23,15 @@ import logging
 import operator
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NamedTuple, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterable, NamedTuple, Sequence, Union
 
 import sympy
 import torch
 from torch import fx
 
-from mergec.passes.trace import call_arguments, module_path
-from mergec.spec import Binding, Space, UnitSpec
+from mergec.ir.fx import STATE_KEYS, call_arguments, module_path
+from mergec.ir.spec import Binding, Space, UnitSpec
+from mergec.ir.state import PipelineState
 
 log = logging.getLogger(__name__)
 
@@ -1502,28 +1503,31 @@ def build_spec(a: Annotator, model_name: str = "") -> UnitSpec:
                     outputs=tuple(outputs))
 
 
+def annotate_units(graph_module: fx.GraphModule, state_keys: Iterable[str] | None = None,
+                   fix_outputs: bool = True, model_name: str = "") -> UnitSpec:
+    """The unit spec of a traced graph module. ``fix_outputs=False`` treats model outputs as
+    features that may come out permuted (a backbone whose hidden states are merged further
+    on)."""
+    keys = state_keys if state_keys is not None else graph_module.meta.get(
+        STATE_KEYS, tuple(graph_module.state_dict()))
+    annotator = Annotator(graph_module, keys, fix_outputs=fix_outputs)
+    annotator.run()
+    if annotator.fallbacks:
+        log.info("annotate-units: %d ops without a rule fixed their spaces",
+                 len(annotator.fallbacks))
+    return build_spec(annotator, model_name)
+
+
 @dataclass(frozen=True)
 class AnnotateUnits:
-    """The annotate-units pass. ``fix_outputs=False`` treats model outputs as features that
-    may come out permuted (a backbone whose hidden states are merged further on)."""
+    """The annotate-units pass: the unit spec of every graph of the state (``specs``)."""
 
     fix_outputs: bool = True
-    name: str = "annotate-units"
+    name: ClassVar[str] = "annotate-units"
 
-    def __call__(self, graph_module: fx.GraphModule, state_keys: Iterable[str],
-                 model_name: str = "") -> tuple[UnitSpec, Annotator]:
-        annotator = Annotator(graph_module, state_keys, fix_outputs=self.fix_outputs)
-        annotator.run()
-        if annotator.fallbacks:
-            log.info("annotate-units: %d ops without a rule fixed their spaces",
-                     len(annotator.fallbacks))
-        return build_spec(annotator, model_name), annotator
-
-
-def annotate_units(graph_module: fx.GraphModule, state_keys: Iterable[str] | None = None,
-                   fix_outputs: bool = True) -> UnitSpec:
-    """Runs annotate-units on a traced graph module and returns its unit spec."""
-    keys = state_keys if state_keys is not None else graph_module.meta.get(
-        "mergec_state_keys", tuple(graph_module.state_dict()))
-    spec, _ = AnnotateUnits(fix_outputs=fix_outputs)(graph_module, keys)
-    return spec
+    def run(self, state: PipelineState) -> PipelineState:
+        graphs = state.require("graphs", self.name)
+        specs = tuple(annotate_units(graph, graph.meta[STATE_KEYS], self.fix_outputs,
+                                     type(model).__name__)
+                      for graph, model in zip(graphs, state.models))
+        return state.evolve(specs=specs)

@@ -1,6 +1,6 @@
 """match: a merge plan for every space, from activation and/or weight similarity.
 
-Spaces are structured (see :mod:`mergec.spec`); decisions are made on *leaves*: flat spaces and
+Spaces are structured (see :mod:`mergec.ir.spec`); decisions are made on *leaves*: flat spaces and
 blocks spaces without separated parts. Every space is laid out as *occurrences* of leaves
 (:func:`occurrences`): a composite space is its parts side by side, a tiled space repeats its
 channel space once per pixel. A leaf's plan is placed at each of its occurrences to give the
@@ -28,21 +28,23 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
+from torch import fx
 from scipy.optimize import linear_sum_assignment
 
 from mergec.algorithms import solvers
 from mergec.algorithms.covariance import JointMoments
 from mergec.algorithms.solvers import MergePlan
+from mergec.algorithms.tensors import apply_along
 from mergec.errors import MergeError
-from mergec.passes.zip import apply_along
-from mergec.spec import Binding, UnitSpec
+from mergec.ir.fx import aten_name
+from mergec.ir.spec import Binding, UnitSpec
+from mergec.ir.state import METHODS, PipelineState
 
 log = logging.getLogger(__name__)
 
-METHODS = ("average", "permute", "zip", "weight-match", "mudsc")
 Occurrence = tuple[str, torch.Tensor]  # (leaf space id, positions of its units in the space)
 
 
@@ -128,6 +130,90 @@ def resized(spec: UnitSpec, widths: Mapping[str, int]) -> UnitSpec:
         factors = tuple((f, size_of(f) if f else n) for f, n in space.factors)
         spaces[space_id] = dataclasses.replace(space, size=size_of(space_id), factors=factors)
     return dataclasses.replace(spec, spaces=spaces)
+
+
+def target_widths(spec_a: UnitSpec, spec_b: UnitSpec, width: Any) -> dict[str, int]:
+    """The merged width of every free flat space: ``"max"`` (default), ``"min"``, ``"a"``,
+    ``"b"``, ``"sum"`` (d_a + d_b: nothing merged), a fraction of d_a + d_b, or an int."""
+    widths = {}
+    for space_id, space in spec_a.spaces.items():
+        other = spec_b.spaces[space_id]
+        if space.kind == "blocks" and not space.parts and space.size != other.size \
+                and space.block_count == other.block_count:
+            widths[space_id] = space.block_count * _head_size(space, other, width)
+            continue
+        if space.kind != "flat" or not spec_a.is_free(space_id):
+            continue
+        d_a, d_b = space.size, other.size
+        if width == "max":
+            target = max(d_a, d_b)
+        elif width == "min":
+            target = min(d_a, d_b)
+        elif width == "a":
+            target = d_a
+        elif width == "b":
+            target = d_b
+        elif width == "sum":
+            target = d_a + d_b
+        elif isinstance(width, float) and 0 < width <= 1:
+            target = max(1, round(width * (d_a + d_b)))
+        elif isinstance(width, int) and not isinstance(width, bool) and width >= 1:
+            target = min(width, d_a + d_b)
+        else:
+            raise MergeError(f"merge: width must be 'max', 'min', 'a', 'b', 'sum', a fraction "
+                             f"in (0, 1] or a positive int, got {width!r}")
+        widths[space_id] = target
+    return widths
+
+
+def _head_size(space_a: Any, space_b: Any, width: Any) -> int:
+    """The merged size of heads (or groups) whose count agrees and size differs."""
+    sizes = {"max": max(space_a.block_size, space_b.block_size),
+             "min": min(space_a.block_size, space_b.block_size),
+             "a": space_a.block_size, "b": space_b.block_size}
+    if width not in sizes:
+        raise MergeError(f"merge: the heads of {space_a.origin} have sizes {space_a.block_size} "
+                         f"and {space_b.block_size}; heads of different sizes merge at width "
+                         f"'max', 'min', 'a' or 'b', not {width!r}")
+    return sizes[width]
+
+
+def attention_roles(module: fx.GraphModule, spec: UnitSpec) -> dict[str, str]:
+    """The heads spaces read by ``scaled_dot_product_attention`` with its default scale
+    (1/sqrt(head size)): "qk" for query and key, "v" for value. A space also read by another
+    attention (one with a given scale) gets no role."""
+    roles: dict[str, str] = {}
+    refused: set[str] = set()
+    for node in module.graph.nodes:
+        if aten_name(node) != "scaled_dot_product_attention":
+            continue
+        default = node.kwargs.get("scale") is None
+        for position, role in ((0, "qk"), (1, "qk"), (2, "v")):
+            space = _heads_space(node.args[position], spec)
+            if space is None:
+                continue
+            if not default or roles.get(space, role) != role:
+                refused.add(space)
+            roles[space] = role
+    return {space: role for space, role in roles.items() if space not in refused}
+
+
+def _heads_space(node: Any, spec: UnitSpec) -> str | None:
+    """The blocks space whose heads ``node`` (an attention operand) carries: the nearest
+    producer upstream, through reshapes, transposes and cuts, whose axes include one."""
+    for _ in range(16):
+        if not isinstance(node, fx.Node):
+            return None
+        units = node.meta.get("mergec")
+        for space_id in (units.spaces or ()) if units is not None else ():
+            if space_id is not None and spec.spaces[space_id].kind == "blocks":
+                return space_id
+        inputs = [a for a in node.all_input_nodes
+                  if a.op != "get_attr" and isinstance(a.meta.get("val"), torch.Tensor)]
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,23 +376,34 @@ class Match:
     alpha: float = 0.0
     beta: float = 0.0
     weight_beta: float = 0.5  # MuDSC's β: share of weight similarity in the dual space
-    # blocks spaces read by scaled_dot_product_attention with its default scale: "qk" (query
-    # and key heads), "v" (value heads); only those may change their head size
-    attention: tuple[tuple[str, str], ...] = ()
+    width: Any = "max"  # merged widths, see target_widths
     max_iter: int = 30
     seed: int = 0
-    name: str = "match"
+    name: ClassVar[str] = "match"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise MergeError(f"match: unknown method {self.method!r}; choose one of "
                              f"{', '.join(METHODS)}")
 
-    def __call__(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
-                 params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
-                 spec_b: UnitSpec | None = None, widths: Mapping[str, int] | None = None,
-                 exclude: frozenset[str] = frozenset()
-                 ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
+    def run(self, state: PipelineState) -> PipelineState:
+        graphs, specs = state.require("graphs", self.name), state.require("specs", self.name)
+        spec_a, spec_b = specs
+        widths = target_widths(spec_a, spec_b, self.width)
+        resizing = spec_a.shapes != spec_b.shapes or any(
+            widths[s] != spec_a.spaces[s].size for s in widths)
+        plans, summaries = self._plan(
+            spec_a, state.moments, dict(graphs[0].named_parameters()),
+            dict(graphs[1].named_parameters()), spec_b=spec_b,
+            widths=widths if resizing else None, exclude=state.unaligned_spaces,
+            attention=attention_roles(graphs[0], spec_a))
+        return state.evolve(plans=plans, summaries=summaries)
+
+    def _plan(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
+              params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
+              spec_b: UnitSpec | None = None, widths: Mapping[str, int] | None = None,
+              exclude: frozenset[str] = frozenset(), attention: Mapping[str, str] | None = None
+              ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
         """Plans for every space. ``spec_b`` is B's spec where B's widths differ from A's;
         ``widths`` the merged width of each leaf that is not to keep its width (elastic zip:
         models of different width, or a merged model wider or narrower than its parents).
@@ -316,7 +413,8 @@ class Match:
         elastic = {s for s in leaves if widths.get(s, spec.spaces[s].size) != spec.spaces[s].size
                    or (spec_b is not None and spec_b.spaces[s].size != spec.spaces[s].size)}
         if elastic:
-            return self._elastic(spec, spec_b or spec, moments, widths, leaves, elastic)
+            return self._elastic(spec, spec_b or spec, moments, widths, leaves, elastic,
+                                 attention or {})
         plans, summary = self._same_width(spec, moments, [s for s in leaves if s not in exclude],
                                           params_a, params_b)
         plans.update({s: solvers.average(spec.spaces[s].size) for s in exclude if s in leaves})
@@ -399,8 +497,8 @@ class Match:
         return {s: full_plan(spec, s, leaf_plans) for s in spec.spaces}
 
     def _elastic(self, spec_a: UnitSpec, spec_b: UnitSpec, moments: Mapping[str, JointMoments],
-                 widths: dict[str, int], leaves: list[str], elastic: set[str]
-                 ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
+                 widths: dict[str, int], leaves: list[str], elastic: set[str],
+                 attention: Mapping[str, str]) -> tuple[dict[str, MergePlan], dict[str, dict]]:
         """Elastic zip (the heterogeneous-width method) on flat leaves whose widths differ;
         every other leaf keeps the same-width plan of ``zip``."""
         if self.method != "zip":
@@ -421,7 +519,7 @@ class Match:
             target = widths.get(order, max(sizes))
             if sizes[0] == sizes[1] == target:
                 new, block_summary = self._elastic_within(spec_a, spec_b, moments, order,
-                                                          members, widths)
+                                                          members, widths, attention)
             else:
                 new, block_summary = self._elastic_blocks(spec_a, spec_b, moments, order,
                                                           members, target)
@@ -539,13 +637,13 @@ class Match:
 
     def _elastic_within(self, spec_a: UnitSpec, spec_b: UnitSpec,
                         moments: Mapping[str, JointMoments], order: str, members: list[str],
-                        widths: Mapping[str, int]) -> tuple[dict[str, MergePlan], dict[str, dict]]:
+                        widths: Mapping[str, int], roles: Mapping[str, str]
+                        ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
         """Elastic zip inside heads whose count agrees and whose size differs: heads are
         paired across the models (Hungarian on their best unit matching), then each pair is
         zipped to the merged head size. Query and key heads of an attention whose scale is
         1/sqrt(head size) are rescaled so that each model's attention logits keep their scale."""
         count = spec_a.spaces[order].size
-        roles = dict(self.attention)
         sizes, joints = [], []
         for member in members:
             size_a, size_b = spec_a.spaces[member].block_size, spec_b.spaces[member].block_size

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import fx
 from tqdm.auto import tqdm
 
 from mergec.errors import MergeError
-from mergec.passes.collect_stats import GraphRunner, check_batch
-from mergec.passes.trace import aten_name
+from mergec.ir.fx import GraphRunner, aten_name, check_batch
+from mergec.ir.state import PipelineState
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +68,25 @@ class Repair:
     mode: str | None = "reset"
     device: str | None = None
     progress: bool = True
-    name: str = "repair"
+    name: ClassVar[str] = "repair"
 
     def __post_init__(self) -> None:
         if self.mode not in ("reset", "repair", None):
             raise MergeError(f"repair: unknown mode {self.mode!r}; choose 'reset', 'repair' "
                              "or None")
 
-    def __call__(self, module: fx.GraphModule, calibration: Iterable[Any], example: tuple,
-                 parents: tuple[fx.GraphModule, fx.GraphModule] | None = None,
-                 plans: dict | None = None) -> dict[str, int]:
-        result = self.reset(module, calibration, example)
+    def run(self, state: PipelineState) -> PipelineState:
+        merged = state.require("merged", self.name)
+        result = self._reset(merged, state.calibration, state.example)
         if self.mode == "repair":
-            if parents is None or plans is None:
-                raise MergeError("repair: mode 'repair' needs the parent models and the plans")
+            graphs = state.require("graphs", self.name)
             result["normalisations_repaired"] = repair_statistics(
-                module, parents[0], parents[1], plans, list(calibration), self.device)
-        return result
+                merged, graphs[0], graphs[1], state.plans, list(state.calibration), self.device)
+        if self.device:
+            merged.to(self.device)
+        return state.evolve(repair=result)
 
-    def reset(self, module: fx.GraphModule, calibration: Iterable[Any], example: tuple
+    def _reset(self, module: fx.GraphModule, calibration: Iterable[Any], example: tuple
               ) -> dict[str, int]:
         norms = [n for n in module.graph.nodes if _is_batch_norm(n)]
         if self.mode is None or not norms:

@@ -17,40 +17,21 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 from torch import fx
 
 from mergec.errors import MergeError
-from mergec.passes.trace import aten_name, module_path
+from mergec.ir.blocks import Block, Stages
+from mergec.ir.correspond import correspond
+from mergec.ir.fx import aten_name, module_path, tensor_ancestors
+from mergec.ir.state import PipelineState
 
 _WEIGHT_LAYERS = {"conv1d", "conv2d", "conv3d", "convolution", "linear", "addmm"}
 _FOLLOWERS = {"batch_norm", "_native_batch_norm_legit_no_training", "relu", "gelu",
               "silu", "tanh", "sigmoid", "leaky_relu", "hardtanh", "elu", "dropout", "clone",
               "layer_norm", "group_norm", "contiguous", "alias"}
-
-
-@dataclass(frozen=True)
-class Block:
-    """One block of a stage. A residual block: the module ``path`` that owns it and its
-    residual ``adds``. A plain layer (``adds`` empty): its ``nodes``, weight layer first;
-    ``path`` is the weight layer's module."""
-
-    stage: int
-    index: int
-    path: str
-    adds: tuple[str, ...] = ()
-    nodes: tuple[str, ...] = ()
-    modules: tuple[str, ...] = ()  # the modules whose state the block holds, in graph order
-
-    @property
-    def output(self) -> str:
-        return self.adds[-1] if self.adds else self.nodes[-1]
-
-    @property
-    def is_layer(self) -> bool:
-        return not self.adds
 
 
 def _residual_add(node: fx.Node) -> tuple[str, str] | None:
@@ -78,18 +59,6 @@ def _residual_add(node: fx.Node) -> tuple[str, str] | None:
     if not branch or len(spaces) != 1:
         return None
     return spaces[0], _common_module([module_path(node), *sorted(branch)])
-
-
-def tensor_ancestors(node: fx.Node) -> set[fx.Node]:
-    """The tensors ``node`` depends on (shapes alone, ``x.size(0)``, do not count)."""
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(a for a in current.all_input_nodes
-                         if isinstance(a.meta.get("val"), torch.Tensor) or a.op == "get_attr")
-    return seen
 
 
 def _common_module(paths: list[str]) -> str:
@@ -149,35 +118,56 @@ def _nested(outer: str, inner: str) -> bool:
     return outer == inner or inner.startswith(outer + ".") or outer.startswith(inner + ".")
 
 
+def segment(module: fx.GraphModule) -> Stages:
+    """Stages of blocks, in graph order: residual stages when the graph has residual adds,
+    else the layers of a plain chain."""
+    stages: dict[str, list[tuple[str, list[str]]]] = {}
+    for node in module.graph.nodes:
+        residual = _residual_add(node)
+        if residual is None:
+            continue
+        space, path = residual
+        blocks = stages.setdefault(space, [])
+        if blocks and _nested(blocks[-1][0], path):
+            # one layer's adds: the block is owned by the outer module
+            outer = min(blocks[-1][0], path, key=len)
+            blocks[-1] = (outer, blocks[-1][1] + [node.name])
+        else:
+            blocks.append((path, [node.name]))
+    if not stages:
+        return _plain_layers(module)
+    result = []
+    for stage, blocks in enumerate(stages.values()):
+        paths = [path for path, _ in blocks]
+        if len(set(paths)) != len(paths) or "" in paths:
+            raise MergeError(f"segment: stage {stage} has residual adds that no single module "
+                             f"owns ({paths}); depth alignment needs one module per block")
+        result.append([Block(stage, index, path, tuple(adds), modules=(path,))
+                       for index, (path, adds) in enumerate(blocks)])
+    return result
+
+
 @dataclass(frozen=True)
 class Segment:
-    """The segment pass: stages of blocks, in graph order. Residual stages when the graph has
-    residual adds, else the layers of a plain chain."""
+    """The segment pass. Models that do not correspond node for node are cut into stages of
+    blocks (``stages``), for align-depth; when that does not make them one family of
+    different depths, the error says where the graphs part ways. Models that correspond are
+    left as they are."""
 
-    name: str = "segment"
+    name: ClassVar[str] = "segment"
 
-    def __call__(self, module: fx.GraphModule) -> list[list[Block]]:
-        stages: dict[str, list[tuple[str, list[str]]]] = {}
-        for node in module.graph.nodes:
-            residual = _residual_add(node)
-            if residual is None:
-                continue
-            space, path = residual
-            blocks = stages.setdefault(space, [])
-            if blocks and _nested(blocks[-1][0], path):
-                # one layer's adds: the block is owned by the outer module
-                outer = min(blocks[-1][0], path, key=len)
-                blocks[-1] = (outer, blocks[-1][1] + [node.name])
-            else:
-                blocks.append((path, [node.name]))
-        if not stages:
-            return _plain_layers(module)
-        result = []
-        for stage, blocks in enumerate(stages.values()):
-            paths = [path for path, _ in blocks]
-            if len(set(paths)) != len(paths) or "" in paths:
-                raise MergeError(f"segment: stage {stage} has residual adds that no single module "
-                                 f"owns ({paths}); depth alignment needs one module per block")
-            result.append([Block(stage, index, path, tuple(adds), modules=(path,))
-                           for index, (path, adds) in enumerate(blocks)])
-        return result
+    def run(self, state: PipelineState) -> PipelineState:
+        graphs, specs = state.require("graphs", self.name), state.require("specs", self.name)
+        try:
+            correspond(specs[0], specs[1], graphs[0], graphs[1])
+            return state
+        except MergeError as error:
+            mismatch = error
+        try:
+            stages = tuple(segment(graph) for graph in graphs)
+        except MergeError:
+            raise mismatch from None
+        blocks = [sum(len(stage) for stage in model_stages) for model_stages in stages]
+        if not stages[0] or len(stages[0]) != len(stages[1]) or blocks[0] == blocks[1]:
+            raise mismatch
+        return state.evolve(stages=stages)

@@ -13,45 +13,17 @@ import inspect
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.export import Dim
 
 from mergec.errors import TraceError
+from mergec.ir.fx import STATE_KEYS, as_args, attach, is_guard, module_path
+from mergec.ir.state import PipelineState
 
 log = logging.getLogger(__name__)
-
-#: ``meta`` key of the graph module under which the traced model's state-dict keys are kept.
-STATE_KEYS = "mergec_state_keys"
-
-
-def is_guard(node: torch.fx.Node) -> bool:
-    """Export's shape-guard call: skipped when running a graph on other shapes, dropped when
-    emitting code."""
-    return node.op == "call_module" and node.target == "_guards_fn"
-
-
-def module_path(node: torch.fx.Node) -> str:
-    """The innermost module (``layer1.0.conv1``) a node was traced in; "" at the root."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
-
-
-def attach(root: nn.Module, key: str, value: torch.Tensor, parameter: bool) -> None:
-    """Registers ``value`` on ``root`` under the dotted state-dict ``key``, creating empty
-    modules along the path."""
-    *path, name = key.split(".")
-    owner = root
-    for part in path:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
-    if parameter:
-        owner.register_parameter(name, nn.Parameter(value, requires_grad=False))
-    else:
-        owner.register_buffer(name, value)
 
 
 def untie(graph_module: torch.fx.GraphModule, model: nn.Module) -> None:
@@ -84,46 +56,6 @@ def untie(graph_module: torch.fx.GraphModule, model: nn.Module) -> None:
     if changed:
         graph.lint()
         graph_module.recompile()
-
-
-def aten_name(node: torch.fx.Node) -> str:
-    """The aten op a call node runs, in-place variants by their out-of-place name ("relu" for
-    ``relu_``); "" for anything else."""
-    packet = getattr(node.target, "_overloadpacket", None)
-    if node.op != "call_function" or packet is None:
-        return ""
-    name = packet.__name__
-    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
-
-
-def call_arguments(node: torch.fx.Node) -> dict[str, Any]:
-    """The call's arguments by schema name, defaults filled in (aten overloads only)."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return dict(node.kwargs)
-    result = {}
-    for index, argument in enumerate(schema.arguments):
-        if index < len(node.args):
-            result[argument.name] = node.args[index]
-        elif argument.name in node.kwargs:
-            result[argument.name] = node.kwargs[argument.name]
-        elif argument.has_default_value():
-            result[argument.name] = argument.default_value
-    return result
-
-
-def as_args(example_inputs: Any) -> tuple:
-    """Normalises example inputs: a bare tensor is one positional input."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if not isinstance(example_inputs, tuple):
-        raise TraceError(
-            f"trace: example inputs must be a tensor or a tuple of positional inputs, "
-            f"got {type(example_inputs).__name__}"
-        )
-    return example_inputs
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -165,13 +97,6 @@ def _module_path(error: BaseException, model: nn.Module) -> str:
             path = modules[id(frame_self)] or "<root>"
         traceback = traceback.tb_next
     return path
-
-
-@dataclass(frozen=True)
-class TraceOptions:
-    """Options of the trace pass."""
-
-    dynamic_batch: bool = True
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
@@ -250,3 +175,16 @@ def _drop_injected_kwargs(graph_module: torch.fx.GraphModule, args: tuple, kwarg
     codegen.pytree_info = codegen.pytree_info._replace(in_spec=in_spec, orig_args=kept)
     graph_module._in_spec = in_spec
     graph_module.recompile()
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The trace pass: every model of the state exported to a graph module (``graphs``)."""
+
+    dynamic_batch: bool = True
+    name: ClassVar[str] = "trace"
+
+    def run(self, state: PipelineState) -> PipelineState:
+        graphs = tuple(trace(model, state.example, dynamic_batch=self.dynamic_batch)
+                       for model in state.models)
+        return state.evolve(graphs=graphs)

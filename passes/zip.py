@@ -10,24 +10,19 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import fx
 
 from mergec.algorithms.solvers import MergePlan
 from mergec.errors import MergeError
-from mergec.permute import block_diagonal, diagonal_blocks
-from mergec.passes.trace import aten_name, attach, is_guard
-from mergec.spec import Binding, UnitSpec
+from mergec.algorithms.tensors import apply_along, block_diagonal, diagonal_blocks
+from mergec.ir.fx import aten_name, attach, is_guard
+from mergec.ir.spec import Binding, UnitSpec
+from mergec.ir.state import PipelineState
 
 log = logging.getLogger(__name__)
-
-
-def apply_along(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
-    """``new[.., r, ..] = Σ_d matrix[r, d] · tensor[.., d, ..]``."""
-    moved = tensor.movedim(axis, -1)
-    return (moved @ matrix.T.to(moved)).movedim(-1, axis)
 
 
 def merge_entry(tensors: tuple[torch.Tensor, torch.Tensor], bindings: list[Binding],
@@ -108,13 +103,20 @@ class Zip:
 
     stop_at: str | None = None
     heads: str = "average"
-    only_b: tuple[tuple[str, float], ...] = ()
-    name: str = "zip"
+    name: ClassVar[str] = "zip"
 
-    def __call__(self, module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
-                 plans: Mapping[str, MergePlan]) -> fx.GraphModule:
-        state = merged_state(module_a.state_dict(), module_b.state_dict(), spec, plans,
-                             dict(self.only_b))
+    def run(self, state: PipelineState) -> PipelineState:
+        graphs, specs = state.require("graphs", self.name), state.require("specs", self.name)
+        plans = state.require("plans", self.name)
+        merged = self._emit(graphs[0], graphs[1], specs[0], plans, state.only_b)
+        if specs[0].shapes != specs[1].shapes or any(
+                plan.width != specs[0].spaces[s].size for s, plan in plans.items()):
+            _check_runs(merged, state.example)
+        return state.evolve(merged=merged)
+
+    def _emit(self, module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
+              plans: Mapping[str, MergePlan], only_b: Mapping[str, float]) -> fx.GraphModule:
+        state = merged_state(module_a.state_dict(), module_b.state_dict(), spec, plans, only_b)
         stop = self.stop_node(module_a)
         if stop is None:
             merged = copy.deepcopy(module_a)
@@ -141,6 +143,18 @@ class Zip:
         if self.heads == "separate":
             return last_feature_node(module)
         return None
+
+
+def _check_runs(module: fx.GraphModule, example: tuple) -> None:
+    """A merged model of new widths must run: a size the graph fixes elsewhere would not."""
+    device = next((t.device for t in module.state_dict().values()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            module(*(t.to(device) for t in example))
+    except Exception as error:  # noqa: BLE001 - reported with what the user can do
+        raise MergeError(f"zip: the merged model at its new widths does not run ({error}); a "
+                         "size in the graph is fixed by something mergec does not rewrite. "
+                         "Merge at the models' own width (width='a').") from error
 
 
 def resize_module(module: fx.GraphModule, state: Mapping[str, torch.Tensor],

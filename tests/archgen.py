@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-from mergec.spec import UnitSpec
+from mergec.ir.spec import UnitSpec
 
 # ---------------------------------------------------------------------------------------------
 # References to spaces and expectations over a unit spec

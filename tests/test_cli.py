@@ -86,3 +86,31 @@ def test_merge_errors_are_reported_not_raised(vgg_checkpoints, tmp_path, capsys)
                  "--kwargs", '{"cfg": "16", "width": 4}', "--calibration", str(inputs),
                  "--quiet", "-o", str(tmp_path / "b")]) == 1
     assert "does not fit --model" in capsys.readouterr().err
+
+
+def test_merge_stops_after_a_pass_and_dumps_its_report(vgg_checkpoints, tmp_path, capsys):
+    _, _, (path_a, path_b), inputs = vgg_checkpoints
+    dump = tmp_path / "after-align-depth.json"
+    code = main(["merge", str(path_a), str(path_b), "--model", VGG,
+                 "--kwargs", '{"cfg": "11", "width": 4}',
+                 "--kwargs-b", '{"cfg": "16", "width": 4}', "--calibration", str(inputs),
+                 "--batch-size", "32", "--quiet", "--stop-after", "align-depth",
+                 "--dump", str(dump)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(dump.read_text())
+    assert report["passes"] == ["trace", "annotate-units", "segment", "align-depth"]
+    assert report["depth"]["padded"] and report["spaces"]
+    assert not any("width" in entry for entry in report["spaces"].values())  # match never ran
+
+
+def test_merge_refuses_an_unknown_pass_and_a_missing_output(vgg_checkpoints, capsys):
+    _, _, (path_a, _), inputs = vgg_checkpoints
+    arguments = ["merge", str(path_a), str(path_a), "--model", VGG,
+                 "--kwargs", '{"cfg": "11", "width": 4}', "--calibration", str(inputs),
+                 "--quiet"]
+    assert main([*arguments, "--stop-after", "zipp"]) == 1
+    assert "no pass is called 'zipp'" in capsys.readouterr().err
+    assert main(arguments) == 1
+    assert "-o FOLDER" in capsys.readouterr().err
+    assert main([*arguments, "--stop-after", "match", "-o", "unused"]) == 1
+    assert "no merged model after match" in capsys.readouterr().err

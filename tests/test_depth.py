@@ -5,7 +5,7 @@ from torch import nn
 
 import mergec
 from mergec import zoo
-from mergec.passes.segment import Segment
+from mergec.passes.segment import segment
 
 
 def _randomize_batch_norm(model: nn.Module) -> nn.Module:
@@ -52,11 +52,11 @@ def family():
 def test_segment_finds_stages_and_blocks():
     torch.manual_seed(0)
     model = zoo.resnet20(depth=14).eval()
-    stages = Segment()(_annotated(model, torch.randn(2, 1, 28, 28)))
+    stages = segment(_annotated(model, torch.randn(2, 1, 28, 28)))
     assert [[block.path for block in stage] for stage in stages] == [
         ["layer1.0", "layer1.1"], ["layer2.0", "layer2.1"], ["layer3.0", "layer3.1"]]
     vit = zoo.small_vit(depth=2, dim=16, heads=2, mlp_dim=32, image_size=8, patch=4).eval()
-    stages = Segment()(_annotated(vit, torch.randn(2, 1, 8, 8)))
+    stages = segment(_annotated(vit, torch.randn(2, 1, 8, 8)))
     assert len(stages) == 1 and len(stages[0]) == 2
     assert all(len(block.adds) == 2 for block in stages[0])  # attention and MLP residuals
 
@@ -138,7 +138,7 @@ def _vgg_with_identity_layers(shallow: nn.Module, deep: nn.Module) -> nn.Module:
 
 def test_segment_cuts_a_plain_chain_into_stages_of_layers():
     torch.manual_seed(0)
-    stages = Segment()(_annotated(zoo.vgg("11", width=4).eval(), torch.randn(2, 1, 28, 28)))
+    stages = segment(_annotated(zoo.vgg("11", width=4).eval(), torch.randn(2, 1, 28, 28)))
     assert [len(stage) for stage in stages] == [1, 1, 2, 2, 2, 2]  # 5 conv stages, classifier
     assert stages[2][1].path == "features.11"
     assert stages[2][1].modules == ("features.11", "features.12")  # conv and its BatchNorm
@@ -224,7 +224,7 @@ def _gpt2(layers: int):
 def test_segment_finds_gpt2_blocks_and_not_its_polynomials():
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (4, 8))
-    stages = Segment()(_annotated(_gpt2(2), ids))
+    stages = segment(_annotated(_gpt2(2), ids))
     # one stage (the residual stream); the embeddings' sum and GELU's x + 0.044715 x³ are
     # not blocks
     assert [[block.path for block in stage] for stage in stages] == [
@@ -273,7 +273,7 @@ def test_transformers_vit_segments_by_layer_and_merges_across_depths():
     torch.manual_seed(0)
     shallow, deep = make(2), make(3)
     x = torch.randn(48, 1, 8, 8)
-    stages = Segment()(_annotated(shallow, x[:4]))
+    stages = segment(_annotated(shallow, x[:4]))
     assert [[len(block.adds) for block in stage] for stage in stages] == [[2, 2]]
     result = mergec.merge(shallow, deep, x[:4], [(b,) for b in x.split(16)], progress=False)
     assert len(result.report.depth.padded_paths) == 1

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 import mergec
 from mergec.permute import random_permutations
-from mergec.spec import UnitSpec
+from mergec.ir.spec import UnitSpec
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import mergec
 from mergec.permute import random_permutations
-from mergec.spec import Space, UnitSpec
+from mergec.ir.spec import Space, UnitSpec
 
 
 # ---------------------------------------------------------------------------------------------

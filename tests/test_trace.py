@@ -8,7 +8,7 @@ from torch import fx, nn
 
 import mergec
 from mergec import TraceError
-from mergec.passes.trace import STATE_KEYS
+from mergec.ir.fx import STATE_KEYS
 
 
 class SmallNet(nn.Module):

@@ -1,0 +1,44 @@
+"""Whether two traced models correspond: one topology, one structure of spaces."""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from mergec.errors import MergeError
+from mergec.ir.spec import UnitSpec
+
+
+def correspond(spec_a: UnitSpec, spec_b: UnitSpec, module_a: fx.GraphModule,
+               module_b: fx.GraphModule) -> bool:
+    """Checks that two graphs have one topology and their specs one structure; returns whether
+    their widths differ. Raises a MergeError naming the first node where they part ways."""
+    nodes_a = [n for n in module_a.graph.nodes if n.op != "output"]
+    nodes_b = [n for n in module_b.graph.nodes if n.op != "output"]
+    for node_a, node_b in zip(nodes_a, nodes_b):
+        rank_a, rank_b = (len(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor)
+                          else None for n in (node_a, node_b))
+        if node_a.target != node_b.target or rank_a != rank_b:
+            raise MergeError(
+                "merge: the two models do not correspond. They part ways at A's "
+                f"{node_a.format_node()} and B's {node_b.format_node()}. mergec merges models "
+                "of one architecture, also at different widths, and residual networks or plain "
+                "chains of one family at different depths.")
+    if len(nodes_a) != len(nodes_b):
+        raise MergeError(f"merge: the two models do not correspond: A's graph has {len(nodes_a)} "
+                         f"nodes, B's {len(nodes_b)}")
+    if set(spec_a.shapes) != set(spec_b.shapes):
+        missing = sorted(set(spec_a.shapes) ^ set(spec_b.shapes))[:5]
+        raise MergeError(f"merge: the models' state dicts differ in keys, e.g. {missing}")
+    bindings_a = {(b.key, b.axis): b.space for b in spec_a.bindings}
+    bindings_b = {(b.key, b.axis): b.space for b in spec_b.bindings}
+    if bindings_a != bindings_b or spec_a.spaces.keys() != spec_b.spaces.keys():
+        first = next((k for k in sorted(bindings_a) if bindings_a.get(k) != bindings_b.get(k)),
+                     None)
+        raise MergeError(f"merge: the two models' units do not correspond (first at {first}): "
+                         "their graphs share a topology but not their spaces")
+    for space_id, space_a in spec_a.spaces.items():
+        space_b = spec_b.spaces[space_id]
+        if (space_a.kind, space_a.fixed is None) != (space_b.kind, space_b.fixed is None):
+            raise MergeError(f"merge: space {space_id} ({space_a.origin}) is {space_a.kind} in "
+                             f"A and {space_b.kind} in B")
+    return spec_a.shapes != spec_b.shapes

@@ -1,0 +1,152 @@
+"""Helpers over mergec's fx graphs: what a node runs, where it was traced, how to read its
+arguments, and how to run a graph on calibration data.
+
+The graphs are those of ``passes/trace.py``: aten-level, parameters and buffers as ``get_attr``
+nodes named by their state-dict keys, a fake tensor in every node's ``meta["val"]``.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from mergec.errors import MergeError, TraceError
+
+#: ``meta`` key of the graph module under which the traced model's state-dict keys are kept.
+STATE_KEYS = "mergec_state_keys"
+
+
+def is_guard(node: fx.Node) -> bool:
+    """Export's shape-guard call: skipped when running a graph on other shapes, dropped when
+    emitting code."""
+    return node.op == "call_module" and node.target == "_guards_fn"
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module (``layer1.0.conv1``) a node was traced in; "" at the root."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def aten_name(node: fx.Node) -> str:
+    """The aten op a call node runs, in-place variants by their out-of-place name ("relu" for
+    ``relu_``); "" for anything else."""
+    packet = getattr(node.target, "_overloadpacket", None)
+    if node.op != "call_function" or packet is None:
+        return ""
+    name = packet.__name__
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
+def call_arguments(node: fx.Node) -> dict[str, Any]:
+    """The call's arguments by schema name, defaults filled in (aten overloads only)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return dict(node.kwargs)
+    result = {}
+    for index, argument in enumerate(schema.arguments):
+        if index < len(node.args):
+            result[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            result[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            result[argument.name] = argument.default_value
+    return result
+
+
+def tensor_ancestors(node: fx.Node) -> set[fx.Node]:
+    """The tensors ``node`` depends on, itself included (shapes alone, ``x.size(0)``, do not
+    count)."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(a for a in current.all_input_nodes
+                         if isinstance(a.meta.get("val"), torch.Tensor) or a.op == "get_attr")
+    return seen
+
+
+def attach(root: nn.Module, key: str, value: torch.Tensor, parameter: bool) -> None:
+    """Registers ``value`` on ``root`` under the dotted state-dict ``key``, creating empty
+    modules along the path."""
+    *path, name = key.split(".")
+    owner = root
+    for part in path:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if parameter:
+        owner.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    else:
+        owner.register_buffer(name, value)
+
+
+def as_args(example_inputs: Any) -> tuple:
+    """Normalises example inputs: a bare tensor is one positional input."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, tuple):
+        raise TraceError(
+            f"trace: example inputs must be a tensor or a tuple of positional inputs, "
+            f"got {type(example_inputs).__name__}"
+        )
+    return example_inputs
+
+
+def tensor_leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors in a model's output (a tensor, a tuple, a dict, a transformers output)."""
+    if hasattr(value, "to_tuple"):  # transformers' ModelOutput
+        value = value.to_tuple()
+    return [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+class GraphRunner(fx.Interpreter):
+    """Runs a traced graph module on data of any batch size: export's shape guards are
+    skipped, intermediate values freed as soon as they are used."""
+
+    def __init__(self, graph_module: fx.GraphModule):
+        super().__init__(graph_module, garbage_collect_values=True)
+
+    def run_node(self, node: fx.Node) -> Any:
+        return None if is_guard(node) else super().run_node(node)
+
+
+class ProbeInterpreter(GraphRunner):
+    """Runs a graph module and keeps the values of the named nodes."""
+
+    def __init__(self, graph_module: fx.GraphModule, wanted: Iterable[str]):
+        super().__init__(graph_module)
+        self.wanted = set(wanted)
+        self.captured: dict[str, torch.Tensor] = {}
+
+    def run_node(self, node: fx.Node) -> Any:
+        value = super().run_node(node)
+        if node.name in self.wanted:
+            self.captured[node.name] = value
+        return value
+
+
+def check_batch(batch: Any, example: tuple, index: int) -> tuple:
+    """A calibration batch as a tuple of positional inputs, checked against the example."""
+    inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+    inputs = tuple(inputs)
+    if len(inputs) != len(example):
+        raise MergeError(
+            f"collect-stats: calibration batch {index} has {len(inputs)} inputs, the model takes "
+            f"{len(example)}. Pass batches as tuples of forward's positional inputs "
+            "(use mergec.calibration_from_loader for (inputs, labels) loaders).")
+    for position, (value, reference) in enumerate(zip(inputs, example)):
+        if not isinstance(value, torch.Tensor):
+            raise MergeError(f"collect-stats: input {position} of calibration batch {index} is "
+                             f"a {type(value).__name__}, not a tensor")
+        if value.dtype != reference.dtype or tuple(value.shape[1:]) != tuple(reference.shape[1:]):
+            raise MergeError(
+                f"collect-stats: input {position} of calibration batch {index} has shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}; the model was traced with "
+                f"{tuple(reference.shape)} {reference.dtype} (only the batch size may differ)")
+    return inputs
