@@ -31,9 +31,9 @@ import transformers
 from torch import nn
 
 import mergec
-from mergec.passes.annotate_units import annotate_units
 from mergec.ir.fx import STATE_KEYS
 from mergec.ir.spec import UnitSpec
+from mergec.passes.annotate_units import annotate_units
 
 BATCH = 2
 

@@ -9,7 +9,8 @@
    without the BatchNorm reset.
 3. Heterogeneous (``--heterogeneous``), on the disjoint 5+5 tasks and on the same task, zip
    (α=β=0.5) with the BatchNorm reset: ResNet-20 ×1 (A) with ResNet-20 ×2 (B) by elastic zip
-   at width "max" (and a ViT with a 1.5× wider one with 6 heads instead of 4); ResNet-20 (A) with ResNet-32 (B) and VGG-11 (A) with VGG-16 (B) by CKA depth
+   at width "max" (and a ViT with a 1.5× wider one with 6 heads instead of 4); ResNet-20 (A)
+   with ResNet-32 (B) and VGG-11 (A) with VGG-16 (B) by CKA depth
    alignment and identity padding; a 4-layer (A) with a 6-layer (B) ``small_vit`` (also with
    REPAIR); each beside the homogeneous merge of the same family (A with a B of A's
    architecture).
@@ -272,7 +273,8 @@ def task_subsets(config: Config, data: Data) -> list[tuple[torch.Tensor, torch.T
 # ---------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------
-def time_evaluation(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> tuple[torch.Tensor, float]:
+def time_evaluation(model: nn.Module, x: torch.Tensor, repeats: int = 3
+                    ) -> tuple[torch.Tensor, float]:
     """The model's logits on ``x`` and the median wall time of ``repeats`` passes, after one
     warm-up pass (which gives the logits)."""
     logits = predict_logits(model, x, device="cpu")
@@ -380,8 +382,10 @@ def pairing(title: str, model_a: nn.Module, model_b: nn.Module, model_b_other: n
     """Parents, ensembles and merges of one pairing; ``labels`` name A, B of A's architecture
     and B of the other; ``options`` are added to the heterogeneous merge's, ``extra`` adds
     merges with other options (label, options, whether with the heterogeneous B)."""
-    logits = [predict_logits(m, data.x_test, device="cpu") for m in (model_a, model_b, model_b_other)]
-    roles_ = ("seed 2", "seed 3", "seed 3") if same_task else ("classes 0-4",) + ("classes 5-9",) * 2
+    logits = [predict_logits(m, data.x_test, device="cpu")
+              for m in (model_a, model_b, model_b_other)]
+    roles_ = (("seed 2", "seed 3", "seed 3") if same_task
+              else ("classes 0-4",) + ("classes 5-9",) * 2)
     parents = [_parent_row(f"A: {labels[0]}, {roles_[0]}", model_a, logits[0], data),
                _parent_row(f"B: {labels[1]}, {roles_[1]}", model_b, logits[1], data),
                _parent_row(f"B: {labels[2]}, {roles_[2]}", model_b_other, logits[2], data)]
@@ -627,7 +631,8 @@ def heterogeneous_table(pairing: Pairing, same_task: bool) -> str:
         if same_task:
             parents = "—" if which is None else _ratio(s.joint, parent_means[which])
             ratio = "—" if reference is None else _ratio(s.joint, reference.joint)
-            return f"| {row.label} | {params} | {_percent(s.joint)} | {parents} | {ratio} | {seconds} |"
+            return (f"| {row.label} | {params} | {_percent(s.joint)} | {parents} | {ratio} "
+                    f"| {seconds} |")
         ratio = "—" if reference is None else _ratio(s.joint, reference.joint)
         head_ratio = "—" if reference is None else _ratio(s.task_head_mean,
                                                           reference.task_head_mean)

@@ -23,7 +23,8 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is a CheckpointError
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (corrupt, or not a "
-                              f"safetensors / weights-only torch file): {str(error).splitlines()[0]}") from error
+                              f"safetensors / weights-only torch file): "
+                              f"{str(error).splitlines()[0]}") from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

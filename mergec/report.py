@@ -76,6 +76,7 @@ def to_dot(graph: nx.DiGraph) -> str:
         lines.append(f"  {quote(node)} [label={quote(data.get('label', node))}, "
                      f"shape={shape}{style}];")
     for source, target, data in graph.edges(data=True):
-        lines.append(f"  {quote(source)} -> {quote(target)} [label={quote(data.get('label', ''))}];")
+        label = quote(data.get("label", ""))
+        lines.append(f"  {quote(source)} -> {quote(target)} [label={label}];")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -9,7 +9,8 @@ Example::
     >>> from mergec import datasets, training, zoo
     >>> x, y = datasets.digits("train")
     >>> settings = {"epochs": 10, "batch_size": 64, "lr": 0.05, "seed": 0, "width": 16}
-    >>> model = training.cached_train("digits_cnn", lambda: zoo.digits_cnn(16), settings, x, y)  # doctest: +SKIP
+    >>> model = training.cached_train(  # doctest: +SKIP
+    ...     "digits_cnn", lambda: zoo.digits_cnn(16), settings, x, y)
     >>> training.evaluate(model, *datasets.digits("test"))   # doctest: +SKIP
     0.97...
 """
@@ -201,7 +202,8 @@ def checkpoint_key(name: str, settings: Mapping[str, Any], model: nn.Module,
     try:
         settings_json = json.dumps(settings, sort_keys=True, default=str)
     except (TypeError, ValueError) as error:
-        raise MergecError(f"cached_train: settings for {name!r} are not JSON-serialisable") from error
+        raise MergecError(f"cached_train: settings for {name!r} are not JSON-serialisable"
+                          ) from error
     architecture = [(key, tuple(value.shape)) for key, value in model.state_dict().items()]
     digest = hashlib.sha256()
     for part in (name, settings_json, repr(architecture), _fingerprint(x), _fingerprint(y)):
@@ -256,7 +258,8 @@ def _save_state(model: nn.Module, path: Path, name: str, settings: Mapping[str, 
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}
+    state = {key: value.detach().cpu().contiguous().clone()
+             for key, value in model.state_dict().items()}
     metadata = {"name": name, "settings": json.dumps(settings, sort_keys=True, default=str)}
     temporary = path.with_suffix(f".tmp{os.getpid()}")
     save_file(state, str(temporary), metadata=metadata)

@@ -29,7 +29,8 @@ def _channels(base: int, width: float) -> int:
     return max(1, int(round(base * width)))
 
 
-def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:
+def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1
+             ) -> list[nn.Module]:
     return [nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
                       padding=kernel_size // 2, bias=False),
             nn.BatchNorm2d(out_channels)]
@@ -60,7 +61,8 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """Stem conv, three stages of basic blocks (stride 1, 2, 2), global average pool, linear."""
 
-    def __init__(self, blocks_per_stage: int, width: float, num_classes: int, in_channels: int) -> None:
+    def __init__(self, blocks_per_stage: int, width: float, num_classes: int,
+                 in_channels: int) -> None:
         super().__init__()
         widths = [_channels(c, width) for c in (16, 32, 64)]
         self.conv1, self.bn1 = _conv_bn(in_channels, widths[0], 3)
@@ -83,7 +85,8 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-def resnet20(width: float = 1, num_classes: int = 10, depth: int = 20, in_channels: int = 1) -> ResNet:
+def resnet20(width: float = 1, num_classes: int = 10, depth: int = 20, in_channels: int = 1
+             ) -> ResNet:
     """CIFAR-style ResNet (He et al. 2016, section 4.2) with ``(depth - 2) / 6`` basic blocks per
     stage and 16·width, 32·width, 64·width channels.
 
@@ -92,7 +95,8 @@ def resnet20(width: float = 1, num_classes: int = 10, depth: int = 20, in_channe
     is adaptive); the benchmarks use 28x28 Fashion-MNIST.
     """
     if depth < 8 or (depth - 2) % 6 != 0:
-        raise MergecError(f"resnet20: depth must be 6n+2 with n >= 1 (8, 14, 20, 32, ...), got {depth}")
+        raise MergecError(f"resnet20: depth must be 6n+2 with n >= 1 (8, 14, 20, 32, ...), "
+                          f"got {depth}")
     return ResNet((depth - 2) // 6, width, num_classes, in_channels)
 
 
@@ -206,7 +210,8 @@ class SmallViT(nn.Module):
                  image_size: int, num_classes: int, in_channels: int) -> None:
         super().__init__()
         if image_size % patch != 0:
-            raise MergecError(f"small_vit: image_size {image_size} is not a multiple of patch {patch}")
+            raise MergecError(f"small_vit: image_size {image_size} is not a multiple of "
+                              f"patch {patch}")
         tokens = (image_size // patch) ** 2 + 1
         self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -248,7 +253,8 @@ def digits_cnn(width: int = 16, num_classes: int = 10, in_channels: int = 1) -> 
     )
 
 
-def digits_mlp(width: int = 64, depth: int = 2, num_classes: int = 10, in_features: int = 64) -> nn.Sequential:
+def digits_mlp(width: int = 64, depth: int = 2, num_classes: int = 10, in_features: int = 64
+               ) -> nn.Sequential:
     """An MLP on flattened 8x8 digits: ``depth`` hidden Linear-ReLU layers of ``width`` units,
     then a linear head. The simplest model with permutable hidden units."""
     if depth < 1:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
 import torch
@@ -27,8 +27,14 @@ from mergec.algorithms.alignment import DepthAlignment, align_depth
 from mergec.algorithms.cka import LinearCKA
 from mergec.errors import MergeError
 from mergec.ir.blocks import Block, DepthPlan, Stages
-from mergec.ir.fx import (ProbeInterpreter, aten_name, call_arguments, check_batch,
-                          tensor_ancestors, tensor_leaves)
+from mergec.ir.fx import (
+    ProbeInterpreter,
+    aten_name,
+    call_arguments,
+    check_batch,
+    tensor_ancestors,
+    tensor_leaves,
+)
 from mergec.ir.spec import UnitSpec
 from mergec.ir.state import PipelineState
 
@@ -52,7 +58,8 @@ def block_cka(module_a: fx.GraphModule, module_b: fx.GraphModule, stages_a: list
     with torch.no_grad():
         for index, batch in enumerate(calibration):
             inputs = tuple(t.to(device) for t in check_batch(batch, example, index))
-            run_a, run_b = ProbeInterpreter(module_a, wanted_a), ProbeInterpreter(module_b, wanted_b)
+            run_a = ProbeInterpreter(module_a, wanted_a)
+            run_b = ProbeInterpreter(module_b, wanted_b)
             run_a.run(*inputs)
             run_b.run(*inputs)
             for accumulator, stage_a, stage_b in zip(accumulators, stages_a, stages_b):

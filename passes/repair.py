@@ -153,7 +153,8 @@ class _ChannelStats(GraphRunner):
         value = super().run_node(node)
         if node.name in self.axes:
             out = value[0] if isinstance(value, (tuple, list)) else value
-            rows = out.movedim(self.axes[node.name], -1).reshape(-1, out.shape[self.axes[node.name]])
+            axis = self.axes[node.name]
+            rows = out.movedim(axis, -1).reshape(-1, out.shape[axis])
             rows = rows.to(torch.float64)
             stats = self.sums.setdefault(node.name, [0, 0, 0])
             stats[0] += rows.sum(0)

@@ -19,7 +19,6 @@ import operator
 from dataclasses import dataclass
 from typing import ClassVar, Iterable
 
-import torch
 from torch import fx
 
 from mergec.errors import MergeError

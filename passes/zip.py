@@ -8,6 +8,7 @@ model A's graph module, which keeps A's graph: same widths, same code.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
@@ -16,8 +17,8 @@ import torch
 from torch import fx
 
 from mergec.algorithms.solvers import MergePlan
-from mergec.errors import MergeError
 from mergec.algorithms.tensors import apply_along, block_diagonal, diagonal_blocks
+from mergec.errors import MergeError
 from mergec.ir.fx import aten_name, attach, is_guard
 from mergec.ir.spec import Binding, UnitSpec
 from mergec.ir.state import PipelineState
@@ -354,7 +355,7 @@ def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.
                 tail_values[node] = graph.get_attr(target)
                 continue
             tail_values[node] = graph.node_copy(
-                node, lambda n: tail_values[n] if n in tail_values else values[as_a[n]])
+                node, functools.partial(_copied, tail_values, values, as_a))
         result = module.graph.find_nodes(op="output")[0].args[0]
         flat = result if isinstance(result, (tuple, list)) else (result,)
         outputs.extend(tail_values[n] if n in tail_values else values[as_a[n]] for n in flat)
@@ -365,3 +366,9 @@ def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.
     partial.graph.lint()
     partial.recompile()
     return partial
+
+
+def _copied(tail_values: Mapping[fx.Node, fx.Node], values: Mapping[fx.Node, fx.Node],
+            as_a: Mapping[fx.Node, fx.Node], node: fx.Node) -> fx.Node:
+    """The emitted node of a tail's input: the tail's own copy, else the merged trunk's."""
+    return tail_values[node] if node in tail_values else values[as_a[node]]

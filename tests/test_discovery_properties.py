@@ -16,8 +16,8 @@ from torch.utils._pytree import tree_flatten
 
 import archgen  # tests/ is on sys.path under pytest's default (prepend) import mode
 import mergec
-from mergec.permute import permute_state_dict, random_permutations
 from mergec.ir.spec import UnitSpec
+from mergec.permute import permute_state_dict, random_permutations
 
 RTOL, ATOL = 1e-4, 1e-5
 seeds = st.integers(min_value=0, max_value=2**16)

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 import mergec
+import mergec.passes.trace as trace_module
 from mergec import MergeError, zoo
 from mergec.algorithms.solvers import average
 from mergec.ir.state import MergeOptions, PipelineState
 from mergec.merge import report_of, run_merge
 from mergec.passes import PIPELINE
-import mergec.passes.trace as trace_module
 from mergec.passes.align_depth import AlignDepth
 from mergec.passes.annotate_units import annotate_units
 from mergec.passes.collect_stats import CollectStats

@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import mergec
-from mergec.permute import random_permutations
 from mergec.ir.spec import UnitSpec
+from mergec.permute import random_permutations
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,8 @@ ZOO: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("vgg11", lambda: zoo.vgg("11"), (3, 1, 28, 28)),
     ("vgg16-nobn", lambda: zoo.vgg("16", width=8, num_classes=7, batch_norm=False), (3, 1, 28, 28)),
     ("vit4", lambda: zoo.small_vit(), (3, 1, 28, 28)),
-    ("vit6", lambda: zoo.small_vit(depth=6, dim=32, heads=2, mlp_dim=64, num_classes=7), (3, 1, 28, 28)),
+    ("vit6", lambda: zoo.small_vit(depth=6, dim=32, heads=2, mlp_dim=64, num_classes=7),
+     (3, 1, 28, 28)),
     ("digits_cnn", lambda: zoo.digits_cnn(), (3, 1, 8, 8)),
     ("digits_mlp", lambda: zoo.digits_mlp(width=32, depth=3, num_classes=7), (3, 1, 8, 8)),
 ]
@@ -148,7 +149,8 @@ def test_predict_logits_concatenates_tuple_outputs() -> None:
             return x[:, :2], x[:, 2:]
 
     x = torch.randn(7, 5)
-    torch.testing.assert_close(training.predict_logits(TwoHeads(), x, batch_size=3, device="cpu"), x)
+    logits = training.predict_logits(TwoHeads(), x, batch_size=3, device="cpu")
+    torch.testing.assert_close(logits, x)
 
 
 def test_cached_train_reuses_the_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
