@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from mergec.errors import MergecError
+from mergec.ir.state import METHODS
+from mergec.passes import PIPELINE
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -48,7 +50,6 @@ def _merge(args: argparse.Namespace) -> int:
     from mergec.checkpoints import calibration_batches
     from mergec.ir.state import MergeOptions
     from mergec.merge import MergeResult, report_of, run_merge
-    from mergec.passes import PIPELINE
     from mergec.pipeline import check_pass_name
 
     check_pass_name(args.stop_after)
@@ -139,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
+    _add_merge_parser(commands)
+    return parser
 
+
+def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
     merge = commands.add_parser("merge", help="merge two checkpoints of one architecture")
     merge.add_argument("model_a", help="checkpoint of model A (.safetensors or torch.save of a "
                                        "state dict)")
@@ -154,8 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "inputs, or 'digits' / 'fashion-mnist' (training images)")
     merge.add_argument("--batch-size", type=int, default=128)
     merge.add_argument("--batches", type=int, default=None, help="use at most this many")
-    merge.add_argument("--method", default="zip",
-                       choices=["zip", "permute", "weight-match", "mudsc", "average"])
+    merge.add_argument("--method", default="zip", choices=METHODS)
     merge.add_argument("--alpha", type=float, default=0.5,
                        help="zip: similarity decay of a merged unit (ZipIt's α)")
     merge.add_argument("--beta", type=float, default=0.5,
@@ -174,14 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--plots", action="store_true", help="also write report plots")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
     merge.add_argument("--stop-after", metavar="PASS",
-                       help="end the pipeline after this pass (trace, annotate-units, segment, "
-                            "align-depth, collect-stats, match, zip, repair)")
+                       help=f"end the pipeline after this pass ({', '.join(PIPELINE)})")
     merge.add_argument("--dump", metavar="FILE",
                        help="write the report (JSON) of the passes that ran to this file")
     merge.add_argument("-o", "--output", help="new folder for the result (needed unless "
                                               "--stop-after ends before zip)")
     merge.set_defaults(run=_merge)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

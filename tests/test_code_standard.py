@@ -1,0 +1,84 @@
+"""The standard the library code is held to: its layers import only the layers below them,
+passes never import each other, and no function is longer than a screen."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_FUNCTION_LINES = 60
+
+# Each layer may import the layers before it in this list, never those after it.
+LAYERS = ("ir", "algorithms", "passes", "top")
+
+
+def _layer(path: Path) -> str:
+    relative = path.relative_to(ROOT).as_posix()
+    if relative.startswith("passes/"):
+        return "passes"
+    if relative.startswith("mergec/algorithms/"):
+        return "algorithms"
+    if relative.startswith("mergec/ir/") or relative == "mergec/errors.py":
+        return "ir"
+    return "top"
+
+
+def _module_layer(module: str) -> str | None:
+    """The layer of an imported mergec module, or None for anything else."""
+    if module.startswith("mergec.passes"):
+        return "passes"
+    if module.startswith("mergec.algorithms"):
+        return "algorithms"
+    if module.startswith("mergec.ir") or module == "mergec.errors":
+        return "ir"
+    if module == "mergec" or module.startswith("mergec."):
+        return "top"
+    return None
+
+
+def _library_files() -> list[Path]:
+    return sorted([*ROOT.joinpath("mergec").rglob("*.py"), *ROOT.joinpath("passes").glob("*.py")])
+
+
+def _runtime_imports(tree: ast.Module) -> list[tuple[str, int]]:
+    """Modules imported outside ``if TYPE_CHECKING:`` blocks, with their line numbers."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(child) for child in ast.walk(node))
+    result = []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            result.append((node.module, node.lineno))
+        elif isinstance(node, ast.Import):
+            result.extend((alias.name, node.lineno) for alias in node.names)
+    return result
+
+
+@pytest.mark.parametrize("path", _library_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_a_module_imports_only_the_layers_below_it(path: Path) -> None:
+    layer = _layer(path)
+    tree = ast.parse(path.read_text())
+    for module, line in _runtime_imports(tree):
+        imported = _module_layer(module)
+        if imported is None:
+            continue
+        where = f"{path.relative_to(ROOT)}:{line} imports {module}"
+        assert LAYERS.index(imported) <= LAYERS.index(layer), where
+        if layer == "passes" and path.name != "__init__.py":
+            assert imported != "passes", f"{where}: passes do not import each other"
+
+
+def test_no_library_function_is_longer_than_a_screen() -> None:
+    long = []
+    for path in _library_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
