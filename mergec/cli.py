@@ -78,7 +78,7 @@ def _merge(args: argparse.Namespace) -> int:
         print(f"after {state.completed[-1]}: wrote the report to {args.dump}")
     if output is None:
         return 0
-    MergeResult(module=state.merged, report=report, state=state).save(output)
+    MergeResult(module=state.merged, report=report).save(output)
     if args.plots:
         report.plot(output / "plots")
     print(f"merged with {args.method}: wrote {output}/model.py, weights.safetensors, "

@@ -71,7 +71,6 @@ class MergeResult:
 
     module: fx.GraphModule
     report: MergeReport
-    state: PipelineState | None = field(default=None, repr=False)  # the pipeline's last state
 
     def save(self, folder: str | Path) -> Path:
         from mergec.export import save_module
@@ -123,7 +122,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
                            depth_variant=depth_variant, unaligned=unaligned)
     state = run_merge(options, (model_a, model_b), example_inputs, calibration,
                       callback=callback)
-    return MergeResult(module=state.merged, report=report_of(state), state=state)
+    return MergeResult(module=state.merged, report=report_of(state))
 
 
 def run_merge(options: MergeOptions, models: tuple[nn.Module, ...], example_inputs: Any,
