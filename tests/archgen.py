@@ -939,3 +939,21 @@ def cases(require: tuple[str, ...] = (), head: bool = True) -> st.SearchStrategy
     if families:
         return strategies[families.pop()]
     return st.one_of(list(strategies.values()))
+
+
+def with_identity_blocks(shallow: nn.Module, deep: nn.Module, positions: dict[int, int]
+                         ) -> nn.Module:
+    """``deep`` computing ``shallow``: deep block j of every stage holds shallow block
+    positions[j]; the other deep blocks are identities (last BatchNorm zeroed)."""
+    state, source = deep.state_dict(), shallow.state_dict()
+    for key in state:
+        if not key.startswith("layer"):
+            state[key] = source[key].clone()
+            continue
+        stage, block, rest = key.split(".", 2)
+        if int(block) in positions:
+            state[key] = source[f"{stage}.{positions[int(block)]}.{rest}"].clone()
+        elif rest in ("bn2.weight", "bn2.bias"):
+            state[key] = torch.zeros_like(state[key])
+    deep.load_state_dict(state)
+    return deep.eval()

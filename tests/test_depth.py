@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+import archgen  # tests/ is on sys.path under pytest's default (prepend) import mode
 import mergec
 from mergec import zoo
 from mergec.passes.segment import segment
@@ -20,29 +21,12 @@ def _randomize_batch_norm(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _with_identity_blocks(shallow: nn.Module, deep: nn.Module, positions: dict[int, int]):
-    """``deep`` computing ``shallow``: deep block j of every stage holds shallow block
-    positions[j]; the other deep blocks are identities (last BatchNorm zeroed)."""
-    state, source = deep.state_dict(), shallow.state_dict()
-    for key in state:
-        if not key.startswith("layer"):
-            state[key] = source[key].clone()
-            continue
-        stage, block, rest = key.split(".", 2)
-        if int(block) in positions:
-            state[key] = source[f"{stage}.{positions[int(block)]}.{rest}"].clone()
-        elif rest in ("bn2.weight", "bn2.bias"):
-            state[key] = torch.zeros_like(state[key])
-    deep.load_state_dict(state)
-    return deep.eval()
-
-
 @pytest.fixture(scope="module")
 def family():
     torch.manual_seed(0)
     shallow = _randomize_batch_norm(zoo.resnet20(depth=14))
-    deep = _with_identity_blocks(shallow, _randomize_batch_norm(zoo.resnet20(depth=20)),
-                                 {0: 0, 2: 1})
+    deep = archgen.with_identity_blocks(shallow, _randomize_batch_norm(zoo.resnet20(depth=20)),
+                                        {0: 0, 2: 1})
     x = torch.randn(64, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(deep(x), shallow(x))

@@ -89,28 +89,10 @@ def test_zip_code(golden: Golden, name: str, stop_at: str | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # align-depth: the plan of merging residual networks of different depth
 # ---------------------------------------------------------------------------------------------
-def _with_identity_block(shallow: nn.Module, deep: nn.Module) -> nn.Module:
-    """``deep`` (3 blocks a stage) computing ``shallow`` (2 blocks a stage): its blocks 0 and 2
-    are the shallow blocks 0 and 1, its block 1 an identity (last BatchNorm zeroed)."""
-    state, source = deep.state_dict(), shallow.state_dict()
-    for key in state:
-        if not key.startswith("layer"):
-            state[key] = source[key].clone()
-            continue
-        stage, block, rest = key.split(".", 2)
-        if block == "1":
-            if rest in ("bn2.weight", "bn2.bias"):
-                state[key] = torch.zeros_like(state[key])
-        else:
-            state[key] = source[f"{stage}.{int(block) // 2}.{rest}"].clone()
-    deep.load_state_dict(state)
-    return deep.eval()
-
-
 def test_depth_plan(golden: Golden) -> None:
     shallow = archgen.randomize_(zoo.resnet20(width=0.25, depth=14), seed=0).eval()
     deep = archgen.randomize_(zoo.resnet20(width=0.25, depth=20), seed=1)
-    deep = _with_identity_block(shallow, deep)
+    deep = archgen.with_identity_blocks(shallow, deep, {0: 0, 2: 1})
     x = _images(24, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(deep(x), shallow(x))
