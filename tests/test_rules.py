@@ -16,8 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import mergec
-from mergec.permute import random_permutations
+from mergec.ir.fx import aten_name
+from mergec.ir.labels import NodeUnits
 from mergec.ir.spec import Space, UnitSpec
+from mergec.passes.annotate_units import annotate_units
+from mergec.permute import random_permutations
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,6 +523,64 @@ def test_position_dependent_or_unknown_op_fixes_the_space(name: str) -> None:
         twin = mergec.permute(model, torch.randn(3, 4), spec=spec)
         for key, value in model.state_dict().items():
             assert torch.equal(twin.state_dict()[key], value), key
+
+
+class Recorded(nn.Module):
+    """conv -> relu -> residual conv block -> channels-last LayerNorm -> an unknown op."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x))
+        h = h + self.branch(h)
+        return reverse_features(self.norm(h.permute(0, 2, 3, 1))).mean(dim=(1, 2))
+
+
+def test_the_rule_that_fired_is_recorded_on_every_node() -> None:
+    graph_module = mergec.trace(Recorded().eval(), IMAGES)
+    annotate_units(graph_module)
+    units = {node.name: node.meta["mergec"] for node in graph_module.graph.nodes}
+    assert all(isinstance(u, NodeUnits) for u in units.values())
+    by_op = {aten_name(node) or node.op: units[node.name] for node in graph_module.graph.nodes}
+    assert (by_op["conv2d"].rule, by_op["conv2d"].fallback) == ("convolution", None)
+    assert (by_op["add"].rule, by_op["add"].fallback) == ("elementwise", None)
+    assert (by_op["layer_norm"].rule, by_op["layer_norm"].fallback) == ("layer_norm", None)
+    unknown = by_op["reverse_features"]
+    assert (unknown.op, unknown.rule) == ("reverse_features", "fallback")
+    assert unknown.fallback == "no rule for reverse_features"
+    assert unknown.spaces == (None, None, None, None)
+    assert by_op["placeholder"].rule == "input" and by_op["get_attr"].rule == "parameter"
+    stream = by_op["add"].spaces[1]  # the residual add joins the conv's and the branch's space
+    assert stream is not None and by_op["layer_norm"].spaces[3] == stream
+    with pytest.raises(AttributeError):
+        by_op["add"].rule = "changed"  # immutable: fx copies meta shallowly
+
+
+class Shuffled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.pixel_shuffle(F.relu(self.conv(x)), 2))
+
+
+def test_a_rule_that_takes_the_sound_fallback_is_recorded_as_such() -> None:
+    graph_module = mergec.trace(Shuffled().eval(), IMAGES)
+    spec = annotate_units(graph_module)
+    (shuffle,) = [node.meta["mergec"] for node in graph_module.graph.nodes
+                  if aten_name(node) == "pixel_shuffle"]
+    assert shuffle.rule == "pixel_shuffle"
+    assert shuffle.fallback == "pixel shuffle moves channels into space"
+    others = [node.name for node in graph_module.graph.nodes if node.op == "call_function"
+              and node.meta["mergec"].fallback is not None and aten_name(node) != "pixel_shuffle"]
+    assert others == []
+    assert "pixel shuffle" in space(spec, "conv.weight").fixed
 
 
 def test_invariant_reductions_keep_the_space_free() -> None:
