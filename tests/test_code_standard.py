@@ -82,3 +82,19 @@ def test_no_library_function_is_longer_than_a_screen() -> None:
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_the_rule_table_in_the_architecture_notes_lists_every_rule() -> None:
+    from mergec.passes.annotate_units import RULES
+
+    expected: dict[str, set[str]] = {}
+    for op, rule in RULES.items():
+        expected.setdefault(rule.__name__, set()).add(op)
+    text = ROOT.joinpath("docs", "architecture.md").read_text()
+    table = text.split("### The rule table", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for row in table.splitlines():
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            documented[cells[0].strip("`")] = {op.strip() for op in cells[1].split(",")}
+    assert documented == expected
