@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything mergec needs on a fresh Debian machine: the Fashion-MNIST package used by
-# the benchmarks, a virtual environment with torch and the package with its test extras.
+# the benchmarks, a virtual environment with torch and the package with its test and lint extras.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,7 @@ fi
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-if ! .venv/bin/python -c "import mergec.passes, hypothesis, pytest" 2>/dev/null; then
-    .venv/bin/pip install -q -e '.[test]'
+if ! .venv/bin/python -c "import mergec.passes, hypothesis, pytest" 2>/dev/null \
+        || [ ! -x .venv/bin/ruff ]; then
+    .venv/bin/pip install -q -e '.[test,lint]'
 fi
