@@ -20,35 +20,41 @@ Methods:
 Heads and groups (blocks spaces) are matched in two levels: every block pair is scored by its
 best within-block match, blocks sharing one block order (q, k and v of one attention) add their
 scores, the Hungarian pairs blocks, then each space's within-block plans are taken for the pairs.
+
+This module holds what needs the spec: leaves and their occurrences, merged widths, attention
+roles, which spaces are solved together and how. The maths is graph-free, in
+:mod:`mergec.algorithms`: the solvers and the Hungarian (:mod:`~mergec.algorithms.solvers`),
+placement and block matching (:mod:`~mergec.algorithms.blocks`), weight similarity
+(:mod:`~mergec.algorithms.weight_matching`).
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import fx
-from scipy.optimize import linear_sum_assignment
 
-from mergec.algorithms import solvers
+from mergec.algorithms import blocks, solvers
+from mergec.algorithms.blocks import Placement, place
 from mergec.algorithms.covariance import JointMoments
-from mergec.algorithms.solvers import MergePlan
-from mergec.algorithms.tensors import apply_along
+from mergec.algorithms.solvers import BlockSolver, MergePlan
+from mergec.algorithms.weight_matching import weight_similarity
 from mergec.errors import MergeError
 from mergec.ir.fx import aten_name
-from mergec.ir.spec import Binding, UnitSpec
+from mergec.ir.spec import UnitSpec
 from mergec.ir.state import METHODS, PipelineState
-
-log = logging.getLogger(__name__)
 
 Occurrence = tuple[str, torch.Tensor]  # (leaf space id, positions of its units in the space)
 
 
 def is_leaf(spec: UnitSpec, space_id: str) -> bool:
+    """Whether match decides on ``space_id`` itself: a flat space, a blocks space without
+    separated parts, or a fixed space (which keeps unit i with unit i)."""
     space = spec.spaces[space_id]
     return space.kind == "flat" or (space.kind == "blocks" and not space.parts) \
         or space.fixed is not None
@@ -89,21 +95,12 @@ def full_plan(spec: UnitSpec, space_id: str, leaf_plans: Mapping[str, MergePlan]
     plans. ``spec_b`` and ``merged`` give B's and the merged model's sizes where they differ
     from ``spec``'s (models of different width)."""
     spec_b, merged = spec_b or spec, merged or spec
-    size_a, size_b = spec.spaces[space_id].size, spec_b.spaces[space_id].size
-    width = merged.spaces[space_id].size
-    merge_a = torch.zeros(width, size_a, dtype=torch.float64)
-    merge_b = torch.zeros(width, size_b, dtype=torch.float64)
-    unmerge_a = torch.zeros(size_a, width, dtype=torch.float64)
-    unmerge_b = torch.zeros(size_b, width, dtype=torch.float64)
     layouts = zip(occurrences(spec, space_id), occurrences(spec_b, space_id),
                   occurrences(merged, space_id))
-    for (leaf, in_a), (_, in_b), (_, out) in layouts:
-        plan = leaf_plans[leaf]
-        merge_a[out[:, None], in_a[None, :]] = plan.merge_a.to(torch.float64).cpu()
-        merge_b[out[:, None], in_b[None, :]] = plan.merge_b.to(torch.float64).cpu()
-        unmerge_a[in_a[:, None], out[None, :]] = plan.unmerge_a.to(torch.float64).cpu()
-        unmerge_b[in_b[:, None], out[None, :]] = plan.unmerge_b.to(torch.float64).cpu()
-    return MergePlan(merge_a, merge_b, unmerge_a, unmerge_b)
+    placements = [Placement(leaf_plans[leaf], out, in_a, in_b)
+                  for (leaf, in_a), (_, in_b), (_, out) in layouts]
+    return place(placements, merged.spaces[space_id].size, spec.spaces[space_id].size,
+                 spec_b.spaces[space_id].size)
 
 
 def resized(spec: UnitSpec, widths: Mapping[str, int]) -> UnitSpec:
@@ -111,6 +108,7 @@ def resized(spec: UnitSpec, widths: Mapping[str, int]) -> UnitSpec:
     sizes: dict[str, int] = {}
 
     def size_of(space_id: str) -> int:
+        """The merged size of a space, memoised in ``sizes``."""
         if space_id in sizes:
             return sizes[space_id]
         space = spec.spaces[space_id]
@@ -248,124 +246,57 @@ def activation_similarity(moments: JointMoments | None, size: int) -> torch.Tens
     return joint
 
 
-def weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, torch.Tensor],
-                      params_b: Mapping[str, torch.Tensor], plans: Mapping[str, MergePlan]
-                      ) -> torch.Tensor:
-    """Joint (2d × 2d) cosine similarity of the weight vectors of ``leaf``'s units: every
-    trainable parameter slice (``params``: no running statistics) along an axis where the leaf
-    occurs, B's other axes aligned to A's order by
-    the current plans (Git Re-Basin)."""
-    size = spec.spaces[leaf].size
-    gram = torch.zeros(2 * size, 2 * size, dtype=torch.float64)
-    by_key: dict[str, list[Binding]] = {}
+def elastic_similarity(moments: Mapping[str, JointMoments], space_id: str, d_a: int, d_b: int
+                       ) -> torch.Tensor:
+    """The joint similarity of a space of widths ``d_a`` and ``d_b`` for elastic zip: the
+    activation similarity, or the identity where there are no statistics."""
+    observed = moments.get(space_id)
+    if observed is None:
+        return torch.eye(d_a + d_b, dtype=torch.float64)
+    return activation_similarity(observed, d_a)
+
+
+def leaf_weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, torch.Tensor],
+                           params_b: Mapping[str, torch.Tensor],
+                           plans: Mapping[str, MergePlan]) -> torch.Tensor:
+    """Git Re-Basin's joint weight similarity of ``leaf``'s units
+    (:func:`~mergec.algorithms.weight_matching.weight_similarity`): every trainable parameter
+    (``params``: no running statistics) bound along a space where the leaf occurs, B's other
+    axes put in A's order by the current full ``plans`` (twice B's merge matrix: a pair's merged
+    unit averages two). Grouped convolution weights, which hold only diagonal blocks, are left
+    out."""
+    axes: dict[str, list[tuple[int, str]]] = {}
+    grouped = set()
     for binding in spec.bindings:
-        by_key.setdefault(binding.key, []).append(binding)
-    for key, bindings in by_key.items():
-        if any(b.groups > 1 for b in bindings) or key not in params_a:
-            continue
-        for binding in bindings:
-            places = [pos for l, pos in occurrences(spec, binding.space) if l == leaf]
-            if not places:
-                continue
-            a = params_a[key].detach().to(torch.float64).cpu()
-            b = params_b[key].detach().to(torch.float64).cpu()
-            for other in bindings:
-                if other is not binding:
-                    b = apply_along(b, other.axis, 2.0 * plans[other.space].merge_b)
-            for positions in places:
-                vectors_a = a.index_select(binding.axis, positions).movedim(binding.axis, 0)
-                vectors_b = b.index_select(binding.axis, positions).movedim(binding.axis, 0)
-                stacked = torch.cat([vectors_a.reshape(size, -1), vectors_b.reshape(size, -1)])
-                gram += stacked @ stacked.T
-    norms = gram.diagonal().clamp_min(1e-12).sqrt()
-    return gram / norms[:, None] / norms[None, :]
+        axes.setdefault(binding.key, []).append((binding.axis, binding.space))
+        if binding.groups > 1:
+            grouped.add(binding.key)
+    axes = {key: bound for key, bound in axes.items() if key not in grouped and key in params_a}
+    spaces = {space for bound in axes.values() for _, space in bound}
+    units = {}
+    for space in spaces:
+        places = [positions for found, positions in occurrences(spec, space) if found == leaf]
+        if places:
+            units[space] = places
+    align_b = {space: 2.0 * plans[space].merge_b for space in spaces}
+    return weight_similarity(params_a, params_b, axes, units, align_b, spec.spaces[leaf].size)
 
 
 # ---------------------------------------------------------------------------------------------
 # Solving leaves
 # ---------------------------------------------------------------------------------------------
-def solve_flat(method: str, joint: torch.Tensor, size: int, alpha: float, beta: float
-               ) -> MergePlan:
+def _keep_order(joint: torch.Tensor, d_a: int, d_b: int) -> MergePlan:
+    """A :data:`~mergec.algorithms.solvers.BlockSolver` that averages unit i with unit i."""
+    return solvers.average(d_a)
+
+
+def _solver(method: str, alpha: float, beta: float) -> BlockSolver:
+    """The solver of a same-width leaf, or of one block pair, for ``method``."""
     if method == "average":
-        return solvers.average(size)
+        return _keep_order
     if method in ("permute", "weight-match"):
-        return solvers.permute(joint[:size, size:])
-    return solvers.zip(joint, size, size, target=size, alpha=alpha, beta=beta)
-
-
-def solve_blocks(method: str, joints: list[torch.Tensor], count: int,
-                 within_fixed: list[bool], alpha: float, beta: float, pair: bool = True
-                 ) -> tuple[torch.Tensor, list[MergePlan]]:
-    """Two-level matching of several blocks spaces sharing one block order (their blocks may
-    differ in size: a grouped convolution's input and output). Returns the block pairing (B's
-    block for each of A's) and each space's full plan. ``pair=False`` keeps block i with
-    block i and matches only inside blocks."""
-    sizes = [joint.shape[0] // 2 for joint in joints]
-    if method == "average":
-        return torch.arange(count), [solvers.average(size) for size in sizes]
-
-    def within(joint: torch.Tensor, size: int, block_a: int, block_b: int, fixed: bool
-               ) -> MergePlan:
-        block = size // count
-        index = torch.cat([torch.arange(block_a * block, (block_a + 1) * block),
-                           size + torch.arange(block_b * block, (block_b + 1) * block)])
-        if fixed:
-            plan = solvers.average(block)
-            identity = torch.eye(block, dtype=torch.float64)
-            return MergePlan(plan.merge_a, plan.merge_b, identity, identity)
-        return solve_flat(method, joint[index][:, index], block, alpha, beta)
-
-    plans: dict[tuple[int, int, int], MergePlan] = {}
-    scores = torch.zeros(count, count, dtype=torch.float64)
-    for i, (joint, size, fixed) in enumerate(zip(joints, sizes, within_fixed)):
-        block = size // count
-        for block_a in range(count):
-            for block_b in range(count):
-                plan = within(joint, size, block_a, block_b, fixed)
-                plans[(i, block_a, block_b)] = plan
-                cross = joint[block_a * block:(block_a + 1) * block,
-                              size + block_b * block:size + (block_b + 1) * block]
-                # matched similarity: pairs put in one merged unit
-                together = (plan.unmerge_a.to(torch.float64) @ plan.unmerge_b.T.to(torch.float64))
-                scores[block_a, block_b] += (cross * together).sum() / block
-    if pair:
-        pairing, _ = _best_matching(scores)
-    else:
-        pairing = torch.arange(count)
-    results = []
-    for i, size in enumerate(sizes):
-        block = size // count
-        matrices = [torch.zeros(size, size, dtype=torch.float64) for _ in range(4)]
-        for block_a in range(count):
-            block_b = int(pairing[block_a])
-            plan = plans[(i, block_a, block_b)]
-            out = slice(block_a * block, (block_a + 1) * block)
-            from_a = slice(block_a * block, (block_a + 1) * block)
-            from_b = slice(block_b * block, (block_b + 1) * block)
-            matrices[0][out, from_a] = plan.merge_a.to(torch.float64)
-            matrices[1][out, from_b] = plan.merge_b.to(torch.float64)
-            matrices[2][from_a, out] = plan.unmerge_a.to(torch.float64)
-            matrices[3][from_b, out] = plan.unmerge_b.to(torch.float64)
-        results.append(MergePlan(*matrices))
-    return pairing, results
-
-
-def _best_matching(similarity: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The Hungarian matching of rows to columns with the largest total similarity (-inf,
-    a constant unit, counts as -1): the column of each row, and the mean matched similarity."""
-    rows, columns = linear_sum_assignment(torch.nan_to_num(similarity, neginf=-1.0).numpy(),
-                                          maximize=True)
-    rows, columns = torch.as_tensor(rows), torch.as_tensor(columns)
-    return columns[rows.argsort()], float(similarity[rows, columns].mean())
-
-
-def pairing_plan(pairing: torch.Tensor) -> MergePlan:
-    """The plan of a block-order space: merged block k averages A's block k and B's paired one."""
-    count = len(pairing)
-    merge_b = torch.zeros(count, count, dtype=torch.float64)
-    merge_b[torch.arange(count), pairing] = 0.5
-    identity = torch.eye(count, dtype=torch.float64)
-    return MergePlan(identity / 2, merge_b, identity, 2 * merge_b.T)
+        return solvers.permute_joint
+    return functools.partial(solvers.zip, alpha=alpha, beta=beta)  # zip, and mudsc's zip
 
 
 @dataclass(frozen=True)
@@ -382,11 +313,13 @@ class Match:
     name: ClassVar[str] = "match"
 
     def __post_init__(self) -> None:
+        """Refuses an unknown method when the pass is built, before any work."""
         if self.method not in METHODS:
             raise MergeError(f"match: unknown method {self.method!r}; choose one of "
                              f"{', '.join(METHODS)}")
 
     def run(self, state: PipelineState) -> PipelineState:
+        """The state with a plan and a summary for every space of the two models."""
         graphs, specs = state.require("graphs", self.name), state.require("specs", self.name)
         spec_a, spec_b = specs
         widths = target_widths(spec_a, spec_b, self.width)
@@ -421,150 +354,175 @@ class Match:
         return self._full(spec, plans), summary
 
     def _same_width(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
-                    leaves: list[str], params_a: Mapping[str, torch.Tensor] | None = None,
-                    params_b: Mapping[str, torch.Tensor] | None = None
+                    leaves: list[str], params_a: Mapping[str, torch.Tensor],
+                    params_b: Mapping[str, torch.Tensor]
                     ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
-        """Leaf plans of ``leaves``, all of one width in both models."""
+        """Leaf plans of ``leaves``, all of one width in both models. One sweep over the leaves;
+        mudsc makes two, the second with the weight similarity under the first one's plans;
+        weight-match sweeps in a random order until no plan changes (at most ``max_iter``)."""
         all_leaves = [s for s in spec.spaces if is_leaf(spec, s)]
         plans: dict[str, MergePlan] = {s: solvers.average(spec.spaces[s].size)
                                        for s in all_leaves}
         summary: dict[str, dict] = {}
-
-        def similarity(leaf: str, current: Mapping[str, MergePlan]) -> torch.Tensor | None:
-            """None where nothing is known of the leaf: it is then averaged, unit i with i."""
-            observed = moments.get(leaf)
-            if self.method in ("weight-match", "mudsc"):
-                weights = weight_similarity(spec, leaf, params_a, params_b,
-                                            self._full(spec, current))
-                if self.method == "weight-match" or observed is None:
-                    return weights
-                activation = activation_similarity(observed, spec.spaces[leaf].size)
-                return self.weight_beta * weights + (1 - self.weight_beta) * activation
-            if observed is None:
-                return None
-            return activation_similarity(observed, spec.spaces[leaf].size)
-
         groups = _block_groups(spec, all_leaves)
-        sweeps = 1
-        if self.method == "mudsc":
-            sweeps = 2
-        if self.method == "weight-match":
-            sweeps = self.max_iter
-        order = list(leaves)
-        rng = random.Random(self.seed)
-        for sweep in range(sweeps):
-            changed = False
+        solve = _solver(self.method, self.alpha, self.beta)
+        similarity = functools.partial(self._similarity, spec, moments, params_a, params_b,
+                                       plans=plans)
+        order, rng = list(leaves), random.Random(self.seed)
+        for _ in range({"mudsc": 2, "weight-match": self.max_iter}.get(self.method, 1)):
             if self.method == "weight-match":
                 rng.shuffle(order)
-            method = "zip" if (self.method == "mudsc" and sweep == 0) else self.method
+            changed = False
             for leaf in order:
-                space = spec.spaces[leaf]
-                if not spec.is_free(leaf) or leaf in groups["order_of"]:
-                    continue
-                if space.kind == "blocks":
-                    if leaf != groups["members"][space.block_space][0]:
-                        continue  # solved once per group, with its first member
-                    members = groups["members"][space.block_space]
-                    joints = [similarity(m, plans) for m in members]
-                    if any(joint is None for joint in joints):
-                        continue  # no statistics for a member: the group stays averaged
-                    pair = space.block_space not in groups["fixed_order"]
-                    pairing, member_plans = solve_blocks(
-                        method if method != "mudsc" else "zip", joints, space.block_count,
-                        [spec.spaces[m].within_fixed is not None for m in members],
-                        self.alpha, self.beta, pair=pair)
-                    new = dict(zip(members, member_plans))
-                    if pair and spec.is_free(space.block_space):
-                        new[space.block_space] = pairing_plan(pairing)
-                    joint = joints[0]
-                else:
-                    joint = similarity(leaf, plans)
-                    if joint is None:
-                        continue  # no statistics: stays averaged
-                    new = {leaf: solve_flat("zip" if method == "mudsc" else method, joint,
-                                            space.size, self.alpha, self.beta)}
+                solved = self._solve_leaf(spec, leaf, groups, solve, similarity)
+                if solved is None:
+                    continue  # not solved here (see _solve_leaf): keeps its plan
+                new, joint = solved
                 for member, plan in new.items():
-                    if not _same_plan(plans.get(member), plan):
-                        changed = True
+                    changed |= not _same_plan(plans.get(member), plan)
                     plans[member] = plan
                     summary[member] = _summary(plan, joint if member == leaf else None)
             if self.method == "weight-match" and not changed:
                 break
         return {s: plans[s] for s in leaves}, summary
 
+    def _similarity(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
+                    params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
+                    leaf: str, plans: Mapping[str, MergePlan]) -> torch.Tensor | None:
+        """The joint similarity ``leaf`` is solved on, under the current leaf ``plans``; None
+        where nothing is known of the leaf: it is then averaged, unit i with i."""
+        observed = moments.get(leaf)
+        if self.method in ("weight-match", "mudsc"):
+            weights = leaf_weight_similarity(spec, leaf, params_a, params_b,
+                                             self._full(spec, plans))
+            if self.method == "weight-match" or observed is None:
+                return weights
+            activation = activation_similarity(observed, spec.spaces[leaf].size)
+            return self.weight_beta * weights + (1 - self.weight_beta) * activation
+        if observed is None:
+            return None
+        return activation_similarity(observed, spec.spaces[leaf].size)
+
+    def _solve_leaf(self, spec: UnitSpec, leaf: str, groups: dict, solve: BlockSolver,
+                    similarity: Callable[[str], torch.Tensor | None]
+                    ) -> tuple[dict[str, MergePlan], torch.Tensor] | None:
+        """New plans from solving ``leaf`` (a blocks space: its whole group, once, with its
+        first member) and the similarity of ``leaf`` they came from; None where the leaf is not
+        solved: fixed, a block order (solved with its group), or without statistics."""
+        space = spec.spaces[leaf]
+        if not spec.is_free(leaf) or leaf in groups["order_of"]:
+            return None
+        if space.kind != "blocks":
+            joint = similarity(leaf)
+            return None if joint is None else ({leaf: solve(joint, space.size, space.size)}, joint)
+        members = groups["members"][space.block_space]
+        if leaf != members[0]:
+            return None
+        joints = [similarity(member) for member in members]
+        if any(joint is None for joint in joints):
+            return None  # no statistics for a member: the group stays averaged
+        plans = self._solve_group(spec, space.block_space, members, joints, groups, solve)
+        return plans, joints[0]
+
+    def _solve_group(self, spec: UnitSpec, order: str, members: list[str],
+                     joints: list[torch.Tensor], groups: dict, solve: BlockSolver
+                     ) -> dict[str, MergePlan]:
+        """Two-level matching of the blocks spaces sharing the block order ``order`` (their
+        blocks may differ in width: a grouped convolution's input and output). A pair of
+        blocks scores the similarity its within-block plan merges; a space whose order inside
+        blocks is pinned keeps it. A fixed block order keeps block i with block i, and
+        ``average`` pairs nothing."""
+        count = spec.spaces[members[0]].block_count
+        spaces = []
+        for member, joint in zip(members, joints):
+            within = _keep_order if spec.spaces[member].within_fixed is not None else solve
+            width = spec.spaces[member].size // count
+            spaces.append(blocks.BlockSpace(joint, width, width, within, blocks.plan_score(within)))
+        pair = order not in groups["fixed_order"]
+        pairing, plans = blocks.match_blocks(spaces, count, pair=pair and self.method != "average")
+        new = dict(zip(members, plans))
+        if pair and spec.is_free(order):
+            new[order] = solvers.pairing_plan(pairing)
+        return new
+
     @staticmethod
     def _full(spec: UnitSpec, leaf_plans: Mapping[str, MergePlan]) -> dict[str, MergePlan]:
+        """Every space's plan from the leaves' plans (same-width models)."""
         return {s: full_plan(spec, s, leaf_plans) for s in spec.spaces}
 
     def _elastic(self, spec_a: UnitSpec, spec_b: UnitSpec, moments: Mapping[str, JointMoments],
                  widths: dict[str, int], leaves: list[str], elastic: set[str],
                  attention: Mapping[str, str]) -> tuple[dict[str, MergePlan], dict[str, dict]]:
-        """Elastic zip (the heterogeneous-width method) on flat leaves whose widths differ;
-        every other leaf keeps the same-width plan of ``zip``."""
+        """Elastic zip (the heterogeneous-width method) on the leaves whose widths differ, heads
+        and groups together with the spaces sharing their block order; every other leaf is
+        averaged, unit i with unit i."""
         if self.method != "zip":
             raise MergeError(f"match: models or merged widths differ, which only method 'zip' "
                              f"(elastic zip) handles, not {self.method!r}")
         groups = _block_groups(spec_a, leaves)
         plans: dict[str, MergePlan] = {}
         summary: dict[str, dict] = {}
+        elastic = set(elastic)  # grows by every space of a group that changes width
         for order, members in groups["members"].items():
-            if order not in elastic and not elastic.intersection(members):
-                continue
-            sizes = (spec_a.spaces[order].size, spec_b.spaces[order].size)
-            if order in groups["fixed_order"] or not spec_a.is_free(order):
-                raise MergeError(f"match: the heads or groups of {', '.join(members)} (counts "
-                                 f"{sizes[0]} and {sizes[1]}) have a fixed order (grouped-query "
-                                 "attention, or separated parts); mergec cannot change their "
-                                 "count")
-            target = widths.get(order, max(sizes))
-            if sizes[0] == sizes[1] == target:
-                new, block_summary = self._elastic_within(spec_a, spec_b, moments, order,
-                                                          members, widths, attention)
-            else:
-                new, block_summary = self._elastic_blocks(spec_a, spec_b, moments, order,
-                                                          members, target)
-            plans.update(new)
-            summary.update(block_summary)
-            elastic.update(new)
+            if order in elastic or elastic.intersection(members):
+                new, group_summary = self._elastic_group(spec_a, spec_b, moments, widths, order,
+                                                         members, groups, attention)
+                plans.update(new)
+                summary.update(group_summary)
+                elastic.update(new)
         for leaf in leaves:
-            if leaf in plans:
-                continue
-            space_a, space_b = spec_a.spaces[leaf], spec_b.spaces[leaf]
-            d_a, d_b = space_a.size, space_b.size
-            target = widths.get(leaf, max(d_a, d_b))
-            if leaf in elastic and (space_a.kind != "flat" or not spec_a.is_free(leaf)
-                                    or leaf in groups["order_of"]):
-                raise MergeError(
-                    f"match: space {leaf} ({space_a.kind}, origin {space_a.origin}) has widths "
-                    f"{d_a} and {d_b}{'' if spec_a.is_free(leaf) else ' and is fixed'}; only "
-                    "free flat spaces, and heads or groups whose order is free, can change "
-                    "width")
-            observed = moments.get(leaf)
-            if leaf in elastic:
-                joint = (activation_similarity(observed, d_a) if observed is not None
-                         else torch.eye(d_a + d_b, dtype=torch.float64))
-                plans[leaf] = solvers.elastic_zip(joint, d_a, d_b, target=target,
-                                                  alpha=self.alpha)
-                summary[leaf] = {"width": target, "widths": [d_a, d_b]}
-            else:
-                plans[leaf] = solvers.average(d_a)
-        same = [s for s in leaves if s not in elastic and s not in plans]
-        if same:  # same-width leaves: the ordinary matcher, restricted to them
-            sub_plans, sub_summary = Match(method=self.method, alpha=self.alpha, beta=self.beta,
-                                           seed=self.seed)._same_width(spec_a, moments, same)
-            plans.update(sub_plans)
-            summary.update(sub_summary)
+            if leaf not in plans:
+                plans[leaf], leaf_summary = self._elastic_leaf(
+                    spec_a, spec_b, moments, widths, leaf, leaf in elastic, groups)
+                summary.update(leaf_summary)
         merged = resized(spec_a, {s: plans[s].width for s in leaves})
         full = {s: full_plan(spec_a, s, plans, spec_b, merged) for s in spec_a.spaces}
         return full, summary
 
+    def _elastic_group(self, spec_a: UnitSpec, spec_b: UnitSpec,
+                       moments: Mapping[str, JointMoments], widths: Mapping[str, int],
+                       order: str, members: list[str], groups: dict,
+                       attention: Mapping[str, str]
+                       ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
+        """Plans of the heads or groups sharing ``order``: zipped over blocks where the number
+        of blocks changes, zipped inside paired blocks where only their size does."""
+        sizes = (spec_a.spaces[order].size, spec_b.spaces[order].size)
+        if order in groups["fixed_order"] or not spec_a.is_free(order):
+            raise MergeError(f"match: the heads or groups of {', '.join(members)} (counts "
+                             f"{sizes[0]} and {sizes[1]}) have a fixed order (grouped-query "
+                             "attention, or separated parts); mergec cannot change their "
+                             "count")
+        target = widths.get(order, max(sizes))
+        if sizes[0] == sizes[1] == target:
+            return self._elastic_within(spec_a, spec_b, moments, order, members, widths,
+                                        attention)
+        return self._elastic_blocks(spec_a, spec_b, moments, order, members, target)
+
+    def _elastic_leaf(self, spec_a: UnitSpec, spec_b: UnitSpec,
+                      moments: Mapping[str, JointMoments], widths: Mapping[str, int], leaf: str,
+                      elastic: bool, groups: dict) -> tuple[MergePlan, dict[str, dict]]:
+        """The plan of one leaf outside the groups: elastic zip to its merged width where
+        ``elastic`` (it must be a free flat space), else unit i with unit i; and its summary."""
+        space_a, space_b = spec_a.spaces[leaf], spec_b.spaces[leaf]
+        d_a, d_b = space_a.size, space_b.size
+        if not elastic:
+            return solvers.average(d_a), {}
+        if space_a.kind != "flat" or not spec_a.is_free(leaf) or leaf in groups["order_of"]:
+            raise MergeError(
+                f"match: space {leaf} ({space_a.kind}, origin {space_a.origin}) has widths "
+                f"{d_a} and {d_b}{'' if spec_a.is_free(leaf) else ' and is fixed'}; only "
+                "free flat spaces, and heads or groups whose order is free, can change "
+                "width")
+        target = widths.get(leaf, max(d_a, d_b))
+        plan = solvers.elastic_zip(elastic_similarity(moments, leaf, d_a, d_b), d_a, d_b,
+                                   target=target, alpha=self.alpha)
+        return plan, {leaf: {"width": target, "widths": [d_a, d_b]}}
+
     def _elastic_blocks(self, spec_a: UnitSpec, spec_b: UnitSpec,
                         moments: Mapping[str, JointMoments], order: str, members: list[str],
                         target: int) -> tuple[dict[str, MergePlan], dict[str, dict]]:
-        """Elastic zip over heads or groups whose count differs: blocks of one size, scored
-        pairwise (within and across models) by their best within-block match summed over the
-        spaces sharing the block order, are zipped to ``target`` blocks; inside a merged block
-        every contributor is permuted to the first one's order and averaged."""
+        """Elastic zip over heads or groups whose count differs
+        (:func:`~mergec.algorithms.blocks.zip_blocks`) to ``target`` blocks of one size."""
         counts = (spec_a.spaces[order].size, spec_b.spaces[order].size)
         block_sizes = []
         for member in members:
@@ -575,62 +533,16 @@ class Match:
                     f"sizes {size_a} and {size_b}; elastic merging changes the number of heads "
                     "or groups, not their size")
             block_sizes.append(size_a)
-        total = sum(counts)
-
-        def positions(member_index: int, block: int) -> torch.Tensor:
-            """Block ``block``'s units in a member's joint matrix (A's blocks, then B's)."""
-            size = block_sizes[member_index]
-            return torch.arange(block * size, (block + 1) * size)
-
-        joints = []
+        joints = [elastic_similarity(moments, member, counts[0] * size, counts[1] * size)
+                  for member, size in zip(members, block_sizes)]
+        pinned = [spec_a.spaces[member].within_fixed is not None for member in members]
+        block_plan, member_plans = blocks.zip_blocks(joints, counts, block_sizes, pinned,
+                                                     target, alpha=self.alpha)
+        merged = [[("A", x) if x < counts[0] else ("B", x - counts[0]) for x in contributors]
+                  for contributors in blocks.merged_blocks(block_plan)]
+        plans = {order: block_plan, **dict(zip(members, member_plans))}
+        summary = {order: {"width": target, "widths": list(counts), "merged blocks": merged}}
         for member, size in zip(members, block_sizes):
-            observed = moments.get(member)
-            dims = (counts[0] * size, counts[1] * size)
-            joints.append(activation_similarity(observed, dims[0]) if observed is not None
-                          else torch.eye(sum(dims), dtype=torch.float64))
-        alignments: dict[tuple[int, int, int], torch.Tensor] = {}
-        scores = torch.eye(total, dtype=torch.float64)
-        for x in range(total):
-            for y in range(x + 1, total):
-                score = 0.0
-                for index, (member, joint) in enumerate(zip(members, joints)):
-                    cross = joint[positions(index, x)][:, positions(index, y)]
-                    if spec_a.spaces[member].within_fixed is not None:
-                        order_y = torch.arange(len(cross))
-                        matched = float(cross.diagonal().mean())
-                    else:
-                        order_y, matched = _best_matching(cross)
-                    alignments[(index, x, y)] = order_y
-                    score += matched
-                scores[x, y] = scores[y, x] = score / len(members)
-        block_plan = solvers.elastic_zip(scores, counts[0], counts[1], target=target,
-                                         alpha=self.alpha)
-        merges = (block_plan.merge_a.to(torch.float64), block_plan.merge_b.to(torch.float64))
-        unmerges = (block_plan.unmerge_a.to(torch.float64), block_plan.unmerge_b.to(torch.float64))
-        plans = {order: block_plan}
-        summary = {order: {"width": target, "widths": list(counts), "merged blocks": [
-            [("A" if x < counts[0] else "B", x if x < counts[0] else x - counts[0])
-             for x in range(total) if _unmerge_of(unmerges, counts, x)[k] > 0]
-            for k in range(target)]}}
-        for index, (member, size) in enumerate(zip(members, block_sizes)):
-            matrices = [torch.zeros(target * size, counts[0] * size, dtype=torch.float64),
-                        torch.zeros(target * size, counts[1] * size, dtype=torch.float64),
-                        torch.zeros(counts[0] * size, target * size, dtype=torch.float64),
-                        torch.zeros(counts[1] * size, target * size, dtype=torch.float64)]
-            for k in range(target):
-                merged = torch.arange(k * size, (k + 1) * size)
-                contributors = [x for x in range(total) if _unmerge_of(unmerges, counts, x)[k] > 0]
-                anchor = contributors[0]
-                for x in contributors:
-                    model = 0 if x < counts[0] else 1
-                    block = x if model == 0 else x - counts[0]
-                    inside = (torch.arange(size) if x == anchor
-                              else alignments[(index, anchor, x)] if anchor < x
-                              else alignments[(index, x, anchor)].argsort())
-                    source = block * size + inside  # contributor unit for each merged unit
-                    matrices[model][merged, source] = merges[model][k, block]
-                    matrices[2 + model][source, merged] = unmerges[model][block, k]
-            plans[member] = MergePlan(*matrices)
             summary[member] = {"width": target * size,
                                "widths": [counts[0] * size, counts[1] * size]}
         return plans, summary
@@ -639,12 +551,12 @@ class Match:
                         moments: Mapping[str, JointMoments], order: str, members: list[str],
                         widths: Mapping[str, int], roles: Mapping[str, str]
                         ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
-        """Elastic zip inside heads whose count agrees and whose size differs: heads are
-        paired across the models (Hungarian on their best unit matching), then each pair is
-        zipped to the merged head size. Query and key heads of an attention whose scale is
-        1/sqrt(head size) are rescaled so that each model's attention logits keep their scale."""
+        """Elastic zip inside heads whose count agrees and whose size differs
+        (:func:`~mergec.algorithms.blocks.zip_paired_blocks`). Query and key heads of an
+        attention whose scale is 1/sqrt(head size) are rescaled so that each model's attention
+        logits keep their scale."""
         count = spec_a.spaces[order].size
-        sizes, joints = [], []
+        sizes, joints, scales = [], [], []
         for member in members:
             size_a, size_b = spec_a.spaces[member].block_size, spec_b.spaces[member].block_size
             size = widths.get(member, count * max(size_a, size_b)) // count
@@ -657,57 +569,17 @@ class Match:
                     "scaled_dot_product_attention with its default scale, whose scale it can "
                     "follow, and not for heads whose inside order is pinned (rotary embeddings)")
             sizes.append((size_a, size_b, size))
-            observed = moments.get(member)
-            joints.append(activation_similarity(observed, count * size_a) if observed is not None
-                          else torch.eye(count * (size_a + size_b), dtype=torch.float64))
-
-        def cross(index: int, block_a: int, block_b: int) -> torch.Tensor:
-            size_a, size_b, _ = sizes[index]
-            rows = torch.arange(block_a * size_a, (block_a + 1) * size_a)
-            columns = count * size_a + torch.arange(block_b * size_b, (block_b + 1) * size_b)
-            return torch.cat([rows, columns])
-
-        scores = torch.zeros(count, count, dtype=torch.float64)
-        for index, joint in enumerate(joints):
-            size_a = sizes[index][0]
-            for block_a in range(count):
-                for block_b in range(count):
-                    positions = cross(index, block_a, block_b)
-                    block = joint[positions[:size_a]][:, positions[size_a:]]
-                    scores[block_a, block_b] += _best_matching(block)[1]
-        pairing, _ = _best_matching(scores)
-        plans = {order: pairing_plan(pairing)}
+            joints.append(elastic_similarity(moments, member, count * size_a, count * size_b))
+            scales.append(((size / size_a) ** 0.25, (size / size_b) ** 0.25)
+                          if roles.get(member) == "qk" else (1.0, 1.0))
+        pairing, member_plans = blocks.zip_paired_blocks(joints, count, sizes, scales,
+                                                         alpha=self.alpha)
+        plans = {order: solvers.pairing_plan(pairing), **dict(zip(members, member_plans))}
         summary = {order: {"width": count, "pairing": pairing.tolist()}}
-        for index, (member, joint) in enumerate(zip(members, joints)):
-            size_a, size_b, size = sizes[index]
-            matrices = [torch.zeros(count * size, count * size_a, dtype=torch.float64),
-                        torch.zeros(count * size, count * size_b, dtype=torch.float64),
-                        torch.zeros(count * size_a, count * size, dtype=torch.float64),
-                        torch.zeros(count * size_b, count * size, dtype=torch.float64)]
-            scale = ((size / size_a) ** 0.25, (size / size_b) ** 0.25) \
-                if roles.get(member) == "qk" else (1.0, 1.0)
-            for block_a in range(count):
-                block_b = int(pairing[block_a])
-                positions = cross(index, block_a, block_b)
-                plan = solvers.elastic_zip(joint[positions][:, positions], size_a, size_b,
-                                           target=size, alpha=self.alpha)
-                out = slice(block_a * size, (block_a + 1) * size)
-                from_a = slice(block_a * size_a, (block_a + 1) * size_a)
-                from_b = slice(block_b * size_b, (block_b + 1) * size_b)
-                matrices[0][out, from_a] = plan.merge_a.to(torch.float64) * scale[0]
-                matrices[1][out, from_b] = plan.merge_b.to(torch.float64) * scale[1]
-                matrices[2][from_a, out] = plan.unmerge_a.to(torch.float64)
-                matrices[3][from_b, out] = plan.unmerge_b.to(torch.float64)
-            plans[member] = MergePlan(*matrices)
+        for member, (size_a, size_b, size) in zip(members, sizes):
             summary[member] = {"width": count * size,
                                "widths": [count * size_a, count * size_b]}
         return plans, summary
-
-
-def _unmerge_of(unmerges: tuple[torch.Tensor, torch.Tensor], counts: tuple[int, int],
-                block: int) -> torch.Tensor:
-    """The row of the block plan's unmerge matrix of block ``block`` (A's blocks first)."""
-    return unmerges[0][block] if block < counts[0] else unmerges[1][block - counts[0]]
 
 
 def _block_groups(spec: UnitSpec, leaves: list[str]) -> dict:
@@ -734,6 +606,7 @@ def _block_groups(spec: UnitSpec, leaves: list[str]) -> dict:
 
 
 def _same_plan(old: MergePlan | None, new: MergePlan) -> bool:
+    """Whether a new plan equals the old one (coordinate descent stops when none changes)."""
     return old is not None and torch.equal(old.merge_b.to(new.merge_b), new.merge_b) \
         and torch.equal(old.merge_a.to(new.merge_a), new.merge_a)
 

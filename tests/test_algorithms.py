@@ -1,4 +1,5 @@
-"""Tests of the graph-free algorithms: statistics, solvers, weight matching, CKA, alignment."""
+"""Tests of the graph-free algorithms: statistics, solvers, the Hungarian, block matching,
+weight similarity, CKA, alignment."""
 
 from __future__ import annotations
 
@@ -16,19 +17,19 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergec.algorithms import alignment, cka, covariance, solvers
+from mergec.algorithms import blocks, cka, solvers
 from mergec.algorithms.alignment import align_depth
+from mergec.algorithms.blocks import Placement, match_blocks, place
 from mergec.algorithms.cka import LinearCKA, linear_cka
 from mergec.algorithms.covariance import JointMoments, feature_rows
 from mergec.algorithms.solvers import (
+    BlockSolver,
     MergePlan,
     average,
     elastic_zip,
-    match_blocks,
     permute,
     permute_joint,
 )
-from mergec.algorithms.weight_matching import weight_matching as match_weights
 from mergec.algorithms.weight_matching import weight_similarity
 from mergec.errors import MergeError
 
@@ -40,9 +41,10 @@ def random_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("name", ["alignment", "cka", "covariance", "solvers", "weight_matching"])
+@pytest.mark.parametrize(
+    "name", ["alignment", "blocks", "cka", "covariance", "solvers", "weight_matching"]
+)
 def test_docstring_examples_run(name: str) -> None:
-    # importlib: the package attribute `weight_matching` is the function, not the module
     module = importlib.import_module(f"mergec.algorithms.{name}")
     torch.manual_seed(0)
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
@@ -166,8 +168,8 @@ def assert_averaging_plan(plan: MergePlan, dim_a: int, dim_b: int, width: int) -
     merge = torch.cat([plan.merge_a, plan.merge_b], dim=1)
     assert set(unmerge.unique().tolist()) <= {0.0, 1.0}
     assert torch.all(unmerge.sum(dim=1) == 1)
-    torch.testing.assert_close(merge.sum(dim=1), torch.ones(width))
-    torch.testing.assert_close(merge @ unmerge, torch.eye(width))
+    torch.testing.assert_close(merge.sum(dim=1), torch.ones(width, dtype=merge.dtype))
+    torch.testing.assert_close(merge @ unmerge, torch.eye(width, dtype=merge.dtype))
     torch.testing.assert_close(merge, (unmerge / unmerge.sum(dim=0)).T)
 
 
@@ -376,20 +378,77 @@ def heads_permuted_copy(heads: int, head_dim: int, seed: int) -> tuple[torch.Ten
     return correlation_of_permuted_copy(heads * head_dim, permutation, seed), permutation
 
 
+# ----------------------------------------------------------------------------- Hungarian
+
+
+@FAST
+@given(seed=seeds, rows=st.integers(1, 5), extra=st.integers(0, 2))
+def test_hungarian_is_the_optimal_assignment(seed: int, rows: int, extra: int) -> None:
+    similarity = torch.rand(rows, rows + extra, generator=random_generator(seed))
+    matched_rows, columns = solvers.hungarian(similarity)
+    assert matched_rows.tolist() == list(range(rows))
+    assert len(set(columns.tolist())) == rows
+    best = max(
+        similarity[torch.arange(rows), list(p)].sum().item()
+        for p in itertools.permutations(range(rows + extra), rows)
+    )
+    assert similarity[matched_rows, columns].sum().item() == pytest.approx(best)
+
+
+def test_hungarian_counts_minus_infinity_as_minus_one() -> None:
+    # row 0 may never merge: still matched (a complete matching), at the cost of -1
+    similarity = torch.tensor([[-math.inf, -math.inf], [0.5, 0.2]], dtype=torch.float64)
+    assert solvers.hungarian(similarity)[1].tolist() == [1, 0]
+    # -inf is exactly -1: here it ties with an anti-correlated pair, and the answers agree
+    similarity = torch.tensor([[-math.inf, 0.3, 0.0], [0.2, 0.1, -1.0], [0.4, -1.0, 0.6]])
+    as_minus_one = torch.where(similarity == -math.inf, -1.0, similarity)
+    assert torch.equal(solvers.hungarian(similarity)[1], solvers.hungarian(as_minus_one)[1])
+
+
+def test_pairing_plan_averages_each_feature_with_its_partner() -> None:
+    plan = solvers.pairing_plan(torch.tensor([2, 0, 1]))
+    assert_averaging_plan(plan, 3, 3, 3)
+    assert members(plan) == [frozenset({0, 5}), frozenset({1, 3}), frozenset({2, 4})]
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def test_place_writes_each_part_at_its_positions_and_zero_elsewhere() -> None:
+    swap = permute(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    placements = [
+        Placement(swap, torch.tensor([0, 2]), torch.tensor([2, 0]), torch.tensor([1, 2])),
+        Placement(average(1), torch.tensor([1]), torch.tensor([1]), torch.tensor([0])),
+    ]
+    plan = place(placements, 3, 3, 3)
+    assert plan.merge_a.dtype == torch.float64
+    assert_averaging_plan(plan, 3, 3, 3)
+    for part, merged, units_a, units_b in placements:
+        assert torch.equal(plan.merge_a[merged][:, units_a], part.merge_a.double())
+        assert torch.equal(plan.merge_b[merged][:, units_b], part.merge_b.double())
+        assert torch.equal(plan.unmerge_a[units_a][:, merged], part.unmerge_a.double())
+        assert torch.equal(plan.unmerge_b[units_b][:, merged], part.unmerge_b.double())
+    assert members(plan) == [frozenset({2, 5}), frozenset({1, 3}), frozenset({0, 4})]
+
+
+def one_space(joint: torch.Tensor, width: int, solve: BlockSolver) -> blocks.BlockSpace:
+    return blocks.BlockSpace(joint, width, width, solve, blocks.plan_score(solve))
+
+
 @pytest.mark.parametrize("within_solver", [permute_joint, solvers.zip], ids=["permute", "zip"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_match_blocks_recovers_permuted_heads(within_solver, seed: int) -> None:
+def test_match_blocks_recovers_permuted_heads(within_solver: BlockSolver, seed: int) -> None:
     heads, head_dim = 4, 3
     dim = heads * head_dim
     joint, permutation = heads_permuted_copy(heads, head_dim, seed)
-    plan = match_blocks(joint, (heads, head_dim), (heads, head_dim), within_solver)
-    assert_averaging_plan(plan, dim, dim, dim)
-    x = torch.randn(6, dim)
-    torch.testing.assert_close(plan.merge_features(x, x[:, permutation]), x)
-    cross_only = match_blocks(
-        joint[:dim, dim:], (heads, head_dim), (heads, head_dim), within_solver
-    )
-    assert members(cross_only) == members(plan)
+    for space in (one_space(joint, head_dim, within_solver),
+                  blocks.BlockSpace(joint, head_dim, head_dim, within_solver,
+                                    blocks.matching_score)):
+        pairing, (plan,) = match_blocks([space], heads)
+        assert_averaging_plan(plan, dim, dim, dim)
+        assert torch.equal(pairing, (permutation[::head_dim] // head_dim).argsort())
+        x = torch.randn(6, dim, dtype=torch.float64)
+        torch.testing.assert_close(plan.merge_features(x, x[:, permutation]), x)
 
 
 @FAST
@@ -400,49 +459,113 @@ def test_match_blocks_keeps_merged_features_inside_one_block_pair(
     seed: int, heads: int, head_dim_a: int, head_dim_b: int
 ) -> None:
     dim_a, dim_b = heads * head_dim_a, heads * head_dim_b
-    plan = match_blocks(
-        random_symmetric(dim_a + dim_b, seed), (heads, head_dim_a), (heads, head_dim_b), elastic_zip
-    )
+    space = blocks.BlockSpace(random_symmetric(dim_a + dim_b, seed), head_dim_a, head_dim_b,
+                              elastic_zip, blocks.matching_score)
+    pairing, (plan,) = match_blocks([space], heads)
     merged_per_pair = max(head_dim_a, head_dim_b)
     assert_averaging_plan(plan, dim_a, dim_b, heads * merged_per_pair)
     partners = []
     for pair in range(heads):
         rows = slice(pair * merged_per_pair, (pair + 1) * merged_per_pair)
-        blocks_a = (
-            (plan.merge_a[rows].reshape(merged_per_pair, heads, head_dim_a) != 0)
-            .any(dim=2)
-            .any(dim=0)
-        )
-        blocks_b = (
-            (plan.merge_b[rows].reshape(merged_per_pair, heads, head_dim_b) != 0)
-            .any(dim=2)
-            .any(dim=0)
-        )
-        assert blocks_a.nonzero().flatten().tolist() == [pair]
-        assert len(blocks_b.nonzero()) == 1
-        partners.append(int(blocks_b.nonzero()))
-    assert sorted(partners) == list(range(heads))  # the blocks of B are paired one-to-one
+        blocks_a = (plan.merge_a[rows].reshape(merged_per_pair, heads, head_dim_a) != 0)
+        blocks_b = (plan.merge_b[rows].reshape(merged_per_pair, heads, head_dim_b) != 0)
+        assert blocks_a.any(dim=2).any(dim=0).nonzero().flatten().tolist() == [pair]
+        partners += blocks_b.any(dim=2).any(dim=0).nonzero().flatten().tolist()
+    assert partners == pairing.tolist() and sorted(partners) == list(range(heads))
 
 
-def test_match_blocks_rejects_different_block_counts() -> None:
-    with pytest.raises(MergeError, match="same positive number of blocks"):
-        match_blocks(torch.eye(12), (2, 3), (3, 2))
+def test_match_blocks_adds_the_scores_of_spaces_sharing_the_block_order() -> None:
+    qk, _ = heads_permuted_copy(3, 2, seed=0)
+    v = random_symmetric(12, seed=1)
+    spaces = [one_space(qk, 2, permute_joint), one_space(v, 2, solvers.zip)]
+    torch.testing.assert_close(
+        blocks.block_scores(spaces, 3),
+        blocks.block_scores(spaces[:1], 3) + blocks.block_scores(spaces[1:], 3),
+    )
+    pairing, plans = match_blocks(spaces, 3)
+    assert torch.equal(pairing, solvers.hungarian(blocks.block_scores(spaces, 3))[1])
+    assert len(plans) == 2
 
 
-# ----------------------------------------------------------------------------- weight matching
+def test_match_blocks_without_pairing_keeps_block_i_with_block_i() -> None:
+    joint, _ = heads_permuted_copy(3, 2, seed=0)
+    pairing, (plan,) = match_blocks([one_space(joint, 2, permute_joint)], 3, pair=False)
+    assert pairing.tolist() == [0, 1, 2]
+    for block in range(3):
+        units = slice(2 * block, 2 * block + 2)
+        assert plan.merge_b[units, units].sum() == 1.0  # two merged units, half of B each
 
 
-def mlp_spec() -> tuple[dict[str, tuple[str | None, ...]], dict[str, int]]:
+def test_match_blocks_refuses_a_similarity_of_the_wrong_shape() -> None:
+    with pytest.raises(MergeError, match=r"need a \(12, 12\) joint similarity, got \(10, 10\)"):
+        match_blocks([one_space(torch.eye(10), 3, permute_joint)], 2)
+
+
+def test_zip_paired_blocks_zips_each_pair_and_scales_the_merges() -> None:
+    count, widths = 2, (2, 3, 3)
+    joint = random_symmetric(count * 5, seed=0)
+    pairing, (plan,) = blocks.zip_paired_blocks([joint], count, [widths], [(1.0, 1.0)])
+    _, (scaled,) = blocks.zip_paired_blocks([joint], count, [widths], [(2.0, 0.5)])
+    assert_averaging_plan(plan, 4, 6, 6)
+    assert sorted(pairing.tolist()) == [0, 1]
+    assert torch.equal(scaled.merge_a, 2.0 * plan.merge_a)
+    assert torch.equal(scaled.merge_b, 0.5 * plan.merge_b)
+    assert torch.equal(scaled.unmerge_a, plan.unmerge_a)
+    for block_a in range(count):  # merged head k: A's head k and B's paired head only
+        rows = slice(3 * block_a, 3 * block_a + 3)
+        used_a = (plan.merge_a[rows].reshape(3, count, 2) != 0).any(dim=2).any(dim=0)
+        used_b = (plan.merge_b[rows].reshape(3, count, 3) != 0).any(dim=2).any(dim=0)
+        assert used_a.nonzero().flatten().tolist() == [block_a]
+        assert used_b.nonzero().flatten().tolist() == [int(pairing[block_a])]
+
+
+def duplicated_heads(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features of A (2 heads of 2) and B (3 heads: A's head 1, A's head 0, A's head 1 again,
+    each permuted inside), and their joint correlation."""
+    generator = random_generator(seed)
+    x_a = torch.randn(400, 4, generator=generator, dtype=torch.float64)
+    inside = [torch.randperm(2, generator=generator) for _ in range(3)]
+    x_b = torch.cat([x_a[:, 2 * head + order] for head, order in zip((1, 0, 1), inside)], dim=1)
+    moments = JointMoments(4, 6)
+    moments.update(x_a, x_b)
+    return x_a, x_b, moments.correlation()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_zip_blocks_merges_copies_of_a_head_into_it(seed: int) -> None:
+    x_a, x_b, joint = duplicated_heads(seed)
+    block_plan, (plan,) = blocks.zip_blocks([joint], (2, 3), [2], [False], target=2, alpha=1.0)
+    assert blocks.merged_blocks(block_plan) == [[0, 3], [1, 2, 4]]  # B's blocks are 2, 3, 4
+    assert_averaging_plan(plan, 4, 6, 4)
+    torch.testing.assert_close(plan.merge_features(x_a, x_b), x_a)
+    torch.testing.assert_close(plan.unmerge_features(x_a)[1], x_b)
+
+
+def test_zip_blocks_keeps_a_pinned_order_and_can_merge_nothing() -> None:
+    _, _, joint = duplicated_heads(seed=0)
+    block_plan, (plan,) = blocks.zip_blocks([joint], (2, 3), [2], [True], target=2, alpha=1.0)
+    for k, contributors in enumerate(blocks.merged_blocks(block_plan)):
+        for x in contributors:  # unit i of every contributing block goes to merged unit i
+            merge = plan.merge_a if x < 2 else plan.merge_b
+            block = x if x < 2 else x - 2
+            square = merge[2 * k:2 * k + 2, 2 * block:2 * block + 2]
+            assert torch.equal(square != 0, torch.eye(2, dtype=torch.bool))
+    block_plan, _ = blocks.zip_blocks([joint], (2, 3), [2], [False], target=5)
+    assert blocks.merged_blocks(block_plan) == [[0], [1], [2], [3], [4]]
+
+
+# ----------------------------------------------------------------------------- weight similarity
+
+
+def mlp_spec() -> dict[str, list[tuple[int, str]]]:
     """A conv, a linear layer and a head: spaces "conv" (8 channels) and "hidden" (6 units)."""
-    axes = {
-        "conv.weight": ("conv", None, None, None),
-        "conv.bias": ("conv",),
-        "fc.weight": ("hidden", "conv"),
-        "fc.bias": ("hidden",),
-        "head.weight": (None, "hidden"),
-        "head.bias": (None,),
+    return {
+        "conv.weight": [(0, "conv")],
+        "conv.bias": [(0, "conv")],
+        "fc.weight": [(0, "hidden"), (1, "conv")],
+        "fc.bias": [(0, "hidden")],
+        "head.weight": [(1, "hidden")],
     }
-    return axes, {"conv": 8, "hidden": 6}
 
 
 def random_mlp(seed: int) -> dict[str, torch.Tensor]:
@@ -453,78 +576,47 @@ def random_mlp(seed: int) -> dict[str, torch.Tensor]:
         "fc.weight": (6, 8),
         "fc.bias": (6,),
         "head.weight": (4, 6),
-        "head.bias": (4,),
     }
     return {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
 
 
-def permute_params(params, axes, perms) -> dict[str, torch.Tensor]:
-    permuted = {}
-    for key, weight in params.items():
-        for axis, space in enumerate(axes[key]):
-            if space is not None:
-                weight = weight.index_select(axis, perms[space])
-        permuted[key] = weight
-    return permuted
+def cosine(vectors: torch.Tensor) -> torch.Tensor:
+    norms = vectors.norm(dim=1)
+    return vectors @ vectors.T / norms[:, None] / norms[None, :]
 
 
-def total_inner_product(params_a, params_b) -> float:
-    return sum(float((params_a[key].double() * params_b[key].double()).sum()) for key in params_a)
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_weight_matching_undoes_a_permutation(seed: int) -> None:
-    axes, sizes = mlp_spec()
-    params_a = random_mlp(seed)
-    generator = random_generator(seed + 100)
-    scrambles = {space: torch.randperm(size, generator=generator) for space, size in sizes.items()}
-    params_b = permute_params(params_a, axes, scrambles)
-    perms = match_weights(params_a, params_b, axes, sizes, seed=seed)
-    realigned = permute_params(params_b, axes, perms)
-    for key in params_a:
-        torch.testing.assert_close(realigned[key], params_a[key])
-
-
-@FAST
-@given(seed_a=seeds, seed_b=seeds, seed=st.integers(0, 3))
-def test_weight_matching_never_lowers_the_alignment(seed_a: int, seed_b: int, seed: int) -> None:
-    axes, sizes = mlp_spec()
-    params_a, params_b = random_mlp(seed_a), random_mlp(seed_b)
-    perms = match_weights(params_a, params_b, axes, sizes, seed=seed)
-    for space, perm in perms.items():
-        assert sorted(perm.tolist()) == list(range(sizes[space]))
-    realigned = permute_params(params_b, axes, perms)
-    assert (
-        total_inner_product(params_a, realigned) >= total_inner_product(params_a, params_b) - 1e-9
-    )
-    assert all(
-        torch.equal(perms[s], p)
-        for s, p in match_weights(params_a, params_b, axes, sizes, seed=seed).items()
-    )
-
-
-def test_weight_similarity_sums_every_bound_slice() -> None:
-    axes, sizes = mlp_spec()
+def test_weight_similarity_is_the_cosine_of_every_bound_slice() -> None:
     params_a, params_b = random_mlp(0), random_mlp(1)
-    conv_perm = torch.randperm(8, generator=random_generator(2))
-    similarity = weight_similarity(params_a, params_b, axes, sizes, "hidden", {"conv": conv_perm})
-    expected = (
-        params_a["fc.weight"] @ params_b["fc.weight"][:, conv_perm].T
-        + torch.outer(params_a["fc.bias"], params_b["fc.bias"])
-        + params_a["head.weight"].T @ params_b["head.weight"]
-    )
-    torch.testing.assert_close(similarity, expected.double(), rtol=1e-5, atol=1e-5)
+    conv_order = torch.eye(8, dtype=torch.float64)[torch.randperm(8, generator=random_generator(2))]
+    similarity = weight_similarity(params_a, params_b, mlp_spec(), {"hidden": [torch.arange(6)]},
+                                   {"conv": conv_order, "hidden": torch.eye(6)}, 6)
+
+    def vectors(params: dict[str, torch.Tensor], fc_weight: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fc_weight, params["fc.bias"][:, None], params["head.weight"].T], dim=1)
+
+    params_a = {key: value.double() for key, value in params_a.items()}
+    params_b = {key: value.double() for key, value in params_b.items()}
+    expected = cosine(torch.cat([vectors(params_a, params_a["fc.weight"]),
+                                 vectors(params_b, params_b["fc.weight"] @ conv_order.T)]))
+    torch.testing.assert_close(similarity, expected)
 
 
-def test_weight_matching_reports_a_spec_that_does_not_fit() -> None:
-    axes, sizes = mlp_spec()
+def test_weight_similarity_finds_a_permuted_copy_and_adds_every_place() -> None:
     params = random_mlp(0)
-    with pytest.raises(MergeError, match="space 'hidden' has size 7"):
-        match_weights(params, params, axes, {**sizes, "hidden": 7})
-    with pytest.raises(MergeError, match="missing from model B"):
-        match_weights(params, {k: v for k, v in params.items() if k != "fc.bias"}, axes, sizes)
-    with pytest.raises(MergeError, match="no parameter axis is bound"):
-        weight_similarity(params, params, axes, {**sizes, "unused": 2}, "unused")
+    hidden = torch.randperm(6, generator=random_generator(1))
+    twin = {**params, "fc.weight": params["fc.weight"][hidden],
+            "fc.bias": params["fc.bias"][hidden], "head.weight": params["head.weight"][:, hidden]}
+    identity = {"conv": torch.eye(8), "hidden": torch.eye(6)}
+    similarity = weight_similarity(params, twin, mlp_spec(), {"hidden": [torch.arange(6)]},
+                                   identity, 6)
+    assert torch.equal(similarity[:6, 6:].argmax(dim=1), hidden.argsort())
+    # the conv's channels in two places of 4 along "conv": their slices add up
+    halves = {"conv": [torch.arange(4), torch.arange(4, 8)]}
+    axes = {"conv.bias": [(0, "conv")]}
+    bias = params["conv.bias"].double()
+    expected = cosine(torch.cat([torch.stack([bias[:4], bias[4:]], dim=1)] * 2))
+    torch.testing.assert_close(weight_similarity(params, params, axes, halves, identity, 4),
+                               expected)
 
 
 # ----------------------------------------------------------------------------- CKA
@@ -532,11 +624,12 @@ def test_weight_matching_reports_a_spec_that_does_not_fit() -> None:
 
 def u_statistic_hsic(x: torch.Tensor, y: torch.Tensor) -> float:
     """Song et al.'s unbiased HSIC as a U-statistic over distinct 4-tuples (independent check)."""
-    k, l = x @ x.T, y @ y.T
+    gram_x, gram_y = x @ x.T, y @ y.T
     n = len(x)
     total = 0.0
     for i, j, q, r in itertools.permutations(range(n), 4):
-        total += (k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]).item()
+        total += (gram_x[i, j] * gram_y[i, j] + gram_x[i, j] * gram_y[q, r]
+                  - 2 * gram_x[i, j] * gram_y[i, q]).item()
     return total / math.perm(n, 4)
 
 

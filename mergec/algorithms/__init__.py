@@ -1,16 +1,25 @@
 """Graph-free algorithms of mergec, as pure functions of tensors.
 
 Streaming statistics (:mod:`.covariance`, :mod:`.cka`), solvers that turn similarities into
-merge/unmerge matrices (:mod:`.solvers`), Git Re-Basin weight matching (:mod:`.weight_matching`)
-and depth alignment by dynamic programming (:mod:`.alignment`). Nothing here imports torch.fx,
-so each algorithm can be tested and benchmarked alone.
+merge/unmerge matrices and the one Hungarian (:mod:`.solvers`), plans of structured spaces from
+plans of their blocks (:mod:`.blocks`: placement, two-level block matching, elastic zip over
+blocks), Git Re-Basin's weight similarity (:mod:`.weight_matching`) and depth alignment by
+dynamic programming (:mod:`.alignment`). Nothing here imports torch.fx, so each algorithm can be
+tested and benchmarked alone.
 
 ``zip`` (ZipIt!) is importable from here but left out of ``__all__`` so that a star import does
-not shadow the builtin. ``mergec.algorithms.weight_matching`` is the function (the module of
-the same name is ``importlib.import_module("mergec.algorithms.weight_matching")``).
+not shadow the builtin.
 """
 
 from mergec.algorithms.alignment import DepthAlignment, align_depth
+from mergec.algorithms.blocks import (
+    BlockSpace,
+    Placement,
+    match_blocks,
+    place,
+    zip_blocks,
+    zip_paired_blocks,
+)
 from mergec.algorithms.cka import LinearCKA, linear_cka
 from mergec.algorithms.covariance import JointMoments, feature_rows
 from mergec.algorithms.solvers import (
@@ -18,27 +27,34 @@ from mergec.algorithms.solvers import (
     MergePlan,
     average,
     elastic_zip,
-    match_blocks,
+    hungarian,
+    pairing_plan,
     permute,
     permute_joint,
-    zip,
 )
-from mergec.algorithms.weight_matching import weight_matching, weight_similarity
+from mergec.algorithms.solvers import zip as zip  # re-exported, not starred: shadows the builtin
+from mergec.algorithms.weight_matching import weight_similarity
 
 __all__ = [
     "BlockSolver",
+    "BlockSpace",
     "DepthAlignment",
     "JointMoments",
     "LinearCKA",
     "MergePlan",
+    "Placement",
     "align_depth",
     "average",
     "elastic_zip",
     "feature_rows",
+    "hungarian",
     "linear_cka",
     "match_blocks",
+    "pairing_plan",
     "permute",
     "permute_joint",
-    "weight_matching",
+    "place",
     "weight_similarity",
+    "zip_blocks",
+    "zip_paired_blocks",
 ]

@@ -26,9 +26,10 @@ from mergec.errors import MergeError
 
 logger = logging.getLogger(__name__)
 
-#: A within-block solver for :func:`match_blocks`: ``(joint_similarity, d_a, d_b) -> MergePlan``,
-#: where ``joint_similarity`` is the ``(d_a + d_b)`` square similarity of one block of A and one
-#: block of B. :func:`zip`, :func:`elastic_zip` and :func:`permute_joint` have this signature.
+#: A solver of one space given its joint similarity: ``(joint_similarity, d_a, d_b) -> MergePlan``,
+#: where ``joint_similarity`` is the ``(d_a + d_b)`` square similarity of ``[x_a; x_b]`` (in
+#: :mod:`.blocks`, of one block of A and one block of B). :func:`zip`, :func:`elastic_zip` and
+#: :func:`permute_joint` have this signature.
 BlockSolver = Callable[[Tensor, int, int], "MergePlan"]
 
 
@@ -50,6 +51,7 @@ class MergePlan:
     unmerge_b: Tensor
 
     def __post_init__(self) -> None:
+        """Refuses matrices whose shapes do not make one plan."""
         shapes = [
             tuple(m.shape) for m in (self.merge_a, self.merge_b, self.unmerge_a, self.unmerge_b)
         ]
@@ -75,10 +77,12 @@ class MergePlan:
 
     @property
     def dim_a(self) -> int:
+        """Width d_a of A's space."""
         return self.merge_a.shape[1]
 
     @property
     def dim_b(self) -> int:
+        """Width d_b of B's space."""
         return self.merge_b.shape[1]
 
     def merge_features(self, x_a: Tensor, x_b: Tensor) -> Tensor:
@@ -103,19 +107,38 @@ def average(d: int) -> MergePlan:
     return MergePlan(identity / 2, identity / 2, identity.clone(), identity.clone())
 
 
-def _pair_plan(partner_of_a: Tensor, d: int, device: torch.device) -> MergePlan:
-    """Plan whose merged feature k averages feature k of A with feature ``partner_of_a[k]`` of B."""
-    identity = torch.eye(d, device=device)
-    pairing = identity[partner_of_a.to(device)]  # pairing[k, partner_of_a[k]] = 1
+def pairing_plan(partner_of_a: Tensor, device: torch.device | None = None) -> MergePlan:
+    """Plan whose merged feature k averages feature k of A with feature ``partner_of_a[k]`` of B.
+
+    ``partner_of_a`` is a permutation: :func:`permute`'s matching of features, or ``match``'s
+    pairing of the blocks of a structured space (its block order).
+
+    >>> pairing_plan(torch.tensor([1, 0])).unmerge_b
+    tensor([[0., 1.],
+            [1., 0.]])
+    """
+    identity = torch.eye(len(partner_of_a), device=device)
+    pairing = identity[partner_of_a.to(identity.device)]  # pairing[k, partner_of_a[k]] = 1
     return MergePlan(identity / 2, pairing / 2, identity.clone(), pairing.T.contiguous())
 
 
-def _hungarian(similarity: Tensor) -> Tensor:
-    """Column matched to each row, maximising the total similarity (rows sorted 0..n-1)."""
-    rows, columns = linear_sum_assignment(similarity.detach().double().cpu().numpy(), maximize=True)
-    matched = torch.empty(len(rows), dtype=torch.long)
-    matched[torch.as_tensor(rows)] = torch.as_tensor(columns)
-    return matched
+def hungarian(similarity: Tensor) -> tuple[Tensor, Tensor]:
+    """The one-to-one matching of rows to columns with the largest total similarity.
+
+    Returns index pairs ``(rows, columns)`` with ``rows`` ascending; for a square matrix ``rows``
+    is ``0 .. n-1`` and ``columns[i]`` is row i's partner. Every similarity mergec matches is a
+    correlation or a cosine, at least -1; a -inf entry (a pair that must never merge: a constant
+    unit within its own model) counts as -1, the least similar two units can be, so a complete
+    matching always exists (``torch.nan_to_num``: NaN would count as 0, +inf as the largest
+    float). This is the one Hungarian of mergec: ``permute``, block pairing and the matchings
+    inside blocks all use it.
+
+    >>> hungarian(torch.tensor([[0.1, 0.9], [0.8, -math.inf]]))
+    (tensor([0, 1]), tensor([1, 0]))
+    """
+    values = torch.nan_to_num(similarity.detach().to("cpu", torch.float64), neginf=-1.0)
+    rows, columns = linear_sum_assignment(values.numpy(), maximize=True)
+    return torch.as_tensor(rows), torch.as_tensor(columns)
 
 
 def permute(similarity_ab: Tensor) -> MergePlan:
@@ -137,19 +160,21 @@ def permute(similarity_ab: Tensor) -> MergePlan:
         )
     if not torch.isfinite(similarity_ab).all():
         raise MergeError("permute: the similarity contains NaN or infinite values")
-    return _pair_plan(_hungarian(similarity_ab), similarity_ab.shape[0], similarity_ab.device)
+    _, partner = hungarian(similarity_ab)
+    return pairing_plan(partner, similarity_ab.device)
 
 
 def permute_joint(similarity: Tensor, d_a: int, d_b: int) -> MergePlan:
     """:func:`permute` on the cross-model block of a joint ``(d_a + d_b)`` square similarity.
 
-    It has the :data:`BlockSolver` signature, for :func:`match_blocks`.
+    It has the :data:`BlockSolver` signature.
     """
     _check_joint(similarity, d_a, d_b, "permute_joint")
     return permute(similarity[:d_a, d_a:])
 
 
 def _check_joint(similarity: Tensor, d_a: int, d_b: int, solver: str) -> None:
+    """Refuses a joint similarity of the wrong shape, or with NaN or +inf."""
     if d_a < 1 or d_b < 1:
         raise MergeError(f"{solver}: widths must be positive, got d_a={d_a}, d_b={d_b}")
     size = d_a + d_b
@@ -165,6 +190,7 @@ def _check_joint(similarity: Tensor, d_a: int, d_b: int, solver: str) -> None:
 
 
 def _check_target(target: int, d_a: int, d_b: int, solver: str) -> None:
+    """Refuses a merged width outside [1, d_a + d_b]."""
     if not 1 <= target <= d_a + d_b:
         raise MergeError(
             f"{solver}: target width must be in [1, d_a + d_b] = [1, {d_a + d_b}], got {target}"
@@ -259,6 +285,7 @@ class _ZipState:
     """
 
     def __init__(self, similarity: Tensor, d_a: int, budgets: tuple[int, int]) -> None:
+        """Every feature its own merged feature; within-model merges barred where a budget is 0."""
         size = similarity.shape[0]
         self.similarity = similarity.detach().to("cpu", torch.float64, copy=True)
         self.similarity.fill_diagonal_(-math.inf)
@@ -273,10 +300,12 @@ class _ZipState:
         self.row_best, self.row_best_index = self.similarity.max(dim=1)
 
     def _forbid_within(self, model: int) -> None:
+        """No more merges of two features that both hold a feature of ``model``."""
         members = self.has_model[:, model]
         self.similarity[members[:, None] & members[None, :]] = -math.inf
 
     def best_pair(self) -> tuple[int, int]:
+        """The most similar pair of current features, lower index first."""
         row = int(self.row_best.argmax())
         if self.row_best[row] == -math.inf:
             raise MergeError(
@@ -286,6 +315,7 @@ class _ZipState:
         return min(row, column), max(row, column)
 
     def merge(self, keep: int, gone: int, alpha: float) -> None:
+        """Merges ``gone`` into ``keep``: decayed similarities, budgets spent, conflicts barred."""
         within = self.has_model[keep] & self.has_model[gone]
         self.labels[self.labels == gone] = keep
         self.has_model[keep] |= self.has_model[gone]
@@ -305,6 +335,7 @@ class _ZipState:
         self._refresh_row_best(keep, gone, full=bool(newly_exhausted))
 
     def _spend_budget(self, within: Tensor) -> list[int]:
+        """Spends the budgets of the models a merge was within; the models just exhausted."""
         newly_exhausted = []
         for model in (0, 1):
             if within[model]:
@@ -314,6 +345,7 @@ class _ZipState:
         return newly_exhausted
 
     def _refresh_row_best(self, keep: int, gone: int, full: bool) -> None:
+        """Updates the cached row maxima after a merge (all rows where ``full``)."""
         if full:
             self.row_best, self.row_best_index = self.similarity.max(dim=1)
             return
@@ -352,113 +384,3 @@ def _plan_from_labels(labels: Tensor, d_a: int, d_b: int, device: torch.device) 
         unmerge[:d_a].contiguous(),
         unmerge[d_a:].contiguous(),
     )
-
-
-def match_blocks(
-    similarity: Tensor,
-    blocks_a: tuple[int, int],
-    blocks_b: tuple[int, int],
-    within_solver: BlockSolver = permute_joint,
-) -> MergePlan:
-    """Two-level matching for structured spaces (attention heads, GroupNorm groups).
-
-    ``blocks_a = (number of blocks, block width)`` of A, likewise ``blocks_b``; both models need
-    the same number of blocks. Features of block i are ``i * width ... (i + 1) * width - 1``.
-    For every pair (block i of A, block j of B) ``within_solver`` matches the pair's features and
-    the pair is scored by the mean similarity of the features it put together; the Hungarian
-    algorithm pairs the blocks on those scores, and the result is the within-block solutions of
-    the paired blocks, block-diagonal after the block permutation (merged block k comes from
-    block k of A), so merged features keep the block structure.
-
-    ``similarity`` is the joint ``(d_a + d_b)`` square similarity of ``[x_a; x_b]``, or only its
-    cross-model ``d_a × d_b`` block: within-model similarities then count as unknown (-inf), and
-    a zip within-solver merges only across models.
-
-    >>> x = torch.randn(200, 4)
-    >>> joint = torch.corrcoef(torch.cat([x, x[:, [2, 3, 0, 1]]], dim=1).T)  # B swaps A's 2 heads
-    >>> match_blocks(joint, (2, 2), (2, 2), zip).merge_b
-    tensor([[0.0000, 0.0000, 0.5000, 0.0000],
-            [0.0000, 0.0000, 0.0000, 0.5000],
-            [0.5000, 0.0000, 0.0000, 0.0000],
-            [0.0000, 0.5000, 0.0000, 0.0000]])
-    """
-    count, width_a = blocks_a
-    count_b, width_b = blocks_b
-    if count != count_b or count < 1:
-        raise MergeError(
-            "match_blocks: both models need the same positive number of blocks, "
-            f"got {count} and {count_b}"
-        )
-    joint = _as_joint(similarity, count * width_a, count * width_b)
-    plans: dict[tuple[int, int], MergePlan] = {}
-    scores = torch.empty(count, count, dtype=torch.float64)
-    for block_a in range(count):
-        for block_b in range(count):
-            index = _block_pair_index(block_a, block_b, width_a, width_b, count * width_a).to(
-                joint.device
-            )
-            block_similarity = joint[index][:, index]
-            plan = within_solver(block_similarity, width_a, width_b)
-            plans[block_a, block_b] = plan
-            scores[block_a, block_b] = _mean_merged_similarity(plan, block_similarity)
-    partner = _hungarian(scores)
-    logger.debug("match_blocks: block pairing %s", partner.tolist())
-    return _assemble_blocks(
-        [plans[i, int(partner[i])] for i in range(count)], partner, width_a, width_b
-    )
-
-
-def _as_joint(similarity: Tensor, d_a: int, d_b: int) -> Tensor:
-    """The joint similarity; from a cross-model block, with unknown (-inf) within-model parts."""
-    if tuple(similarity.shape) == (d_a + d_b, d_a + d_b):
-        return similarity
-    if tuple(similarity.shape) != (d_a, d_b):
-        raise MergeError(
-            f"match_blocks: similarity must be ({d_a + d_b}, {d_a + d_b}) (joint) "
-            f"or ({d_a}, {d_b}) (cross-model) "
-            f"for these blocks, got {tuple(similarity.shape)}"
-        )
-    joint = similarity.new_full((d_a + d_b, d_a + d_b), -math.inf)
-    joint[:d_a, d_a:] = similarity
-    joint[d_a:, :d_a] = similarity.T
-    return joint
-
-
-def _block_pair_index(block_a: int, block_b: int, width_a: int, width_b: int, d_a: int) -> Tensor:
-    features_a = torch.arange(block_a * width_a, (block_a + 1) * width_a)
-    features_b = d_a + torch.arange(block_b * width_b, (block_b + 1) * width_b)
-    return torch.cat([features_a, features_b])
-
-
-def _mean_merged_similarity(plan: MergePlan, joint: Tensor) -> float:
-    """Mean similarity over the pairs of distinct original features that share a merged feature."""
-    unmerge = torch.cat([plan.unmerge_a, plan.unmerge_b]).to(torch.float64).cpu()
-    together = (unmerge @ unmerge.T).triu(diagonal=1) > 0
-    if not together.any():
-        return 0.0
-    return float(joint.detach().to("cpu", torch.float64)[together].mean())
-
-
-def _assemble_blocks(
-    pair_plans: list[MergePlan], partner: Tensor, width_a: int, width_b: int
-) -> MergePlan:
-    """Full plan from the plan of each block pair (block k of A with block ``partner[k]`` of B)."""
-    widths = [plan.width for plan in pair_plans]
-    total, count = sum(widths), len(pair_plans)
-    reference = pair_plans[0].merge_a
-    merge_a = reference.new_zeros(total, count * width_a)
-    merge_b = reference.new_zeros(total, count * width_b)
-    unmerge_a = reference.new_zeros(count * width_a, total)
-    unmerge_b = reference.new_zeros(count * width_b, total)
-    start = 0
-    for block_a, plan in enumerate(pair_plans):
-        merged = slice(start, start + plan.width)
-        features_a = slice(block_a * width_a, (block_a + 1) * width_a)
-        block_b = int(partner[block_a])
-        features_b = slice(block_b * width_b, (block_b + 1) * width_b)
-        merge_a[merged, features_a] = plan.merge_a
-        merge_b[merged, features_b] = plan.merge_b
-        unmerge_a[features_a, merged] = plan.unmerge_a
-        unmerge_b[features_b, merged] = plan.unmerge_b
-        start += plan.width
-    return MergePlan(merge_a, merge_b, unmerge_a, unmerge_b)

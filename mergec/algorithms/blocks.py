@@ -1,0 +1,273 @@
+"""Plans of structured spaces (attention heads, GroupNorm groups) from plans of their blocks.
+
+A space of ``count`` blocks of ``width`` units holds block i's units at ``i * width`` to
+``(i + 1) * width - 1``. A permutation that keeps the structure moves whole blocks and permutes
+units inside each block, so such spaces are merged in two levels: blocks are paired across the
+models (:func:`match_blocks`, :func:`zip_paired_blocks`) or zipped within and across them
+(:func:`zip_blocks`), and each merged block is a plan of the blocks it merges. :func:`place`
+writes such per-block plans into the plan of the whole space; ``match`` also uses it to lay a
+leaf's plan at every place where the leaf occurs inside a composite or tiled space.
+
+Every ``joint`` similarity here is the square similarity of ``[x_a; x_b]``, A's units first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from mergec.algorithms import solvers
+from mergec.algorithms.solvers import BlockSolver, MergePlan
+from mergec.errors import MergeError
+
+#: How alike one block of A and one block of B are: ``(joint_similarity, d_a, d_b) -> score``,
+#: where ``joint_similarity`` is the ``(d_a + d_b)`` square similarity of the two blocks' units.
+PairScore = Callable[[Tensor, int, int], float]
+
+
+class Placement(NamedTuple):
+    """Where the plan of a part (a leaf, a block pair, a merged block) sits in a full plan:
+    the positions of its merged features and of each model's features."""
+
+    plan: MergePlan
+    merged: Tensor
+    units_a: Tensor
+    units_b: Tensor
+
+
+def place(placements: Iterable[Placement], width: int, dim_a: int, dim_b: int) -> MergePlan:
+    """The plan (``width`` merged features of ``dim_a`` and ``dim_b``; float64, on the CPU)
+    holding each placement's plan at its positions and zero elsewhere.
+
+    >>> half = solvers.average(1)
+    >>> swap = [Placement(half, torch.tensor([k]), torch.tensor([k]), torch.tensor([1 - k]))
+    ...         for k in (0, 1)]
+    >>> place(swap, 2, 2, 2).merge_b
+    tensor([[0.0000, 0.5000],
+            [0.5000, 0.0000]], dtype=torch.float64)
+    """
+    merge_a = torch.zeros(width, dim_a, dtype=torch.float64)
+    merge_b = torch.zeros(width, dim_b, dtype=torch.float64)
+    unmerge_a = torch.zeros(dim_a, width, dtype=torch.float64)
+    unmerge_b = torch.zeros(dim_b, width, dtype=torch.float64)
+    for plan, merged, units_a, units_b in placements:
+        merge_a[merged[:, None], units_a[None, :]] = plan.merge_a.to(torch.float64).cpu()
+        merge_b[merged[:, None], units_b[None, :]] = plan.merge_b.to(torch.float64).cpu()
+        unmerge_a[units_a[:, None], merged[None, :]] = plan.unmerge_a.to(torch.float64).cpu()
+        unmerge_b[units_b[:, None], merged[None, :]] = plan.unmerge_b.to(torch.float64).cpu()
+    return MergePlan(merge_a, merge_b, unmerge_a, unmerge_b)
+
+
+def block_units(block: int, width: int, offset: int = 0) -> Tensor:
+    """The positions of block ``block``'s ``width`` units, after ``offset`` others."""
+    return offset + torch.arange(block * width, (block + 1) * width)
+
+
+def best_matching(similarity: Tensor) -> tuple[Tensor, float]:
+    """The Hungarian matching of rows to columns (:func:`solvers.hungarian`): the column of
+    each row and the mean similarity of the matched pairs (-inf where a pair never merges)."""
+    rows, columns = solvers.hungarian(similarity)
+    return columns, float(similarity[rows, columns].mean())
+
+
+def matching_score(joint: Tensor, d_a: int, d_b: int) -> float:
+    """A :data:`PairScore`: the mean similarity of the best unit matching across the blocks."""
+    return best_matching(joint[:d_a, d_a:])[1]
+
+
+def plan_score(solve: BlockSolver) -> PairScore:
+    """A :data:`PairScore`: the similarity of the units that ``solve``'s plan of the pair puts
+    together across the models, summed and divided by A's block width."""
+
+    def score(joint: Tensor, d_a: int, d_b: int) -> float:
+        """The score of one block pair."""
+        plan = solve(joint, d_a, d_b)
+        together = plan.unmerge_a.to(torch.float64) @ plan.unmerge_b.T.to(torch.float64)
+        return float((joint[:d_a, d_a:] * together).sum() / d_a)
+
+    return score
+
+
+@dataclass(frozen=True)
+class BlockSpace:
+    """One space of a group whose blocks move together (q·k and v of one attention, the input
+    and output of a grouped convolution): its joint similarity over all ``count`` blocks of
+    both models, its block widths, the solver of one block pair and the score of one."""
+
+    joint: Tensor
+    width_a: int
+    width_b: int
+    solve: BlockSolver
+    score: PairScore
+
+    def pair(self, block_a: int, block_b: int, count: int) -> Tensor:
+        """The joint similarity of A's block ``block_a`` and B's block ``block_b``."""
+        units = torch.cat([block_units(block_a, self.width_a),
+                           block_units(block_b, self.width_b, count * self.width_a)])
+        return self.joint[units][:, units]
+
+
+def block_scores(spaces: Sequence[BlockSpace], count: int) -> Tensor:
+    """``scores[i, j]``: how alike A's block i and B's block j are, summed over the spaces."""
+    scores = torch.zeros(count, count, dtype=torch.float64)
+    for space in spaces:
+        for block_a in range(count):
+            for block_b in range(count):
+                joint = space.pair(block_a, block_b, count)
+                scores[block_a, block_b] += space.score(joint, space.width_a, space.width_b)
+    return scores
+
+
+def match_blocks(spaces: Sequence[BlockSpace], count: int, pair: bool = True
+                 ) -> tuple[Tensor, list[MergePlan]]:
+    """Two-level matching of spaces sharing one order of ``count`` blocks.
+
+    Every pair (A's block i, B's block j) is scored, scores added over the spaces; the
+    Hungarian pairs the blocks (``pair=False`` keeps block i with block i); each space's plan
+    is then its solver's plan of every paired block, merged block k coming from A's block k, so
+    merged features keep the block structure. Returns B's block for each of A's and the plans.
+
+    >>> x = torch.randn(200, 4)
+    >>> joint = torch.corrcoef(torch.cat([x, x[:, [2, 3, 0, 1]]], dim=1).T)  # B swaps 2 heads
+    >>> space = BlockSpace(joint, 2, 2, solvers.permute_joint, matching_score)
+    >>> pairing, (plan,) = match_blocks([space], 2)
+    >>> pairing, plan.merge_b
+    (tensor([1, 0]), tensor([[0.0000, 0.0000, 0.5000, 0.0000],
+            [0.0000, 0.0000, 0.0000, 0.5000],
+            [0.5000, 0.0000, 0.0000, 0.0000],
+            [0.0000, 0.5000, 0.0000, 0.0000]], dtype=torch.float64))
+    """
+    for space in spaces:
+        size = count * (space.width_a + space.width_b)
+        if count < 1 or tuple(space.joint.shape) != (size, size):
+            raise MergeError(f"match_blocks: {count} blocks of widths {space.width_a} and "
+                             f"{space.width_b} need a ({size}, {size}) joint similarity, got "
+                             f"{tuple(space.joint.shape)}")
+    pairing = solvers.hungarian(block_scores(spaces, count))[1] if pair else torch.arange(count)
+    return pairing, [_paired_plan(space, pairing) for space in spaces]
+
+
+def _paired_plan(space: BlockSpace, pairing: Tensor) -> MergePlan:
+    """The plan of one space: the solver's plan of every block pair, side by side."""
+    count, placements, start = len(pairing), [], 0
+    for block_a in range(count):
+        block_b = int(pairing[block_a])
+        plan = space.solve(space.pair(block_a, block_b, count), space.width_a, space.width_b)
+        placements.append(Placement(plan, start + torch.arange(plan.width),
+                                    block_units(block_a, space.width_a),
+                                    block_units(block_b, space.width_b)))
+        start += plan.width
+    return place(placements, start, count * space.width_a, count * space.width_b)
+
+
+def zip_paired_blocks(joints: Sequence[Tensor], count: int,
+                      widths: Sequence[tuple[int, int, int]],
+                      scales: Sequence[tuple[float, float]], alpha: float = 0.0
+                      ) -> tuple[Tensor, list[MergePlan]]:
+    """Blocks of one count and different widths: elastic zip inside paired blocks.
+
+    ``widths[s]`` is space s's block width in A, in B and merged. Blocks are paired across the
+    models by the Hungarian on their best unit matching (summed over the spaces), then every
+    pair is zipped to the merged width; each model's merge is multiplied by its ``scales[s]``
+    (``match`` keeps attention logits at their scale when the head size changes).
+    """
+    spaces = [BlockSpace(joint, width_a, width_b, _scaled_zip(width, scale, alpha),
+                         matching_score)
+              for joint, (width_a, width_b, width), scale in zip(joints, widths, scales)]
+    return match_blocks(spaces, count)
+
+
+def _scaled_zip(width: int, scale: tuple[float, float], alpha: float) -> BlockSolver:
+    """Elastic zip of a block pair to ``width`` features, each model's merge scaled."""
+
+    def solve(joint: Tensor, d_a: int, d_b: int) -> MergePlan:
+        """The scaled elastic zip of one block pair."""
+        plan = solvers.elastic_zip(joint, d_a, d_b, target=width, alpha=alpha)
+        return MergePlan(plan.merge_a.to(torch.float64) * scale[0],
+                         plan.merge_b.to(torch.float64) * scale[1],
+                         plan.unmerge_a, plan.unmerge_b)
+
+    return solve
+
+
+def merged_blocks(block_plan: MergePlan) -> list[list[int]]:
+    """The blocks each merged block of a plan over blocks absorbs (A's blocks 0 .. n_a-1, then
+    B's), in increasing order."""
+    unmerge = torch.cat([block_plan.unmerge_a, block_plan.unmerge_b])
+    return [(unmerge[:, k] > 0).nonzero().flatten().tolist() for k in range(block_plan.width)]
+
+
+def zip_blocks(joints: Sequence[Tensor], counts: tuple[int, int], widths: Sequence[int],
+               pinned: Sequence[bool], target: int, alpha: float = 0.0
+               ) -> tuple[MergePlan, list[MergePlan]]:
+    """Elastic zip over blocks of one width whose count differs (``counts``: A's and B's).
+
+    Every two blocks, within or across the models, are scored by their best unit matching
+    (identity where the space's order inside blocks is ``pinned``), averaged over the spaces;
+    elastic zip on those scores merges the blocks down to ``target``. Inside a merged block
+    every contributor is permuted to the first contributor's order. Returns the plan over
+    blocks (of the shared block order) and each space's plan.
+    """
+    scores, orders = _block_alignments(joints, sum(counts), widths, pinned)
+    block_plan = solvers.elastic_zip(scores, counts[0], counts[1], target=target, alpha=alpha)
+    return block_plan, [_zipped_plan(block_plan, width, space_orders)
+                        for width, space_orders in zip(widths, orders)]
+
+
+def _block_alignments(joints: Sequence[Tensor], total: int, widths: Sequence[int],
+                      pinned: Sequence[bool]
+                      ) -> tuple[Tensor, list[dict[tuple[int, int], Tensor]]]:
+    """The score of every two of the ``total`` blocks (1 with itself) and, per space and pair
+    ``x < y`` of blocks, block y's unit matched to each unit of block x."""
+    orders: list[dict[tuple[int, int], Tensor]] = [{} for _ in joints]
+    scores = torch.eye(total, dtype=torch.float64)
+    for x in range(total):
+        for y in range(x + 1, total):
+            score = 0.0
+            for index, (joint, width) in enumerate(zip(joints, widths)):
+                cross = joint[block_units(x, width)][:, block_units(y, width)]
+                if pinned[index]:
+                    order, matched = torch.arange(len(cross)), float(cross.diagonal().mean())
+                else:
+                    order, matched = best_matching(cross)
+                orders[index][x, y] = order
+                score += matched
+            scores[x, y] = scores[y, x] = score / len(joints)
+    return scores, orders
+
+
+def _zipped_plan(block_plan: MergePlan, width: int,
+                 orders: Mapping[tuple[int, int], Tensor]) -> MergePlan:
+    """One space's plan from the plan over its blocks: every block that a merged block absorbs
+    enters it with the block plan's weights, its units aligned to the merged block's first
+    (lowest) block ``x``: ``orders[x, y]`` is block y's unit matched to each unit of block x."""
+    counts = (block_plan.dim_a, block_plan.dim_b)
+    merges = (block_plan.merge_a.to(torch.float64), block_plan.merge_b.to(torch.float64))
+    unmerges = (block_plan.unmerge_a.to(torch.float64), block_plan.unmerge_b.to(torch.float64))
+    placements = []
+    for k, contributors in enumerate(merged_blocks(block_plan)):
+        anchor = contributors[0]
+        for x in contributors:
+            model = 0 if x < counts[0] else 1
+            block = x - model * counts[0]
+            inside = torch.arange(width) if x == anchor else orders[anchor, x]
+            permutation = torch.eye(width, dtype=torch.float64)[inside]  # row i: unit inside[i]
+            placements.append(_one_sided(model, merges[model][k, block] * permutation,
+                                         unmerges[model][block, k] * permutation.T,
+                                         block_units(k, width), block_units(block, width)))
+    return place(placements, block_plan.width * width, counts[0] * width, counts[1] * width)
+
+
+def _one_sided(model: int, merge: Tensor, unmerge: Tensor, merged: Tensor, units: Tensor
+               ) -> Placement:
+    """A placement of one model's features only (the other model's side is empty)."""
+    no_merge = merge.new_zeros(len(merged), 0)
+    no_unmerge = unmerge.new_zeros(0, len(merged))
+    nothing = torch.zeros(0, dtype=torch.long)
+    if model == 0:
+        return Placement(MergePlan(merge, no_merge, unmerge, no_unmerge), merged, units, nothing)
+    return Placement(MergePlan(no_merge, merge, no_unmerge, unmerge), merged, nothing, units)

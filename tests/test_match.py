@@ -1,0 +1,166 @@
+"""The match pass's spec-specific parts: leaf occurrences and full plans, the plain data it hands
+to the graph-free weight similarity, attention roles, merged widths, and two-level matching of
+heads through the pass."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import mergec
+from mergec import MergeError
+from mergec.algorithms.solvers import MergePlan, average, permute
+from mergec.ir.state import MergeOptions, PipelineState
+from mergec.passes.annotate_units import annotate_units
+from mergec.passes.collect_stats import CollectStats
+from mergec.passes.match import (
+    Match,
+    attention_roles,
+    full_plan,
+    leaf_weight_similarity,
+    occurrences,
+    target_widths,
+)
+from mergec.passes.trace import trace
+
+
+def space_of(spec: mergec.UnitSpec, key: str, axis: int) -> str:
+    return next(b.space for b in spec.bindings if b.key == key and b.axis == axis)
+
+
+def a_permutation(size: int, seed: int) -> MergePlan:
+    return permute(torch.rand(size, size, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_a_tiled_space_repeats_its_channel_plan_at_every_pixel() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 2))
+    spec = mergec.discover(model.eval(), torch.randn(2, 1, 6, 6))
+    channels, tiled = space_of(spec, "0.weight", 0), space_of(spec, "3.weight", 1)
+    assert len(occurrences(spec, tiled)) == 16  # one per pixel
+    plan = a_permutation(3, seed=0)
+    full = full_plan(spec, tiled, {channels: plan, space_of(spec, "3.weight", 0): average(2)})
+    pixels = torch.eye(16, dtype=torch.float64)
+    for placed, leaf in zip((full.merge_a, full.merge_b, full.unmerge_a, full.unmerge_b),
+                            (plan.merge_a, plan.merge_b, plan.unmerge_a, plan.unmerge_b)):
+        assert torch.equal(placed, torch.kron(leaf.double(), pixels))
+
+
+class TwoBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right, self.head = nn.Linear(3, 2), nn.Linear(3, 4), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(torch.cat([self.left(x), self.right(x)], dim=-1)))
+
+
+def test_a_composite_space_holds_its_parts_side_by_side() -> None:
+    spec = mergec.discover(TwoBranches().eval(), torch.randn(2, 3))
+    left, right = space_of(spec, "left.weight", 0), space_of(spec, "right.weight", 0)
+    joined = space_of(spec, "head.weight", 1)
+    plans = {left: a_permutation(2, seed=1), right: a_permutation(4, seed=2)}
+    full = full_plan(spec, joined, plans)
+    assert torch.equal(full.merge_b, torch.block_diag(plans[left].merge_b.double(),
+                                                      plans[right].merge_b.double()))
+    assert torch.equal(full.unmerge_a, torch.block_diag(plans[left].unmerge_a.double(),
+                                                        plans[right].unmerge_a.double()))
+
+
+def test_weight_similarity_of_a_leaf_reads_every_slice_bound_to_it() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    hidden = torch.randperm(5)
+    twin = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).eval()
+    twin.load_state_dict({"0.weight": model[0].weight[hidden], "0.bias": model[0].bias[hidden],
+                          "2.weight": model[2].weight[:, hidden], "2.bias": model[2].bias})
+    spec = mergec.discover(model, torch.randn(2, 3))
+    leaf = space_of(spec, "0.weight", 0)
+    plans = {s: full_plan(spec, s, {t: average(spec.spaces[t].size) for t in spec.spaces})
+             for s in spec.spaces}
+    similarity = leaf_weight_similarity(spec, leaf, dict(model.named_parameters()),
+                                        dict(twin.named_parameters()), plans)
+
+    def vectors(net: nn.Sequential) -> torch.Tensor:
+        return torch.cat([net[0].weight, net[0].bias[:, None], net[2].weight.T], dim=1).double()
+
+    stacked = torch.cat([vectors(model), vectors(twin)]).detach()
+    norms = stacked.norm(dim=1)
+    torch.testing.assert_close(similarity, stacked @ stacked.T / norms[:, None] / norms[None, :])
+    assert torch.equal(similarity[:5, 5:].argmax(dim=1), hidden.argsort())
+
+
+class Heads(nn.Module):
+    """q, k, v projections split into 2 heads; ``scale`` is handed to sdpa."""
+
+    def __init__(self, scale: float | None = None) -> None:
+        super().__init__()
+        self.scale = scale
+        self.embed, self.out = nn.Linear(3, 8), nn.Linear(8, 2)
+        self.q, self.k, self.v = (nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        batch, tokens, _ = h.shape
+        q, k, v = (layer(h).view(batch, tokens, 2, 4).transpose(1, 2)
+                   for layer in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out(y.transpose(1, 2).reshape(batch, tokens, 8)).mean(dim=1)
+
+
+def traced(model: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, mergec.UnitSpec]:
+    graph = trace(model.eval(), (x,))
+    return graph, annotate_units(graph)
+
+
+def test_attention_roles_follow_the_default_scale_only() -> None:
+    x = torch.randn(2, 5, 3)
+    graph, spec = traced(Heads(), x)
+    roles = attention_roles(graph, spec)
+    assert {space_of(spec, f"{name}.weight", 0): role
+            for name, role in (("q", "qk"), ("k", "qk"), ("v", "v"))}.items() <= roles.items()
+    assert attention_roles(*traced(Heads(scale=0.3), x)) == {}
+
+
+def with_heads_swapped(model: Heads) -> Heads:
+    """The same function with the two heads (of q, k, v and out's input) exchanged."""
+    twin = Heads().eval()
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    rows = torch.cat([torch.arange(4, 8), torch.arange(4)])
+    for name in ("q", "k", "v"):
+        state[f"{name}.weight"], state[f"{name}.bias"] = (state[f"{name}.weight"][rows],
+                                                          state[f"{name}.bias"][rows])
+    state["out.weight"] = state["out.weight"][:, rows]
+    twin.load_state_dict(state)
+    return twin
+
+
+@pytest.mark.parametrize("method", ["permute", "zip"])
+def test_the_pass_pairs_swapped_heads_by_two_level_matching(method: str) -> None:
+    torch.manual_seed(0)
+    model = Heads().eval()
+    twin = with_heads_swapped(model)
+    x = torch.randn(64, 5, 3)
+    graphs = tuple(trace(m, (x[:2],)) for m in (model, twin))
+    state = PipelineState(options=MergeOptions(progress=False), models=(model, twin),
+                          example=(x[:2],), calibration=[(x,)], graphs=graphs,
+                          specs=tuple(annotate_units(g) for g in graphs))
+    state = Match(method=method).run(CollectStats().run(state))
+    heads = state.spec.spaces[space_of(state.spec, "q.weight", 0)]
+    order = state.plans[heads.block_space]
+    assert torch.equal(order.merge_b, torch.tensor([[0.0, 0.5], [0.5, 0.0]], dtype=torch.float64))
+    q = state.plans[space_of(state.spec, "q.weight", 0)]
+    assert torch.equal(q.merge_b[:4, 4:] != 0, torch.eye(4, dtype=torch.bool))  # head 0 ← B's 1
+
+
+def test_merged_widths_of_flat_spaces_and_of_heads() -> None:
+    def spec(hidden: int) -> mergec.UnitSpec:
+        model = nn.Sequential(nn.Linear(3, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        return mergec.discover(model.eval(), torch.randn(2, 3))
+
+    narrow, wide = spec(4), spec(6)
+    hidden = space_of(narrow, "0.weight", 0)
+    for width, expected in (("max", 6), ("min", 4), ("sum", 10), (0.5, 5), (7, 7), (20, 10)):
+        assert target_widths(narrow, wide, width) == {hidden: expected}
+    with pytest.raises(MergeError, match="width must be 'max', 'min'"):
+        target_widths(narrow, wide, "widest")
