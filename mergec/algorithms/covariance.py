@@ -9,6 +9,8 @@ batches, processes or hosts add up to exactly the statistics of one pass over al
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -144,3 +146,32 @@ class JointMoments:
         correlation = covariance / torch.outer(std, std)
         correlation = correlation * torch.outer(alive, alive)
         return correlation.clamp(-1.0, 1.0)
+
+
+def activation_similarity(moments: JointMoments | None, size: int) -> torch.Tensor:
+    """Joint (2d_a + 2d_b) correlation; identity-like when there are no statistics.
+
+    A unit that is constant on the calibration data (a dead ReLU) correlates with nothing. It
+    never merges within its own model (-inf); across models it is as similar (1) to a unit
+    constant at the same value, and ties go to the unit of the same index (a 1e-6 bonus),
+    which is exact for a model and its copy."""
+    if moments is None:
+        return torch.eye(2 * size, dtype=torch.float64)
+    joint = moments.correlation().to(torch.float64).cpu().clone()
+    d_a = moments.dim_a if hasattr(moments, "dim_a") else size
+    total = joint.shape[0]
+    d_b = total - d_a
+    constant = joint.diagonal() == 0
+    model_of = torch.arange(total) >= d_a
+    same_model = model_of[:, None] == model_of[None, :]
+    off_diagonal = ~torch.eye(total, dtype=torch.bool)
+    within = same_model & off_diagonal & (constant[:, None] | constant[None, :])
+    joint[within] = -math.inf
+    mean = moments.mean.to(torch.float64).cpu()
+    equal = (mean[:, None] - mean[None, :]).abs() <= 1e-6 * (mean[:, None].abs()
+                                                            + mean[None, :].abs() + 1e-12)
+    joint[constant[:, None] & constant[None, :] & ~same_model & equal] = 1.0
+    ties = torch.arange(min(d_a, d_b))
+    joint[ties, d_a + ties] += 1e-6
+    joint[d_a + ties, ties] += 1e-6
+    return joint
