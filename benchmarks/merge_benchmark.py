@@ -15,7 +15,7 @@
    REPAIR); each beside the homogeneous merge of the same family (A with a B of A's
    architecture).
 
-Parents are trained once by ``mergec.training.cached_train`` (safetensors under
+Parents are trained once by ``mergec_lab.training.cached_train`` (safetensors under
 ``benchmarks/checkpoints``, keyed by the settings and the data). The script prints the tables
 and rewrites the generated parts of ``docs/benchmarks.md`` (between the ``generated`` markers:
 one pair for sections 1-2, one for section 3; text outside them is kept).
@@ -45,10 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergec.datasets import FASHION_MNIST_CLASSES, class_subset, fashion_mnist
 from mergec.merge import merge
-from mergec.training import cached_train, predict_logits
-from mergec.zoo import resnet20, small_vit, vgg
+from mergec_lab.datasets import FASHION_MNIST_CLASSES, class_subset, fashion_mnist
+from mergec_lab.training import cached_train, predict_logits
+from mergec_lab.zoo import resnet20, small_vit, vgg
 
 log = logging.getLogger("merge_benchmark")
 
@@ -128,7 +128,7 @@ class Config:
 
     def vit_settings(self, seed: int, classes: tuple[int, ...], depth: int, dim: int = 64,
                      heads: int = 4, mlp_dim: int = 128) -> dict[str, Any]:
-        """``mergec.zoo.small_vit`` (default dim 64, 4 heads, MLP 128; 4x4 patches) with
+        """``mergec_lab.zoo.small_vit`` (default dim 64, 4 heads, MLP 128; 4x4 patches) with
         AdamW."""
         return {"epochs": self.vit_epochs, "batch_size": self.batch_size, "lr": self.vit_lr,
                 "seed": seed, "optimizer": "adam", "schedule": "cosine",
@@ -138,7 +138,7 @@ class Config:
                 "in_channels": 1, "num_classes": 10}
 
     def vgg_settings(self, seed: int, classes: tuple[int, ...], cfg: str) -> dict[str, Any]:
-        """``mergec.zoo.vgg`` (width 16, BatchNorm) with the ResNets' SGD recipe."""
+        """``mergec_lab.zoo.vgg`` (width 16, BatchNorm) with the ResNets' SGD recipe."""
         settings = self.training_settings(seed, classes, width=16)
         return settings | {"model": "vgg", "cfg": cfg}
 
@@ -713,10 +713,10 @@ def settings_text(config: Config, disjoint: DisjointResult, same: SameTaskResult
                   test_size: int) -> str:
     s = config.training_settings(seed=0, classes=TASK_A)
     return (
-        f"- model: ResNet-20 (`mergec.zoo.resnet20`), width {config.width} (16/32/64 channels "
+        f"- model: ResNet-20 (`mergec_lab.zoo.resnet20`), width {config.width} (16/32/64 channels "
         f"× width), 1 input channel, 10 logits\n"
-        f"- training (`mergec.training.cached_train`): {config.epochs} epoch(s), SGD with Nesterov "
-        f"momentum {s['momentum']}, batch {s['batch_size']}, peak lr {s['lr']}, "
+        f"- training (`mergec_lab.training.cached_train`): {config.epochs} epoch(s), SGD with "
+        f"Nesterov momentum {s['momentum']}, batch {s['batch_size']}, peak lr {s['lr']}, "
         f"{int(100 * s['warmup_fraction'])}% linear warm-up then cosine decay to 0, weight "
         f"decay {s['weight_decay']} (not on biases or norms), no augmentation; seeds: A 0, B 1 "
         f"(disjoint), 2 and 3 (same task)\n"
@@ -769,7 +769,8 @@ the unmerged features; the merged module returns both tails' 10 logits, combined
 ensemble (mean of the two softmax distributions). ZipIt!'s 13/20 setting is the stop after
 `layer2`. Such a model costs more than one parent at inference (two tails).
 
-Time per pass (seconds, from `MergeResult.report.timings`):
+Time per pass (seconds, from `MergeResult.report.timings`; each pass over both models, so
+trace and annotate-units count two models; "—": the pass did not apply):
 
 {pass_timings_table(disjoint.rows)}
 
@@ -804,14 +805,14 @@ distributions) and, on the same task, to the mean of the two parents' accuracy. 
 the tables above; **params** counts parameters (for a merge, of the merged model).
 
 Setup:
-- ResNets (`mergec.zoo.resnet20`, `width`, `depth`) and VGGs (`mergec.zoo.vgg`, width 16:
+- ResNets (`mergec_lab.zoo.resnet20`, `width`, `depth`) and VGGs (`mergec_lab.zoo.vgg`, width 16:
   16/32/64/128/128 channels, BatchNorm): trained as the ResNet-20 parents above
   ({config.epochs} epochs, SGD with Nesterov momentum, peak lr {r['lr']}, cosine, weight decay
   {r['weight_decay']}). A is ResNet-20 ×{config.width}, VGG-11 or a 4-block ViT (seed 0 on
   classes 0-4, seed 2 on the same task); every B is seed 1 on classes 5-9, seed 3 on the same
   task. The ResNet-20 parents are those of the sections above. The wide B is ResNet-20
   ×{2 * config.width}, the deep Bs ResNet-32 (5 blocks per stage) and VGG-16.
-- ViTs (`mergec.zoo.small_vit`: 4x4 patches, dim {v['dim']}, {v['heads']} heads, MLP
+- ViTs (`mergec_lab.zoo.small_vit`: 4x4 patches, dim {v['dim']}, {v['heads']} heads, MLP
   {v['mlp_dim']}, pre-norm, class token): {config.vit_epochs} epochs, AdamW (`optimizer="adam"`),
   batch {v['batch_size']}, peak lr {v['lr']}, {int(100 * v['warmup_fraction'])}% warm-up then
   cosine, weight decay {v['weight_decay']} (not on biases or norms); A 4 blocks, B 4 or 6 blocks,

@@ -19,7 +19,7 @@ import time
 import torch
 
 import mergec
-from mergec import datasets, training, zoo
+from mergec_lab import datasets, training, zoo
 
 METHODS = ("average", "permute", "weight-match", "mudsc", "zip")
 TASKS = (range(0, 5), range(5, 10))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import mergec
-from mergec import datasets, training, zoo
+from mergec_lab import datasets, training, zoo
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int,

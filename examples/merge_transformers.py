@@ -1,6 +1,6 @@
 """Merge two small vision transformers trained from different initialisations.
 
-Two ``mergec.zoo.small_vit`` models (2 pre-norm blocks, 4 heads, a class token) are trained
+Two ``mergec_lab.zoo.small_vit`` models (2 pre-norm blocks, 4 heads, a class token) are trained
 briefly on scikit-learn's 8x8 digits (2x2 patches: 16 tokens plus the class token) from
 different random initialisations, then merged. mergec finds the transformer's symmetries from
 the graph alone: the residual stream, the MLP hidden units, and inside attention the heads (one
@@ -19,7 +19,7 @@ import time
 import torch
 
 import mergec
-from mergec import datasets, training, zoo
+from mergec_lab import datasets, training, zoo
 
 
 def main() -> None:

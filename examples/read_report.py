@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import mergec
-from mergec import datasets, training, zoo
+from mergec_lab import datasets, training, zoo
 
 
 def main() -> None:

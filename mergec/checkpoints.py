@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mergec.errors import CheckpointError
+from mergec.errors import CheckpointError, require_extra
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -35,11 +35,14 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def calibration_batches(source: str, batch_size: int = 128, batches: int | None = None
                         ) -> list[tuple[torch.Tensor]]:
     """Calibration batches from a tensor file or a bundled dataset name."""
+    if source in ("digits", "fashion-mnist"):
+        require_extra("numpy", "lab", f"calibration {source!r}")
     if source == "digits":
-        from mergec.datasets import digits
+        require_extra("sklearn", "lab", "calibration 'digits'")
+        from mergec_lab.datasets import digits
         inputs = digits("train")[0]
     elif source == "fashion-mnist":
-        from mergec.datasets import fashion_mnist
+        from mergec_lab.datasets import fashion_mnist
         inputs = fashion_mnist("train")[0]
     else:
         loaded = load_checkpoint(source) if source.endswith(".safetensors") else None

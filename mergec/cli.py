@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mergec.errors import MergecError
+from mergec.errors import MergecError, require_extra
 from mergec.ir.state import METHODS
 from mergec.passes import PIPELINE
 
@@ -36,7 +36,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mergec.demo import format_table, run_demo
+    for module in ("numpy", "sklearn"):
+        require_extra(module, "lab", "mergec demo")
+    from mergec_lab.demo import format_table, run_demo
 
     print("Merging two CNNs trained on digits 0-4 (A) and 5-9 (B); joint accuracy is the "
           "argmax over all 10 classes on the whole test set.")

@@ -24,3 +24,15 @@ class MergeError(MergecError):
 
 class CheckpointError(MergecError):
     """A checkpoint or a saved merge result cannot be read."""
+
+
+def require_extra(module: str, extra: str, needed_for: str) -> None:
+    """Raises a MergecError naming the extra to install when ``module`` cannot be imported.
+
+    >>> require_extra("math", "plots", "plots")  # a module that is there: nothing happens
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MergecError(f"{needed_for} needs {module}, which is not installed: "
+                          f"pip install 'mergec[{extra}]'")

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mergec.errors import MergecError
+from mergec.errors import MergecError, require_extra
 
 
 def load_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -33,6 +33,7 @@ def load_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
             "with a transformers model")
     module_name, attribute = name.split(":", 1)
     if module_name == "torchvision":
+        require_extra("torchvision", "models", f"model {name!r}")
         module_name = "torchvision.models"
     try:
         module = importlib.import_module(module_name)
@@ -53,6 +54,7 @@ def load_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
 
 def _load_transformers(path: Path) -> nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require_extra("transformers", "models", f"model folder {str(path)!r}")
     try:
         import transformers
         return transformers.AutoModel.from_pretrained(str(path))

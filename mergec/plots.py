@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mergec.errors import require_extra
+
 if TYPE_CHECKING:
     from mergec.merge import MergeReport
 
@@ -11,6 +13,7 @@ if TYPE_CHECKING:
 def plot_report(report: "MergeReport", folder: Path, max_heatmaps: int = 24) -> list[Path]:
     """Heatmaps of the cross-model correlation of each matched space (A's units down, B's
     across) and a bar plot of matched vs. identity similarity per space."""
+    require_extra("matplotlib", "plots", "MergeReport.plot")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

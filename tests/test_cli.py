@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import save_file
 
 import mergec
-from mergec import zoo
 from mergec.cli import main
+from mergec_lab import zoo
 
-VGG = "mergec.zoo:vgg"
+VGG = "mergec_lab.zoo:vgg"
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_merge_of_different_widths_at_the_narrower_width(tmp_path, capsys):
         save_file(zoo.digits_cnn(width=width).state_dict(), str(path))
         paths.append(str(path))
     output = tmp_path / "merged"
-    code = main(["merge", *paths, "--model", "mergec.zoo:digits_cnn",
+    code = main(["merge", *paths, "--model", "mergec_lab.zoo:digits_cnn",
                  "--kwargs", '{"width": 4}', "--kwargs-b", '{"width": 6}',
                  "--calibration", "digits", "--batches", "2", "--width", "min", "--quiet",
                  "-o", str(output)])

@@ -98,3 +98,47 @@ def test_the_rule_table_in_the_architecture_notes_lists_every_rule() -> None:
         if len(cells) == 3 and cells[0].startswith("`"):
             documented[cells[0].strip("`")] = {op.strip() for op in cells[1].split(",")}
     assert documented == expected
+
+
+# Imported only inside the functions that need them, each named by an extra of pyproject.toml.
+OPTIONAL = ("mergec_lab", "matplotlib", "sklearn", "torchvision", "transformers", "numpy")
+
+
+@pytest.mark.parametrize("path", _library_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_the_library_imports_no_optional_dependency_at_module_level(path: Path) -> None:
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module
+                 else [alias.name for alias in node.names] if isinstance(node, ast.Import)
+                 else [])
+        for name in names:
+            assert name.split(".")[0] not in OPTIONAL, \
+                f"{path.relative_to(ROOT)}:{node.lineno} imports {name} at module level"
+
+
+def test_a_missing_extra_is_named() -> None:
+    from mergec.errors import MergecError, require_extra
+
+    with pytest.raises(MergecError, match=r"pip install 'mergec\[plots\]'"):
+        require_extra("mergec_no_such_module", "plots", "MergeReport.plot")
+
+
+def test_a_merge_imports_no_optional_dependency() -> None:
+    """The core install (torch, networkx, scipy, safetensors, tqdm) is all a merge needs."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from torch import nn
+import mergec
+torch.manual_seed(0)
+make = lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+x = torch.randn(32, 4)
+result = mergec.merge(make(), make(), x[:4], [(x,)], progress=False)
+result.report.to_json()
+print(sorted(m for m in sys.modules if m.split(".")[0] in %r))
+""" % (tuple(name for name in OPTIONAL if name != "numpy"),)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout

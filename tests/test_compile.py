@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mergec
-from mergec import zoo
+from mergec_lab import zoo
 
 
 @pytest.mark.slow

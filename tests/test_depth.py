@@ -5,8 +5,8 @@ from torch import nn
 
 import archgen  # tests/ is on sys.path under pytest's default (prepend) import mode
 import mergec
-from mergec import zoo
 from mergec.passes.segment import segment
+from mergec_lab import zoo
 
 
 def _randomize_batch_norm(model: nn.Module) -> nn.Module:

@@ -15,8 +15,8 @@ from torch import nn
 import archgen  # tests/ is on sys.path under pytest's default (prepend) import mode
 import mergec
 from golden import Golden, as_json
-from mergec import zoo
 from mergec.report import space_table
+from mergec_lab import zoo
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import mergec
-from mergec import zoo
+from mergec_lab import zoo
 
 
 class MLP(nn.Module):

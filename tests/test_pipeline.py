@@ -10,7 +10,7 @@ from torch import nn
 
 import mergec
 import mergec.passes.trace as trace_module
-from mergec import MergeError, zoo
+from mergec import MergeError
 from mergec.algorithms.solvers import average
 from mergec.ir.state import MergeOptions, PipelineState
 from mergec.merge import report_of, run_merge
@@ -23,6 +23,7 @@ from mergec.passes.repair import Repair
 from mergec.passes.segment import Segment
 from mergec.passes.trace import trace
 from mergec.passes.zip import Zip
+from mergec_lab import zoo
 
 
 def mlp(seed: int) -> nn.Module:

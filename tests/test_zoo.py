@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from mergec import datasets, training, zoo
 from mergec.errors import MergecError
+from mergec_lab import datasets, training, zoo
 
 # (name, factory, input shape): every family at its default and at a heterogeneous variant.
 ZOO: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [

@@ -6,7 +6,7 @@ normalised to zero mean and unit variance (training-set statistics); labels are 
 
 Example::
 
-    >>> from mergec import datasets
+    >>> from mergec_lab import datasets
     >>> x, y = datasets.digits("train")
     >>> xa, ya = datasets.class_subset(x, y, range(5))   # task A of the disjoint protocol
     >>> for xb in datasets.batches(xa, 64):

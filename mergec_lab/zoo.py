@@ -10,7 +10,7 @@ view, add, cat, ...).
 Example::
 
     >>> import torch
-    >>> from mergec import zoo
+    >>> from mergec_lab import zoo
     >>> model = zoo.resnet20(width=2)
     >>> model(torch.randn(4, 1, 28, 28)).shape
     torch.Size([4, 10])

@@ -6,7 +6,7 @@ the state dict as safetensors, keyed by a hash of everything that determines it)
 
 Example::
 
-    >>> from mergec import datasets, training, zoo
+    >>> from mergec_lab import datasets, training, zoo
     >>> x, y = datasets.digits("train")
     >>> settings = {"epochs": 10, "batch_size": 64, "lr": 0.05, "seed": 0, "width": 16}
     >>> model = training.cached_train(  # doctest: +SKIP

@@ -8,10 +8,10 @@ import time
 
 import torch
 
-from mergec.datasets import class_subset, digits
 from mergec.merge import merge
-from mergec.training import predict_logits, train
-from mergec.zoo import digits_cnn
+from mergec_lab.datasets import class_subset, digits
+from mergec_lab.training import predict_logits, train
+from mergec_lab.zoo import digits_cnn
 
 log = logging.getLogger(__name__)
 METHODS = ("average", "permute", "weight-match", "mudsc", "zip")
