@@ -233,3 +233,12 @@ def test_repair_alone_resets_batch_norm_statistics_to_the_calibration_data() -> 
     mean_key = next(k for k in buffers if k.endswith("running_mean"))
     torch.testing.assert_close(buffers[mean_key], features.mean(dim=(0, 2, 3)),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_pass_run_out_of_order_names_what_it_misses() -> None:
+    x = inputs((6,))
+    state = hand_built((mlp(0), mlp(1)), x)
+    with pytest.raises(MergeError, match="zip: needs the state's plans"):
+        Zip().run(state)
+    with pytest.raises(MergeError, match="repair: needs the state's merged"):
+        Repair().run(state)

@@ -160,7 +160,7 @@ class PipelineState:
     def require(self, field_name: str, pass_name: str) -> Any:
         """The value of ``field_name``, which ``pass_name`` needs; an error if it is empty."""
         value = getattr(self, field_name)
-        if value is None or (isinstance(value, (tuple, list)) and not value):
+        if value is None or (isinstance(value, (tuple, list, Mapping)) and not value):
             raise MergeError(f"{pass_name}: needs the state's {field_name}, which no earlier "
                              "pass has produced; run the pipeline in order")
         return value
