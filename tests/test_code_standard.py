@@ -15,14 +15,10 @@ LAYERS = ("ir", "algorithms", "passes", "top")
 
 
 def _layer(path: Path) -> str:
-    relative = path.relative_to(ROOT).as_posix()
-    if relative.startswith("passes/"):
-        return "passes"
-    if relative.startswith("mergec/algorithms/"):
-        return "algorithms"
-    if relative.startswith("mergec/ir/") or relative == "mergec/errors.py":
-        return "ir"
-    return "top"
+    """The layer of a library file, by the module it is imported as."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    module = ".".join(("mergec", *parts) if parts[0] == "passes" else parts)
+    return _module_layer(module) or "top"
 
 
 def _module_layer(module: str) -> str | None:
