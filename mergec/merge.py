@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import fx, nn
@@ -21,6 +22,8 @@ from mergec.ir.fx import as_args
 from mergec.ir.spec import UnitSpec
 from mergec.ir.state import MergeOptions, PipelineState
 from mergec.pipeline import Callback, build_passes, run_pipeline
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,11 +132,16 @@ def run_merge(options: MergeOptions, models: tuple[nn.Module, ...], example_inpu
               calibration: Iterable[Any], *, stop_after: str | None = None,
               callback: Callback | None = None) -> PipelineState:
     """Runs the merge pipeline over ``models`` (two: merging N is not supported yet) and
-    returns its last state; ``stop_after`` names the last pass to run."""
+    returns its last state; ``stop_after`` names the last pass to run. ``calibration`` is read
+    once by each pass that needs data; any re-iterable (a list, a DataLoader wrapped by
+    :func:`calibration_from_loader`) is streamed, a one-shot iterator is held in a list."""
     if len(models) != 2 or not all(isinstance(m, nn.Module) for m in models):
         raise MergeError(f"merge: needs two torch.nn.Module models, got "
                          f"{', '.join(type(m).__name__ for m in models)}")
-    calibration = calibration if isinstance(calibration, (list, tuple)) else list(calibration)
+    if iter(calibration) is calibration:
+        # a one-shot iterator (a generator) cannot be read again by the next pass: keep it
+        log.info("merge: the calibration data is a one-shot iterator; it is held in memory")
+        calibration = list(calibration)
     state = PipelineState(options=options, models=tuple(models),
                           example=as_args(example_inputs), calibration=calibration)
     return run_pipeline(state, build_passes(options), callback=callback, stop_after=stop_after)
@@ -156,12 +164,28 @@ def report_of(state: PipelineState) -> MergeReport:
                  "widths": {s: p.width for s, p in state.plans.items()}})
 
 
-def calibration_from_loader(loader: Iterable[Any], batches: int | None = None) -> list[tuple]:
-    """Calibration batches from a DataLoader of ``(inputs, labels)``: keeps the inputs."""
-    result = []
-    for index, batch in enumerate(loader):
-        if batches is not None and index >= batches:
-            break
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-        result.append((inputs,))
-    return result
+@dataclass(frozen=True)
+class LoaderCalibration:
+    """The inputs of a DataLoader of ``(inputs, labels)`` (at most ``batches`` batches), read
+    from the loader each time a pass iterates: nothing is held in memory beyond a batch. A
+    shuffling loader gives each pass other batches of the same data."""
+
+    loader: Iterable[Any]
+    batches: int | None = None
+
+    def __iter__(self) -> Iterator[tuple]:
+        for index, batch in enumerate(self.loader):
+            if self.batches is not None and index >= self.batches:
+                return
+            yield (batch[0] if isinstance(batch, (tuple, list)) else batch,)
+
+
+def calibration_from_loader(loader: Iterable[Any], batches: int | None = None
+                            ) -> LoaderCalibration:
+    """Calibration batches from a DataLoader of ``(inputs, labels)``: keeps the inputs, read
+    lazily each time a pass needs them (the loader must be iterable more than once, as a
+    DataLoader is)."""
+    if iter(loader) is loader:
+        raise MergeError("calibration_from_loader: the loader is a one-shot iterator; pass the "
+                         "DataLoader itself, which every pass that needs data reads again")
+    return LoaderCalibration(loader, batches)

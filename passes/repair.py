@@ -81,7 +81,7 @@ class Repair:
         if self.mode == "repair":
             graphs = state.require("graphs", self.name)
             result["normalisations_repaired"] = repair_statistics(
-                merged, graphs[0], graphs[1], state.plans, list(state.calibration), self.device)
+                merged, graphs[0], graphs[1], state.plans, state.calibration, self.device)
         if self.device:
             merged.to(self.device)
         return state.evolve(repair=result)
@@ -139,7 +139,7 @@ class _ChannelStats(GraphRunner):
         self.stop_early = stop_early
         self.seen: set[str] = set()
 
-    def collect(self, calibration: list, device: torch.device) -> dict[str, list]:
+    def collect(self, calibration: Iterable[Any], device: torch.device) -> dict[str, list]:
         for batch in calibration:
             inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
             self.seen = set()
@@ -173,8 +173,8 @@ def _mean_std(sums: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
-                      module_b: fx.GraphModule, plans: dict, calibration: list, device: str | None
-                      ) -> int:
+                      module_b: fx.GraphModule, plans: dict, calibration: Iterable[Any],
+                      device: str | None) -> int:
     """REPAIR: rescales each merged channel after every normalisation (BatchNorm, LayerNorm,
     GroupNorm) with affine parameters so that its mean and std match the interpolation of the
     parents' (M_a·stat_a + M_b·stat_b), folding the correction into the affine parameters.

@@ -242,3 +242,48 @@ def test_a_pass_run_out_of_order_names_what_it_misses() -> None:
         Zip().run(state)
     with pytest.raises(MergeError, match="repair: needs the state's merged"):
         Repair().run(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration data
+# ---------------------------------------------------------------------------------------------
+class CountingBatches:
+    """A re-iterable calibration source that counts how often it is read and is no sequence,
+    so a merge can only stream it."""
+
+    def __init__(self, x: torch.Tensor, batch: int) -> None:
+        self.x, self.batch, self.reads = x, batch, 0
+
+    def __iter__(self):
+        self.reads += 1
+        for part in self.x.split(self.batch):
+            yield (part,)
+
+
+def test_calibration_is_streamed_once_per_pass_that_reads_it() -> None:
+    x = inputs((1, 6, 6))
+    source = CountingBatches(x, 16)
+    streamed = mergec.merge(cnn(0), cnn(1), x[:4], source, method="zip", repair="reset",
+                            progress=False)
+    assert source.reads == 2  # collect-stats and the BatchNorm reset
+    listed = mergec.merge(cnn(0), cnn(1), x[:4], [(part,) for part in x.split(16)],
+                          method="zip", repair="reset", progress=False)
+    for key, value in listed.module.state_dict().items():
+        assert torch.equal(streamed.module.state_dict()[key], value), key
+
+
+def test_a_one_shot_iterator_and_a_loader_give_the_same_merge() -> None:
+    x = inputs((6,))
+    batches = [(part,) for part in x.split(16)]
+    reference = mergec.merge(mlp(0), mlp(1), x[:4], batches, progress=False)
+    generator = mergec.merge(mlp(0), mlp(1), x[:4], (batch for batch in batches),
+                             progress=False)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, torch.zeros(len(x))), batch_size=16)
+    wrapped = mergec.merge(mlp(0), mlp(1), x[:4], mergec.calibration_from_loader(loader),
+                           progress=False)
+    for result in (generator, wrapped):
+        for key, value in reference.module.state_dict().items():
+            assert torch.equal(result.module.state_dict()[key], value), key
+    with pytest.raises(MergeError, match="one-shot iterator"):
+        mergec.calibration_from_loader(iter(loader))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 from torch import fx, nn
@@ -130,7 +130,7 @@ class PipelineState:
     options: MergeOptions
     models: tuple[nn.Module, ...]
     example: tuple
-    calibration: Sequence[Any] = ()
+    calibration: Iterable[Any] = ()  # re-iterable: each pass that needs data reads it once
     fix_outputs: bool = True
     graphs: tuple[fx.GraphModule, ...] = ()
     specs: tuple[UnitSpec, ...] = ()
