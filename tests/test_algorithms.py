@@ -793,3 +793,15 @@ def test_depth_alignment_rejects_a_deeper_shallow_model() -> None:
         align_depth(torch.zeros(3, 2))
     with pytest.raises(MergeError, match="variant"):
         align_depth(torch.zeros(2, 2), "blockwise")
+
+
+@given(st.integers(0, 2**31 - 1))
+@settings(max_examples=50, deadline=None)
+def test_zip_row_maxima_equal_tensor_max_with_ties_and_exhausted_rows(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randint(0, 3, (7, 7), generator=generator).double()  # many ties
+    matrix[torch.rand(7, 7, generator=generator) < 0.3] = -math.inf
+    matrix[seed % 7] = -math.inf  # a row with nothing left to merge
+    values, columns = solvers._row_max(matrix)
+    expected_values, expected_columns = matrix.max(dim=1)
+    assert torch.equal(values, expected_values) and torch.equal(columns, expected_columns)
