@@ -3,7 +3,9 @@
 :class:`MergeOptions` holds every option of a merge, validated completely when it is made, so
 that a bad value is a :class:`~mergec.errors.MergeError` before any pass runs.
 :class:`PipelineState` holds what the passes have produced so far; every pass takes a state
-and returns a new one (:meth:`PipelineState.evolve`), leaving the one it was given intact.
+and returns a new one (:meth:`PipelineState.evolve`); it never rebinds a field of the state it
+was given. The graph modules belong to the pipeline (trace copies the caller's models): repair
+updates the merged module's statistics in place, and device moves happen in place.
 """
 from __future__ import annotations
 
@@ -124,14 +126,13 @@ class PipelineState:
     - ``moments``: collect-stats' joint statistics per space.
     - ``plans``, ``summaries``: match's merge plan and report entry per space.
     - ``merged``: zip's merged module; ``repair``: what repair did.
-    - ``timings``: wall seconds of every pass that ran.
+    - ``timings``: wall seconds of every pass that ran; ``completed``: their names, in order.
     """
 
     options: MergeOptions
     models: tuple[nn.Module, ...]
     example: tuple
     calibration: Iterable[Any] = ()  # re-iterable: each pass that needs data reads it once
-    fix_outputs: bool = True
     graphs: tuple[fx.GraphModule, ...] = ()
     specs: tuple[UnitSpec, ...] = ()
     stages: tuple[Stages, ...] = ()
