@@ -86,8 +86,7 @@ def run_pipeline(state: PipelineState, passes: Iterable[Pass], *,
             state = current.run(state)
             seconds = time.perf_counter() - start
             log.info("%s: %.2fs", current.name, seconds)
-            state = state.evolve(timings={**state.timings, current.name: seconds},
-                                 completed=(*state.completed, current.name))
+            state = state.evolve(timings={**state.timings, current.name: seconds})
         if callback is not None:
             callback(current.name, state)
         if current.name == stop_after:

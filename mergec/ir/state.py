@@ -126,7 +126,7 @@ class PipelineState:
     - ``moments``: collect-stats' joint statistics per space.
     - ``plans``, ``summaries``: match's merge plan and report entry per space.
     - ``merged``: zip's merged module; ``repair``: what repair did.
-    - ``timings``: wall seconds of every pass that ran; ``completed``: their names, in order.
+    - ``timings``: wall seconds of every pass that ran, in the order they ran.
     """
 
     options: MergeOptions
@@ -145,11 +145,15 @@ class PipelineState:
     merged: fx.GraphModule | None = None
     repair: Mapping[str, Any] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
-    completed: tuple[str, ...] = ()
 
     def evolve(self, **changes: Any) -> PipelineState:
         """A copy of the state with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def completed(self) -> tuple[str, ...]:
+        """The passes that ran, in order."""
+        return tuple(self.timings)
 
     @property
     def spec(self) -> UnitSpec:
