@@ -138,7 +138,7 @@ def run_merge(options: MergeOptions, models: tuple[nn.Module, ...], example_inpu
     if len(models) != 2 or not all(isinstance(m, nn.Module) for m in models):
         raise MergeError(f"merge: needs two torch.nn.Module models, got "
                          f"{', '.join(type(m).__name__ for m in models)}")
-    if iter(calibration) is calibration:
+    if isinstance(calibration, Iterator):
         # a one-shot iterator (a generator) cannot be read again by the next pass: keep it
         log.info("merge: the calibration data is a one-shot iterator; it is held in memory")
         calibration = list(calibration)
@@ -185,7 +185,7 @@ def calibration_from_loader(loader: Iterable[Any], batches: int | None = None
     """Calibration batches from a DataLoader of ``(inputs, labels)``: keeps the inputs, read
     lazily each time a pass needs them (the loader must be iterable more than once, as a
     DataLoader is)."""
-    if iter(loader) is loader:
+    if isinstance(loader, Iterator):
         raise MergeError("calibration_from_loader: the loader is a one-shot iterator; pass the "
                          "DataLoader itself, which every pass that needs data reads again")
     return LoaderCalibration(loader, batches)

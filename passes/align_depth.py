@@ -32,6 +32,7 @@ from mergec.ir.fx import (
     aten_name,
     call_arguments,
     check_batch,
+    module_device,
     tensor_ancestors,
     tensor_leaves,
 )
@@ -245,7 +246,7 @@ def pad_shallow(module_shallow: fx.GraphModule, module_deep: fx.GraphModule,
 
 def _check_padded(shallow: fx.GraphModule, padded: fx.GraphModule, example: tuple) -> None:
     """The padded model must compute the shallow model's function."""
-    device = next((t.device for t in shallow.state_dict().values()), torch.device("cpu"))
+    device = module_device(shallow)
     inputs = tuple(t.to(device) for t in example)
     with torch.no_grad():
         expected, got = shallow(*inputs), padded.to(device)(*inputs)

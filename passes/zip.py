@@ -19,7 +19,7 @@ from torch import fx
 from mergec.algorithms.solvers import MergePlan
 from mergec.algorithms.tensors import apply_along, block_diagonal, diagonal_blocks
 from mergec.errors import MergeError
-from mergec.ir.fx import aten_name, attach, is_guard
+from mergec.ir.fx import aten_name, attach, is_guard, module_device
 from mergec.ir.spec import Binding, UnitSpec
 from mergec.ir.state import PipelineState
 
@@ -148,7 +148,7 @@ class Zip:
 
 def _check_runs(module: fx.GraphModule, example: tuple) -> None:
     """A merged model of new widths must run: a size the graph fixes elsewhere would not."""
-    device = next((t.device for t in module.state_dict().values()), torch.device("cpu"))
+    device = module_device(module)
     try:
         with torch.no_grad():
             module(*(t.to(device) for t in example))

@@ -98,6 +98,11 @@ def as_args(example_inputs: Any) -> tuple:
     return example_inputs
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device a module's state is on (the CPU for a module without state)."""
+    return next((t.device for t in module.state_dict().values()), torch.device("cpu"))
+
+
 def tensor_leaves(value: Any) -> list[torch.Tensor]:
     """The tensors in a model's output (a tensor, a tuple, a dict, a transformers output)."""
     if hasattr(value, "to_tuple"):  # transformers' ModelOutput
