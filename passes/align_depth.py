@@ -28,7 +28,7 @@ from mergec.algorithms.cka import LinearCKA
 from mergec.errors import MergeError
 from mergec.ir.blocks import Block, DepthPlan, Stages
 from mergec.ir.fx import (
-    ProbeInterpreter,
+    Probes,
     aten_name,
     call_arguments,
     check_batch,
@@ -56,16 +56,14 @@ def block_cka(module_a: fx.GraphModule, module_b: fx.GraphModule, stages_a: list
     wanted_b = {block.output for stage in stages_b for block in stage}
     accumulators = [LinearCKA(len(a), len(b), device=device) for a, b in zip(stages_a, stages_b)]
     module_a, module_b = module_a.to(device), module_b.to(device)
+    probes_a, probes_b = Probes(module_a, wanted_a), Probes(module_b, wanted_b)
     with torch.no_grad():
         for index, batch in enumerate(calibration):
             inputs = tuple(t.to(device) for t in check_batch(batch, example, index))
-            run_a = ProbeInterpreter(module_a, wanted_a)
-            run_b = ProbeInterpreter(module_b, wanted_b)
-            run_a.run(*inputs)
-            run_b.run(*inputs)
+            values_a, values_b = probes_a(*inputs), probes_b(*inputs)
             for accumulator, stage_a, stage_b in zip(accumulators, stages_a, stages_b):
-                accumulator.update([run_a.captured[b.output] for b in stage_a],
-                                   [run_b.captured[b.output] for b in stage_b])
+                accumulator.update([values_a[b.output] for b in stage_a],
+                                   [values_b[b.output] for b in stage_b])
     return [accumulator.matrix().cpu() for accumulator in accumulators]
 
 

@@ -1,9 +1,10 @@
 """collect-stats: joint feature statistics of the two models at every space's probe node.
 
-Calibration batches run once through both traced graphs on the chosen device. For every free
-space with a probe node, the features of A and B at that node (the space's axis moved last,
-every other axis a sample: each pixel of a conv feature map counts) feed a streaming
-:class:`~mergec.algorithms.covariance.JointMoments` in float64. No activation is kept.
+Calibration batches run once through both models on the chosen device, as generated code that
+returns the probe nodes' values (:class:`~mergec.ir.fx.Probes`). For every free space with a
+probe node, the features of A and B at that node (every other axis a sample: each pixel of a
+conv feature map counts) feed a streaming :class:`~mergec.algorithms.covariance.JointMoments`:
+one matrix product per space and batch, summed in float64. No activation outlives its batch.
 """
 from __future__ import annotations
 
@@ -15,20 +16,21 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from mergec.algorithms.covariance import JointMoments, feature_rows
+from mergec.algorithms.covariance import JointMoments, feature_view
 from mergec.errors import MergeError
-from mergec.ir.fx import ProbeInterpreter, check_batch
+from mergec.ir.fx import Probes, check_batch
 from mergec.ir.spec import UnitSpec
 from mergec.ir.state import PipelineState
 
 log = logging.getLogger(__name__)
 
 
-def probe_rows(value: torch.Tensor, space) -> torch.Tensor:
-    """Samples × units of ``space`` at its probe. A space seen as (blocks, inside blocks) axes
-    is flattened block-major, which is its unit order."""
+def probe_features(value: torch.Tensor, space) -> torch.Tensor:
+    """The units of ``space`` at its probe as ``[samples, units, positions]`` (see
+    :func:`~mergec.algorithms.covariance.feature_view`). A space seen as (blocks, inside
+    blocks) axes is flattened block-major, which is its unit order."""
     if space.probe_within_axis is None:
-        return feature_rows(value, space.probe_axis)
+        return feature_view(value, space.probe_axis)
     moved = value.movedim((space.probe_axis, space.probe_within_axis), (-2, -1))
     return moved.reshape(-1, moved.shape[-2] * moved.shape[-1])
 
@@ -47,19 +49,17 @@ def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: Unit
     moments = {s: JointMoments(spec.spaces[s].size, spec_b.spaces[s].size, device=device)
                for s in wanted}
     module_a, module_b = module_a.to(device), module_b.to(device)
+    probes_a, probes_b = Probes(module_a, probes), Probes(module_b, probes)
     batches = 0
     with torch.no_grad():
         for index, batch in enumerate(tqdm(calibration, desc="collect-stats",
                                            disable=not progress, leave=False)):
             inputs = tuple(t.to(device) for t in check_batch(batch, example, index))
-            run_a, run_b = ProbeInterpreter(module_a, probes), ProbeInterpreter(module_b, probes)
-            run_a.run(*inputs)
-            run_b.run(*inputs)
+            values_a, values_b = probes_a(*inputs), probes_b(*inputs)
             for space_id in wanted:
                 space = spec.spaces[space_id]
-                rows_a = probe_rows(run_a.captured[space.probe], space)
-                rows_b = probe_rows(run_b.captured[space.probe], space)
-                moments[space_id].update(rows_a, rows_b)
+                moments[space_id].update(probe_features(values_a[space.probe], space),
+                                         probe_features(values_b[space.probe], space))
             batches += 1
     if batches == 0:
         raise MergeError("collect-stats: the calibration data is empty; pass at least one "

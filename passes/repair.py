@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
 import torch
-from torch import fx
+import torch.nn.functional as F
+from torch import fx, nn
 from tqdm.auto import tqdm
 
 from mergec.errors import MergeError
-from mergec.ir.fx import GraphRunner, aten_name, check_batch
+from mergec.ir.fx import GraphRunner, aten_name, check_batch, runnable_copy
 from mergec.ir.state import PipelineState
 
 log = logging.getLogger(__name__)
@@ -28,36 +29,48 @@ def _is_batch_norm(node: fx.Node) -> bool:
     return aten_name(node) in _BATCH_NORMS
 
 
-class _ResetInterpreter(GraphRunner):
-    """Runs the graph with batch statistics in every BatchNorm and averages them."""
+class _BatchStatistics(nn.Module):
+    """Stands in for one BatchNorm: normalises with the batch's statistics and adds them to
+    running sums. One fused kernel does both (``F.batch_norm`` in training mode with momentum
+    1 leaves exactly the batch's mean and unbiased variance in the running buffers)."""
 
-    def __init__(self, graph_module: fx.GraphModule):
-        super().__init__(graph_module)
-        self.sums: dict[str, list[torch.Tensor]] = {}
+    def __init__(self, eps: float, returns_tuple: bool):
+        super().__init__()
+        self.eps, self.returns_tuple = eps, returns_tuple
+        self.mean_sum: torch.Tensor | int = 0
+        self.variance_sum: torch.Tensor | int = 0
 
-    def run_node(self, node: fx.Node) -> Any:
-        if not _is_batch_norm(node):
-            return super().run_node(node)
-        x, weight, bias = (self.env[a] if isinstance(a, fx.Node) else a for a in node.args[:3])
-        eps = node.args[7] if node.target.__name__.startswith("batch_norm") else node.args[6]
-        dims = [d for d in range(x.dim()) if d != 1]
-        mean = x.mean(dim=dims)
-        variance = x.var(dim=dims, unbiased=False)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        out = (x - mean.view(shape)) / torch.sqrt(variance.view(shape) + eps)
-        if weight is not None:
-            out = out * weight.view(shape)
-        if bias is not None:
-            out = out + bias.view(shape)
-        count = x.numel() // x.shape[1]
-        unbiased = variance * count / max(count - 1, 1)
-        key = node.name
-        stats = self.sums.setdefault(key, [torch.zeros_like(mean), torch.zeros_like(mean)])
-        stats[0] += mean
-        stats[1] += unbiased
-        if node.target.__name__.startswith("batch_norm"):
-            return out
-        return (out, mean.new_zeros(0), mean.new_zeros(0))
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+                ) -> Any:
+        mean = x.new_zeros(x.shape[1])
+        variance = x.new_ones(x.shape[1])
+        out = F.batch_norm(x, mean, variance, weight, bias, training=True, momentum=1.0,
+                           eps=self.eps)
+        self.mean_sum = self.mean_sum + mean
+        self.variance_sum = self.variance_sum + variance
+        return (out, mean.new_zeros(0), mean.new_zeros(0)) if self.returns_tuple else out
+
+
+def _observed(module: fx.GraphModule, norms: list[fx.Node]
+              ) -> tuple[fx.GraphModule, dict[str, _BatchStatistics]]:
+    """A copy of ``module`` whose BatchNorms run on batch statistics and record them, by
+    BatchNorm node name."""
+    observed = runnable_copy(module)
+    nodes = {node.name: node for node in observed.graph.nodes}
+    recorders = {}
+    for index, norm in enumerate(norms):
+        node = nodes[norm.name]
+        legit = not node.target.__name__.startswith("batch_norm")
+        recorder = _BatchStatistics(node.args[6] if legit else node.args[7], legit)
+        observed.add_submodule(f"_batch_statistics_{index}", recorder)
+        with observed.graph.inserting_before(node):
+            replacement = observed.graph.call_module(f"_batch_statistics_{index}",
+                                                     tuple(node.args[:3]))
+        node.replace_all_uses_with(replacement)
+        observed.graph.erase_node(node)
+        recorders[norm.name] = recorder
+    observed.recompile()
+    return observed, recorders
 
 
 @dataclass(frozen=True)
@@ -93,13 +106,12 @@ class Repair:
             return {"batch_norms_reset": 0}
         device = torch.device(self.device) if self.device else torch.device("cpu")
         module.to(device)
-        interpreter = _ResetInterpreter(module)
+        observed, recorders = _observed(module, norms)
         batches = 0
         with torch.no_grad():
             for index, batch in enumerate(tqdm(calibration, desc="repair", leave=False,
                                                disable=not self.progress)):
-                inputs = tuple(t.to(device) for t in check_batch(batch, example, index))
-                interpreter.run(*inputs)
+                observed(*(t.to(device) for t in check_batch(batch, example, index)))
                 batches += 1
         if batches == 0:
             raise MergeError("repair: the calibration data is empty")
@@ -107,9 +119,9 @@ class Repair:
             mean_node, var_node = node.args[3], node.args[4]
             if not (isinstance(mean_node, fx.Node) and mean_node.op == "get_attr"):
                 continue
-            sums = interpreter.sums[node.name]
-            _set_buffer(module, mean_node.target, sums[0] / batches)
-            _set_buffer(module, var_node.target, sums[1] / batches)
+            recorder = recorders[node.name]
+            _set_buffer(module, mean_node.target, recorder.mean_sum / batches)
+            _set_buffer(module, var_node.target, recorder.variance_sum / batches)
         log.info("repair: reset %d BatchNorms on %d batches", len(norms), batches)
         return {"batch_norms_reset": len(norms)}
 

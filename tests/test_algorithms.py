@@ -21,7 +21,7 @@ from mergec.algorithms import blocks, cka, solvers
 from mergec.algorithms.alignment import align_depth
 from mergec.algorithms.blocks import Placement, match_blocks, place
 from mergec.algorithms.cka import LinearCKA, linear_cka
-from mergec.algorithms.covariance import JointMoments, feature_rows
+from mergec.algorithms.covariance import JointMoments, feature_rows, feature_view
 from mergec.algorithms.solvers import (
     BlockSolver,
     MergePlan,
@@ -105,6 +105,45 @@ def test_dead_units_correlate_zero_never_nan() -> None:
         assert torch.all(correlation[dead] == 0) and torch.all(correlation[:, dead] == 0)
     assert correlation[0, 0] == pytest.approx(1.0)
     assert correlation[0, 2] == pytest.approx(torch.corrcoef(data[:, [0, 2]].T)[0, 1].item())
+
+
+def test_float32_moments_agree_with_a_float64_reference_to_a_millionth_of_the_variance(
+) -> None:
+    # the hard case for a one-pass second moment: a mean 100 times the spread, 2e5 samples
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(8, 6, 50, 500, generator=generator) * torch.rand(
+        6, 1, 1, generator=generator) + 100 * torch.randn(6, 1, 1, generator=generator)
+    reference = JointMoments(3, 3)
+    rows = feature_rows(features.double(), axis=1)
+    reference.update(rows[:, :3], rows[:, 3:])
+    observed = JointMoments(3, 3)
+    view = feature_view(features, axis=1)
+    observed.update(view[:, :3], view[:, 3:])
+    assert observed.count.item() == reference.count.item() == 8 * 50 * 500
+    torch.testing.assert_close(observed.mean, reference.mean, rtol=0, atol=1e-9)
+    scale = reference.covariance().diagonal().max()
+    error = (observed.covariance() - reference.covariance()).abs().max()
+    assert error <= 2e-6 * scale
+    assert (observed.correlation() - reference.correlation()).abs().max() <= 1e-5
+
+
+def test_a_constant_unit_stays_exactly_constant_in_float32() -> None:
+    features = torch.randn(4, 3, 10, 10)
+    features[:, 1] = 0.1  # not a power of two: a mean computed in float32 would round
+    moments = JointMoments(2, 1)
+    view = feature_view(features, axis=1)
+    moments.update(view[:, :2], view[:, 2:])
+    assert moments.covariance()[1].abs().max() < 1e-12 * 0.01
+    assert torch.all(moments.correlation()[1] == 0)
+
+
+def test_feature_view_is_a_view_of_samples_units_positions() -> None:
+    x = torch.randn(2, 3, 4, 5)
+    view = feature_view(x, axis=1)
+    assert view.shape == (2, 3, 20) and view.data_ptr() == x.data_ptr()
+    assert feature_view(x, axis=-1).shape == (24, 5, 1)
+    with pytest.raises(MergeError, match="out of range"):
+        feature_view(x, axis=4)
 
 
 def test_joint_moments_reject_mismatched_batches() -> None:

@@ -8,7 +8,7 @@ from torch import fx, nn
 
 import mergec
 from mergec import TraceError
-from mergec.ir.fx import STATE_KEYS
+from mergec.ir.fx import STATE_KEYS, Probes
 
 
 class SmallNet(nn.Module):
@@ -211,3 +211,21 @@ def test_a_tied_embedding_is_untied_with_one_role_per_use():
                           progress=False)
     with torch.no_grad():
         torch.testing.assert_close(result.module(ids).logits, model(ids).logits)
+
+
+def test_probes_return_intermediate_values_on_any_batch_size() -> None:
+    model = SmallNet().eval()
+    graph_module = mergec.trace(model, torch.randn(2, 3, 8, 8))
+    before = graph_module.code
+    relus = [node.name for node in graph_module.graph.nodes if "relu" in node.name]
+    probes = Probes(graph_module, relus[:1])
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        expected = torch.relu(model.bn1(model.conv1(x)))
+        assert torch.allclose(probes(x)[relus[0]], expected, atol=1e-6)
+    # the code stops at the probe: neither the second conv nor the head runs
+    targets = {str(node.target) for node in probes.module.graph.nodes}
+    assert not any("linear" in target or "addmm" in target for target in targets)
+    assert graph_module.code == before
+    with pytest.raises(mergec.MergecError, match="no node 'nowhere'"):
+        Probes(graph_module, ["nowhere"])

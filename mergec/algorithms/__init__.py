@@ -21,7 +21,7 @@ from mergec.algorithms.blocks import (
     zip_paired_blocks,
 )
 from mergec.algorithms.cka import LinearCKA, linear_cka
-from mergec.algorithms.covariance import JointMoments, feature_rows
+from mergec.algorithms.covariance import JointMoments, feature_rows, feature_view
 from mergec.algorithms.solvers import (
     BlockSolver,
     MergePlan,
@@ -47,6 +47,7 @@ __all__ = [
     "average",
     "elastic_zip",
     "feature_rows",
+    "feature_view",
     "hungarian",
     "linear_cka",
     "match_blocks",

@@ -22,6 +22,16 @@ from mergec.errors import MergeError
 DEAD_UNIT_RELATIVE_VARIANCE = 1e-12
 
 
+def _feature_axis(x: Tensor, axis: int, caller: str) -> int:
+    if x.dim() == 0:
+        raise MergeError(f"{caller}: a scalar has no feature axis")
+    if not -x.dim() <= axis < x.dim():
+        raise MergeError(
+            f"{caller}: axis {axis} is out of range for a tensor of shape {tuple(x.shape)}"
+        )
+    return axis % x.dim()
+
+
 def feature_rows(x: Tensor, axis: int) -> Tensor:
     """Move the feature ``axis`` last and flatten every other axis into samples.
 
@@ -32,14 +42,21 @@ def feature_rows(x: Tensor, axis: int) -> Tensor:
     >>> feature_rows(torch.zeros(2, 3, 4, 5), axis=1).shape
     torch.Size([40, 3])
     """
-    if x.dim() == 0:
-        raise MergeError("feature_rows: a scalar has no feature axis")
-    if not -x.dim() <= axis < x.dim():
-        raise MergeError(
-            f"feature_rows: axis {axis} is out of range for a tensor of shape {tuple(x.shape)}"
-        )
-    features = x.movedim(axis, -1)
+    features = x.movedim(_feature_axis(x, axis, "feature_rows"), -1)
     return features.reshape(-1, features.shape[-1])
+
+
+def feature_view(x: Tensor, axis: int) -> Tensor:
+    """``x`` as ``[before, features, after]``: the axes before and after the feature ``axis``
+    flattened, each position a sample. A view when ``x`` is contiguous, so a conv feature map
+    is observed without moving its channels last.
+
+    >>> feature_view(torch.zeros(2, 3, 4, 5), axis=1).shape
+    torch.Size([2, 3, 20])
+    """
+    axis = _feature_axis(x, axis, "feature_view")
+    before = math.prod(x.shape[:axis])
+    return x.reshape(before, x.shape[axis], -1)
 
 
 class JointMoments:
@@ -70,33 +87,49 @@ class JointMoments:
         return self.sum.device
 
     def update(self, x_a: Tensor, x_b: Tensor) -> None:
-        """Add ``n`` samples: ``x_a`` is ``[n, dim_a]``, ``x_b`` is ``[n, dim_b]``.
+        """Add the samples of one batch: ``x_a`` is ``[n, dim_a]`` and ``x_b`` ``[n, dim_b]``
+        (rows, see :func:`feature_rows`), or both ``[n, dim, m]`` (see :func:`feature_view`:
+        ``n * m`` samples, as a conv feature map's pixels are, without copying them to rows).
 
-        Flatten non-feature axes into samples first with :func:`feature_rows`.
+        The batch is centred on its own mean and its scatter computed by one matrix product in
+        the features' precision (float32 at least); the float64 accumulators add it exactly.
+        Centring keeps the product's rounding relative to the batch's variance, not to its mean
+        square: float32 scatters of 10^5-10^6 samples agree with a float64 computation to about
+        1e-6 of the largest variance (tested), and a constant unit stays exactly constant.
         """
         self._check_batch(x_a, x_b)
-        joint = torch.cat(
-            [
-                x_a.detach().to(self.device, torch.float64),
-                x_b.detach().to(self.device, torch.float64),
-            ],
-            dim=1,
-        )
-        self.count += joint.shape[0]
-        self.sum += joint.sum(dim=0)
-        self.sum_outer += joint.T @ joint
+        compute = torch.promote_types(torch.promote_types(x_a.dtype, x_b.dtype), torch.float32)
+        joint = torch.cat([x_a.detach().to(compute), x_b.detach().to(compute)], dim=1)
+        sample_axes = (0,) if joint.dim() == 2 else (0, 2)
+        samples = joint.numel() // joint.shape[1]
+        total = joint.sum(dim=sample_axes, dtype=torch.float64)
+        shift = (total / samples).to(compute)
+        if joint.dim() == 2:
+            centred = joint - shift
+            scatter = centred.T @ centred
+        else:
+            centred = joint - shift[:, None]
+            scatter = torch.bmm(centred, centred.transpose(1, 2)).sum(dim=0)
+        shift = shift.to(torch.float64)
+        residual = total - samples * shift  # the centred sum: zero up to the shift's rounding
+        outer = (scatter.to(torch.float64) + torch.outer(shift, residual)
+                 + torch.outer(residual, shift) + samples * torch.outer(shift, shift))
+        self.count += samples
+        self.sum += total.to(self.device)
+        self.sum_outer += outer.to(self.device)
 
     def _check_batch(self, x_a: Tensor, x_b: Tensor) -> None:
         for name, x, dim in (("x_a", x_a, self.dim_a), ("x_b", x_b, self.dim_b)):
-            if x.dim() != 2 or x.shape[1] != dim:
+            if x.dim() not in (2, 3) or x.shape[1] != dim:
                 raise MergeError(
-                    f"JointMoments.update: {name} must be [samples, {dim}], got {tuple(x.shape)}; "
-                    "use feature_rows(x, axis) to flatten non-feature axes"
+                    f"JointMoments.update: {name} must be [samples, {dim}] or "
+                    f"[samples, {dim}, positions], got {tuple(x.shape)}; use feature_rows(x, "
+                    "axis) or feature_view(x, axis) to bring the feature axis in place"
                 )
-        if x_a.shape[0] != x_b.shape[0]:
+        if x_a.shape[0] != x_b.shape[0] or x_a.shape[2:] != x_b.shape[2:]:
             raise MergeError(
-                f"JointMoments.update: x_a has {x_a.shape[0]} samples but x_b has {x_b.shape[0]}; "
-                "both models must see the same inputs"
+                f"JointMoments.update: x_a is {tuple(x_a.shape)} but x_b is "
+                f"{tuple(x_b.shape)}; both models must see the same inputs"
             )
 
     def merge(self, other: JointMoments) -> None:

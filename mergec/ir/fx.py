@@ -121,19 +121,44 @@ class GraphRunner(fx.Interpreter):
         return None if is_guard(node) else super().run_node(node)
 
 
-class ProbeInterpreter(GraphRunner):
-    """Runs a graph module and keeps the values of the named nodes."""
+def runnable_copy(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """A new module with a copy of ``graph_module``'s graph, sharing its parameters and
+    buffers, that runs on any batch size: export's shape guards are dropped and positional
+    tensors are its inputs. Passes rewrite the copy (new outputs, observers) and recompile it;
+    the original graph is never touched."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(graph_module.graph, {}))
+    for node in [node for node in graph.nodes if is_guard(node)]:
+        graph.erase_node(node)
+    return fx.GraphModule(graph_module, graph)
+
+
+class Probes:
+    """The values of chosen nodes, computed by generated code rather than an interpreter.
+
+    The graph is copied (:func:`runnable_copy`) with its output replaced by the wanted nodes,
+    so every node after the last probe is dropped too.
+
+    >>> probes = Probes(graph_module, ["relu", "add_3"])  # doctest: +SKIP
+    >>> probes(x)["relu"].shape  # doctest: +SKIP
+    """
 
     def __init__(self, graph_module: fx.GraphModule, wanted: Iterable[str]):
-        super().__init__(graph_module)
-        self.wanted = set(wanted)
-        self.captured: dict[str, torch.Tensor] = {}
+        self.names = sorted(set(wanted))
+        self.module = runnable_copy(graph_module)
+        graph = self.module.graph
+        nodes = {node.name: node for node in graph.nodes}
+        unknown = [name for name in self.names if name not in nodes]
+        if unknown:
+            raise MergeError(f"probes: the graph has no node {unknown[0]!r}")
+        output = next(node for node in graph.nodes if node.op == "output")
+        graph.erase_node(output)
+        graph.output(tuple(nodes[name] for name in self.names))
+        graph.eliminate_dead_code()
+        self.module.recompile()
 
-    def run_node(self, node: fx.Node) -> Any:
-        value = super().run_node(node)
-        if node.name in self.wanted:
-            self.captured[node.name] = value
-        return value
+    def __call__(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.module(*inputs)))
 
 
 def check_batch(batch: Any, example: tuple, index: int) -> tuple:
