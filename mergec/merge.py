@@ -28,12 +28,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MergeReport:
-    """What every pass decided: spaces, per-space match summaries, timings."""
+    """What every pass decided: spaces, per-space match summaries, timings and peak memory."""
 
     method: str
     spec: UnitSpec | None
     matches: dict[str, dict] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    peak_memory: dict[str, dict[str, int | None]] = field(default_factory=dict)
     repair: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     similarities: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -47,6 +48,7 @@ class MergeReport:
             "options": self.options,
             "passes": list(self.passes),
             "timings_s": self.timings,
+            "peak_memory_bytes": self.peak_memory,
             "coverage": self.spec.coverage() if self.spec is not None else None,
             "spaces": {
                 space.id: {"size": space.size, "kind": space.kind, "fixed": space.fixed,
@@ -155,7 +157,8 @@ def report_of(state: PipelineState) -> MergeReport:
     options = state.options
     return MergeReport(
         method=options.method, spec=spec, matches=dict(state.summaries),
-        timings=dict(state.timings), repair=dict(state.repair), similarities=similarities,
+        timings=dict(state.timings), peak_memory={k: dict(v) for k, v in state.peak_memory.items()},
+        repair=dict(state.repair), similarities=similarities,
         depth=state.depth, passes=state.completed,
         options={"alpha": options.alpha, "beta": options.beta,
                  "weight_beta": options.weight_beta, "heads": options.heads,

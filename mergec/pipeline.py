@@ -5,8 +5,9 @@
 Every pass takes a :class:`~mergec.ir.state.PipelineState` and returns the next one. A pass
 with an ``applies(state)`` method that answers False is skipped (align-depth for models of one
 depth, collect-stats for methods that match on weights alone); the others are timed into
-``state.timings``. After each pass the driver calls ``callback(pass_name, state)``: timing,
-progress, dumps. ``stop_after`` ends the run after the named pass.
+``state.timings`` and their peak memory measured into ``state.peak_memory``. After each pass
+the driver calls ``callback(pass_name, state)``: timing, progress, dumps. ``stop_after`` ends
+the run after the named pass.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Callable, ClassVar, Iterable, Protocol
 
 from mergec.errors import MergeError
 from mergec.ir.state import MergeOptions, PipelineState
+from mergec.memory import PeakMemory
 from mergec.passes import PIPELINE, REGISTRY
 from mergec.passes.align_depth import AlignDepth
 from mergec.passes.annotate_units import AnnotateUnits
@@ -79,14 +81,18 @@ def run_pipeline(state: PipelineState, passes: Iterable[Pass], *,
                              callback=lambda name, state: print(name, state.timings.get(name)))
     """
     check_pass_name(stop_after)
+    meter = PeakMemory()
     for current in passes:
         applies = getattr(current, "applies", None)
         if applies is None or applies(state):
+            meter.start()
             start = time.perf_counter()
             state = current.run(state)
             seconds = time.perf_counter() - start
+            peak = meter.stop()
             log.info("%s: %.2fs", current.name, seconds)
-            state = state.evolve(timings={**state.timings, current.name: seconds})
+            state = state.evolve(timings={**state.timings, current.name: seconds},
+                                 peak_memory={**state.peak_memory, current.name: peak})
         if callback is not None:
             callback(current.name, state)
         if current.name == stop_after:

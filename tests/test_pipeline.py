@@ -3,6 +3,8 @@ a pass, the depth path as ordinary passes, and each pass run alone on a hand-bui
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import mergec.passes.trace as trace_module
 from mergec import MergeError
 from mergec.algorithms.solvers import average
 from mergec.ir.state import MergeOptions, PipelineState
+from mergec.memory import PeakMemory
 from mergec.merge import report_of, run_merge
 from mergec.passes import PIPELINE
 from mergec.passes.align_depth import AlignDepth
@@ -108,6 +111,30 @@ def test_the_callback_sees_every_pass_with_the_state_it_left() -> None:
     # align-depth did not apply: it is neither timed nor listed as run
     assert result.report.passes == tuple(p for p in PIPELINE if p != "align-depth")
     assert set(result.report.timings) == set(result.report.passes)
+
+
+def test_every_pass_that_ran_reports_its_peak_memory() -> None:
+    x = inputs((6,))
+    report = mergec.merge(mlp(0), mlp(1), x[:4], [(x,)], method="zip", progress=False).report
+    assert set(report.peak_memory) == set(report.passes)
+    linux = os.path.exists("/proc/self/clear_refs")
+    for peak in report.peak_memory.values():
+        assert set(peak) == {"host", "cuda"}
+        assert (peak["host"] > 10 * 2**20) if linux else peak["host"] is None
+    assert json.loads(report.to_json())["peak_memory_bytes"]["zip"]["host"] == (
+        report.peak_memory["zip"]["host"])
+
+
+def test_peak_memory_sees_what_a_pass_allocates() -> None:
+    meter = PeakMemory()
+    meter.start()
+    baseline = meter.stop()["host"]
+    if baseline is None:
+        pytest.skip("this system cannot reset the peak resident set")
+    meter.start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del block
+    assert meter.stop()["host"] >= baseline + 60 * 2**20
 
 
 def test_methods_on_weights_alone_skip_collect_stats() -> None:

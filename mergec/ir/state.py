@@ -127,6 +127,8 @@ class PipelineState:
     - ``plans``, ``summaries``: match's merge plan and report entry per space.
     - ``merged``: zip's merged module; ``repair``: what repair did.
     - ``timings``: wall seconds of every pass that ran, in the order they ran.
+    - ``peak_memory``: per pass that ran, its peak host (resident set) and CUDA bytes, None
+      where the system cannot say (:mod:`mergec.memory`).
     """
 
     options: MergeOptions
@@ -145,6 +147,7 @@ class PipelineState:
     merged: fx.GraphModule | None = None
     repair: Mapping[str, Any] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
+    peak_memory: Mapping[str, Mapping[str, int | None]] = field(default_factory=dict)
 
     def evolve(self, **changes: Any) -> PipelineState:
         """A copy of the state with ``changes`` applied."""
