@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +67,7 @@ def _merge(args: argparse.Namespace) -> int:
                           "emits it (stop after zip or repair to save one, or drop -o)")
     if output is not None and output.exists():
         raise MergecError(f"merge: output folder {str(output)!r} already exists")
+    rank, world = _process_group(args)
     options = MergeOptions(method=args.method, alpha=args.alpha, beta=args.beta,
                            width=_width(args.width), depth_variant=args.depth_variant,
                            unaligned=args.unaligned,
@@ -73,7 +76,10 @@ def _merge(args: argparse.Namespace) -> int:
     models = _load_models(args)
     calibration = calibration_batches(args.calibration, args.batch_size, args.batches)
     example = calibration[0]
-    state = run_merge(options, models, example, calibration, stop_after=args.stop_after)
+    state = run_merge(options, models, example, calibration[rank::world],
+                      stop_after=args.stop_after)
+    if rank != 0:  # every process holds the same merge; one writes it
+        return 0
     report = report_of(state)
     if args.dump:
         Path(args.dump).write_text(report.to_json())
@@ -86,6 +92,24 @@ def _merge(args: argparse.Namespace) -> int:
     print(f"merged with {args.method}: wrote {output}/model.py, weights.safetensors, "
           "report.json")
     return 0
+
+
+def _process_group(args: argparse.Namespace) -> tuple[int, int]:
+    """(rank, world size): under ``torchrun`` (``WORLD_SIZE`` > 1) this process joins the
+    process group (NCCL on CUDA, one GPU per local rank; gloo on CPU) and observes every
+    world-th calibration batch; statistics are summed over the processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    cuda = args.device is not None and args.device.startswith("cuda")
+    if cuda and args.device == "cuda":
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _load_models(args: argparse.Namespace) -> tuple:

@@ -64,6 +64,8 @@ def block_cka(module_a: fx.GraphModule, module_b: fx.GraphModule, stages_a: list
             for accumulator, stage_a, stage_b in zip(accumulators, stages_a, stages_b):
                 accumulator.update([values_a[b.output] for b in stage_a],
                                    [values_b[b.output] for b in stage_b])
+    for accumulator in accumulators:
+        accumulator.all_reduce()
     return [accumulator.matrix().cpu() for accumulator in accumulators]
 
 

@@ -17,6 +17,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from mergec.algorithms.covariance import JointMoments, feature_view
+from mergec.algorithms.distributed import total_batches
 from mergec.errors import MergeError
 from mergec.ir.fx import Probes, check_batch
 from mergec.ir.spec import UnitSpec
@@ -61,7 +62,7 @@ def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: Unit
                 moments[space_id].update(probe_features(values_a[space.probe], space),
                                          probe_features(values_b[space.probe], space))
             batches += 1
-    if batches == 0:
+    if total_batches(batches, device) == 0:
         raise MergeError("collect-stats: the calibration data is empty; pass at least one "
                          "batch")
     for accumulator in moments.values():

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from mergec.algorithms.distributed import all_reduce_sum_, total_batches
 from mergec.errors import MergeError
-from mergec.ir.fx import GraphRunner, aten_name, check_batch, runnable_copy
+from mergec.ir.fx import GraphRunner, aten_name, check_batch, module_device, runnable_copy
 from mergec.ir.state import PipelineState
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,14 @@ def _is_batch_norm(node: fx.Node) -> bool:
 
 class _BatchStatistics(nn.Module):
     """Stands in for one BatchNorm: normalises with the batch's statistics and adds them to
-    running sums. One fused kernel does both (``F.batch_norm`` in training mode with momentum
-    1 leaves exactly the batch's mean and unbiased variance in the running buffers)."""
+    running sums (float64). One fused kernel does both (``F.batch_norm`` in training mode with
+    momentum 1 leaves exactly the batch's mean and unbiased variance in the running buffers)."""
 
-    def __init__(self, eps: float, returns_tuple: bool):
+    def __init__(self, channels: int, eps: float, returns_tuple: bool, device: torch.device):
         super().__init__()
         self.eps, self.returns_tuple = eps, returns_tuple
-        self.mean_sum: torch.Tensor | int = 0
-        self.variance_sum: torch.Tensor | int = 0
+        self.mean_sum = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.variance_sum = torch.zeros(channels, dtype=torch.float64, device=device)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
                 ) -> Any:
@@ -46,8 +47,8 @@ class _BatchStatistics(nn.Module):
         variance = x.new_ones(x.shape[1])
         out = F.batch_norm(x, mean, variance, weight, bias, training=True, momentum=1.0,
                            eps=self.eps)
-        self.mean_sum = self.mean_sum + mean
-        self.variance_sum = self.variance_sum + variance
+        self.mean_sum += mean
+        self.variance_sum += variance
         return (out, mean.new_zeros(0), mean.new_zeros(0)) if self.returns_tuple else out
 
 
@@ -57,11 +58,14 @@ def _observed(module: fx.GraphModule, norms: list[fx.Node]
     BatchNorm node name."""
     observed = runnable_copy(module)
     nodes = {node.name: node for node in observed.graph.nodes}
+    device = module_device(module)
     recorders = {}
     for index, norm in enumerate(norms):
         node = nodes[norm.name]
         legit = not node.target.__name__.startswith("batch_norm")
-        recorder = _BatchStatistics(node.args[6] if legit else node.args[7], legit)
+        channels = norm.args[0].meta["val"].shape[1]
+        recorder = _BatchStatistics(int(channels), node.args[6] if legit else node.args[7],
+                                    legit, device)
         observed.add_submodule(f"_batch_statistics_{index}", recorder)
         with observed.graph.inserting_before(node):
             replacement = observed.graph.call_module(f"_batch_statistics_{index}",
@@ -113,8 +117,11 @@ class Repair:
                                                disable=not self.progress)):
                 observed(*(t.to(device) for t in check_batch(batch, example, index)))
                 batches += 1
+        batches = total_batches(batches, device)
         if batches == 0:
             raise MergeError("repair: the calibration data is empty")
+        all_reduce_sum_([tensor for recorder in recorders.values()
+                         for tensor in (recorder.mean_sum, recorder.variance_sum)])
         for node in norms:
             mean_node, var_node = node.args[3], node.args[4]
             if not (isinstance(mean_node, fx.Node) and mean_node.op == "get_attr"):
@@ -159,6 +166,8 @@ class _ChannelStats(GraphRunner):
                 self.run(*(t.to(device) for t in inputs))
             except _Reached:
                 pass
+        for name in sorted(self.axes):  # one order on every process
+            all_reduce_sum_(self.sums[name])
         return self.sums
 
     def run_node(self, node: fx.Node) -> Any:
@@ -168,7 +177,7 @@ class _ChannelStats(GraphRunner):
             axis = self.axes[node.name]
             rows = out.movedim(axis, -1).reshape(-1, out.shape[axis])
             rows = rows.to(torch.float64)
-            stats = self.sums.setdefault(node.name, [0, 0, 0])
+            stats = self.sums.setdefault(node.name, [0, 0, torch.zeros((), dtype=rows.dtype)])
             stats[0] += rows.sum(0)
             stats[1] += (rows * rows).sum(0)
             stats[2] += rows.shape[0]

@@ -844,3 +844,17 @@ def test_zip_row_maxima_equal_tensor_max_with_ties_and_exhausted_rows(seed: int)
     values, columns = solvers._row_max(matrix)
     expected_values, expected_columns = matrix.max(dim=1)
     assert torch.equal(values, expected_values) and torch.equal(columns, expected_columns)
+
+
+@pytest.mark.parametrize("shape, axis", [((6, 4, 9), 1), ((6, 9, 4), 2), ((3, 2, 5, 4), 1),
+                                         ((40, 4), 1)])
+def test_moments_of_a_view_equal_the_moments_of_its_rows(shape, axis) -> None:
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randn(*shape, dtype=torch.float64) + x
+    from_rows, from_view = JointMoments(shape[axis], shape[axis]), JointMoments(shape[axis],
+                                                                              shape[axis])
+    from_rows.update(feature_rows(x, axis), feature_rows(y, axis))
+    from_view.update(feature_view(x, axis), feature_view(y, axis))
+    assert from_view.count.item() == from_rows.count.item()
+    torch.testing.assert_close(from_view.sum_outer, from_rows.sum_outer)
+    torch.testing.assert_close(from_view.sum, from_rows.sum)

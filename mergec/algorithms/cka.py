@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mergec.algorithms._distributed import all_reduce_sum_
+from mergec.algorithms.distributed import all_reduce_sum_
 from mergec.errors import MergeError
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from mergec.algorithms._distributed import all_reduce_sum_
+from mergec.algorithms.distributed import all_reduce_sum_
 from mergec.errors import MergeError
 
 # A unit whose variance is below this fraction of its mean square is treated as constant ("dead"):
@@ -100,14 +100,17 @@ class JointMoments:
         self._check_batch(x_a, x_b)
         compute = torch.promote_types(torch.promote_types(x_a.dtype, x_b.dtype), torch.float32)
         joint = torch.cat([x_a.detach().to(compute), x_b.detach().to(compute)], dim=1)
-        sample_axes = (0,) if joint.dim() == 2 else (0, 2)
+        if joint.dim() == 3 and joint.shape[2] < joint.shape[1]:
+            # few positions per sample (tokens, a linear layer's [n, d, 1]): a per-sample
+            # product would be bigger than the data; rows are cheaper
+            joint = joint.movedim(1, 2).reshape(-1, joint.shape[1])
         samples = joint.numel() // joint.shape[1]
-        total = joint.sum(dim=sample_axes, dtype=torch.float64)
+        total = joint.sum(dim=(0,) if joint.dim() == 2 else (0, 2), dtype=torch.float64)
         shift = (total / samples).to(compute)
         if joint.dim() == 2:
             centred = joint - shift
             scatter = centred.T @ centred
-        else:
+        else:  # conv feature maps: one product per sample over its pixels
             centred = joint - shift[:, None]
             scatter = torch.bmm(centred, centred.transpose(1, 2)).sum(dim=0)
         shift = shift.to(torch.float64)
