@@ -72,7 +72,8 @@ def _merge(args: argparse.Namespace) -> int:
                            width=_width(args.width), depth_variant=args.depth_variant,
                            unaligned=args.unaligned,
                            repair=None if args.repair == "none" else args.repair,
-                           device=args.device, progress=not args.quiet)
+                           device=args.device, progress=not args.quiet,
+                           samples_per_batch=args.samples_per_batch)
     models = _load_models(args)
     calibration = calibration_batches(args.calibration, args.batch_size, args.batches)
     example = calibration[0]
@@ -200,6 +201,9 @@ def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
                        help="blocks only the deeper model has: averaged with the identity or "
                             "kept")
     merge.add_argument("--repair", default="reset", choices=["reset", "repair", "none"])
+    merge.add_argument("--samples-per-batch", type=int, default=None, metavar="N",
+                       help="statistics: at most N pixels or tokens of each batch per space "
+                            "(drawn with a fixed seed); default: all")
     merge.add_argument("--device", default=None)
     merge.add_argument("--plots", action="store_true", help="also write report plots")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -91,7 +91,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
           stop_at: str | None = None, width: Any = "max",
           repair: str | None = "reset", device: str | None = None, seed: int = 0,
           progress: bool = True, depth_variant: str = "segment-wise",
-          unaligned: str = "average", callback: Callback | None = None) -> MergeResult:
+          unaligned: str = "average", samples_per_batch: int | None = None,
+          callback: Callback | None = None) -> MergeResult:
     """Merges two trained models of the same architecture without training.
 
     ``calibration`` is an iterable of batches, each the tuple of positional inputs of
@@ -113,7 +114,12 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     models were swapped (A the deeper), the merged outputs are the same. ``repair="reset"``
     recomputes BatchNorm statistics on the calibration data; ``repair="repair"`` also applies
     REPAIR (each merged channel after a normalisation rescaled to the interpolated parents'
-    mean and std). The input models are not modified. ``callback(pass_name, state)`` is
+    mean and std). ``samples_per_batch`` bounds the statistics' cost on wide spaces: each
+    calibration batch contributes at most that many pixels or tokens (the same ones in both
+    models, drawn with ``seed``) to each space's moments. Under ``torch.distributed``, pass
+    each process its shard of the calibration data: statistics are summed over the processes
+    and every process gets the same merge. The input models are not modified.
+    ``callback(pass_name, state)`` is
     called after each pass with the pipeline state (:class:`~mergec.ir.state.PipelineState`).
 
     Example::
@@ -124,7 +130,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     options = MergeOptions(method=method, alpha=alpha, beta=beta, weight_beta=weight_beta,
                            heads=heads, stop_at=stop_at, width=width, repair=repair,
                            device=device, seed=seed, progress=progress,
-                           depth_variant=depth_variant, unaligned=unaligned)
+                           depth_variant=depth_variant, unaligned=unaligned,
+                           samples_per_batch=samples_per_batch)
     state = run_merge(options, (model_a, model_b), example_inputs, calibration,
                       callback=callback)
     return MergeResult(module=state.merged, report=report_of(state))
@@ -163,7 +170,7 @@ def report_of(state: PipelineState) -> MergeReport:
         options={"alpha": options.alpha, "beta": options.beta,
                  "weight_beta": options.weight_beta, "heads": options.heads,
                  "stop_at": options.stop_at, "repair": options.repair, "seed": options.seed,
-                 "width": options.width,
+                 "width": options.width, "samples_per_batch": options.samples_per_batch,
                  "widths": {s: p.width for s, p in state.plans.items()}})
 
 

@@ -36,11 +36,29 @@ def probe_features(value: torch.Tensor, space) -> torch.Tensor:
     return moved.reshape(-1, moved.shape[-2] * moved.shape[-1])
 
 
+def _subsample(features_a: torch.Tensor, features_b: torch.Tensor, count: int,
+               draw: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``count`` of the batch's samples (the same ones in A and B), as rows."""
+    rows_a = features_a.movedim(1, -1).reshape(-1, features_a.shape[1]) \
+        if features_a.dim() == 3 else features_a
+    if rows_a.shape[0] <= count:
+        return features_a, features_b
+    rows_b = features_b.movedim(1, -1).reshape(-1, features_b.shape[1]) \
+        if features_b.dim() == 3 else features_b
+    keep = torch.randperm(rows_a.shape[0], generator=draw)[:count].to(rows_a.device)
+    return rows_a.index_select(0, keep), rows_b.index_select(0, keep)
+
+
 def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
                   spec_b: UnitSpec, calibration: Iterable[Any], example: tuple,
-                  device: str | None = None, progress: bool = True) -> dict[str, JointMoments]:
+                  device: str | None = None, progress: bool = True,
+                  samples_per_batch: int | None = None, seed: int = 0
+                  ) -> dict[str, JointMoments]:
     """Joint moments of A's and B's features in every free space with a probe (``spec_b``:
-    B's widths, where they differ from A's), over one pass of the calibration data."""
+    B's widths, where they differ from A's), over one pass of the calibration data. With
+    ``samples_per_batch``, each batch contributes at most that many samples (pixels, tokens)
+    to each space, drawn with ``seed``: the cost of a wide space's statistics is then bounded
+    by the number of batches, not by their size."""
     device = torch.device(device) if device else torch.device("cpu")
     # a block order (the heads of an attention) is matched through its blocks' units
     orders = {space.block_space for space in spec.spaces.values() if space.block_space}
@@ -57,10 +75,15 @@ def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: Unit
                                            disable=not progress, leave=False)):
             inputs = tuple(t.to(device) for t in check_batch(batch, example, index))
             values_a, values_b = probes_a(*inputs), probes_b(*inputs)
+            draw = torch.Generator().manual_seed(seed * 1_000_003 + index)
             for space_id in wanted:
                 space = spec.spaces[space_id]
-                moments[space_id].update(probe_features(values_a[space.probe], space),
-                                         probe_features(values_b[space.probe], space))
+                features_a = probe_features(values_a[space.probe], space)
+                features_b = probe_features(values_b[space.probe], space)
+                if samples_per_batch is not None:
+                    features_a, features_b = _subsample(features_a, features_b,
+                                                        samples_per_batch, draw)
+                moments[space_id].update(features_a, features_b)
             batches += 1
     if total_batches(batches, device) == 0:
         raise MergeError("collect-stats: the calibration data is empty; pass at least one "
@@ -78,6 +101,8 @@ class CollectStats:
     device: str | None = None
     progress: bool = True
     needed: bool = True  # only the methods that match on activations need statistics
+    samples_per_batch: int | None = None
+    seed: int = 0
     name: ClassVar[str] = "collect-stats"
 
     def applies(self, state: PipelineState) -> bool:
@@ -86,5 +111,6 @@ class CollectStats:
     def run(self, state: PipelineState) -> PipelineState:
         graphs, specs = state.require("graphs", self.name), state.require("specs", self.name)
         moments = joint_moments(graphs[0], graphs[1], specs[0], specs[1], state.calibration,
-                                state.example, self.device, self.progress)
+                                state.example, self.device, self.progress,
+                                self.samples_per_batch, self.seed)
         return state.evolve(moments=moments)

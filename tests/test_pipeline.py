@@ -70,6 +70,7 @@ BAD_OPTIONS = [
     ({"unaligned": "drop"}, r"unaligned must be one of"),  # also for models of one depth
     ({"device": "gpu0"}, r"device 'gpu0' is not a torch device"),
     ({"seed": 1.5}, r"seed must be an int"),
+    ({"samples_per_batch": 1}, r"samples_per_batch must be None"),
     ({"repair": "repair", "stop_at": "2"}, r"repair='repair' rescales a fully merged model"),
     ({"repair": "repair", "heads": "separate"}, r"repair='repair' rescales"),
 ]
@@ -225,6 +226,25 @@ def test_collect_stats_of_a_model_with_itself_correlates_every_live_unit_with_it
         cross = moments.correlation()[:size, size:].diagonal()
         live = moments.correlation().diagonal()[:size] > 0
         torch.testing.assert_close(cross[live], torch.ones_like(cross[live]), rtol=0, atol=1e-6)
+
+
+def test_collect_stats_keeps_at_most_the_asked_samples_of_each_batch_and_repeats() -> None:
+    x = inputs((1, 6, 6), rows=64)
+    model = cnn(0)
+    state = hand_built((model, model), x)  # two batches of 32 images, 36 pixels each
+    runs = [CollectStats(progress=False, samples_per_batch=100, seed=seed).run(state)
+            for seed in (0, 0, 1)]
+    moments = runs[0].moments
+    assert moments and all(m.count.item() == 200 for m in moments.values())
+    for space, accumulator in moments.items():
+        assert torch.equal(accumulator.sum_outer, runs[1].moments[space].sum_outer)
+        assert not torch.equal(accumulator.sum_outer, runs[2].moments[space].sum_outer)
+        # the same pixels of both models: a model with itself still correlates exactly
+        correlation = accumulator.correlation()
+        size = accumulator.dim_a
+        live = correlation.diagonal()[:size] > 0
+        torch.testing.assert_close(correlation[:size, size:].diagonal()[live],
+                                   torch.ones(int(live.sum()), dtype=torch.float64))
 
 
 def test_match_alone_recovers_a_permuted_copy_by_weights() -> None:

@@ -113,13 +113,15 @@ class JointMoments:
         else:  # conv feature maps: one product per sample over its pixels
             centred = joint - shift[:, None]
             scatter = torch.bmm(centred, centred.transpose(1, 2)).sum(dim=0)
+        # sum x x^T = scatter + s r^T + r s^T + n s s^T for the shift s and the centred sum
+        # r = sum (x - s), which is zero up to the shift's rounding; as s u^T + u s^T with
+        # u = r + n s / 2, added in place: a wide space's float64 matrix is touched 3 times
         shift = shift.to(torch.float64)
-        residual = total - samples * shift  # the centred sum: zero up to the shift's rounding
-        outer = (scatter.to(torch.float64) + torch.outer(shift, residual)
-                 + torch.outer(residual, shift) + samples * torch.outer(shift, shift))
+        half = total - samples * shift + (samples / 2) * shift
+        shift, half = shift.to(self.device), half.to(self.device)
+        self.sum_outer.add_(scatter.to(self.device)).addr_(shift, half).addr_(half, shift)
         self.count += samples
         self.sum += total.to(self.device)
-        self.sum_outer += outer.to(self.device)
 
     def _check_batch(self, x_a: Tensor, x_b: Tensor) -> None:
         for name, x, dim in (("x_a", x_a, self.dim_a), ("x_b", x_b, self.dim_b)):

@@ -55,6 +55,7 @@ class MergeOptions:
     progress: bool = True
     depth_variant: str = "segment-wise"
     unaligned: str = "average"
+    samples_per_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -81,6 +82,11 @@ class MergeOptions:
                                  "('cpu', 'cuda', 'cuda:1', ...)") from error
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise MergeError(f"merge: seed must be an int, got {self.seed!r}")
+        if self.samples_per_batch is not None and (
+                isinstance(self.samples_per_batch, bool)
+                or not isinstance(self.samples_per_batch, int) or self.samples_per_batch < 2):
+            raise MergeError(f"merge: samples_per_batch must be None (every pixel or token) or "
+                             f"an int >= 2, got {self.samples_per_batch!r}")
         _choose("depth_variant", self.depth_variant, DEPTH_VARIANTS)
         _choose("unaligned", self.unaligned, UNALIGNED)
         if self.repair == "repair" and self.partial:
