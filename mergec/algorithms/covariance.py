@@ -195,20 +195,24 @@ def activation_similarity(moments: JointMoments | None, size: int) -> torch.Tens
     which is exact for a model and its copy."""
     if moments is None:
         return torch.eye(2 * size, dtype=torch.float64)
-    joint = moments.correlation().to(torch.float64).cpu().clone()
+    joint = moments.correlation().to(torch.float64).cpu()
     d_a = moments.dim_a if hasattr(moments, "dim_a") else size
     total = joint.shape[0]
     d_b = total - d_a
-    constant = joint.diagonal() == 0
-    model_of = torch.arange(total) >= d_a
-    same_model = model_of[:, None] == model_of[None, :]
-    off_diagonal = ~torch.eye(total, dtype=torch.bool)
-    within = same_model & off_diagonal & (constant[:, None] | constant[None, :])
-    joint[within] = -math.inf
-    mean = moments.mean.to(torch.float64).cpu()
-    equal = (mean[:, None] - mean[None, :]).abs() <= 1e-6 * (mean[:, None].abs()
-                                                            + mean[None, :].abs() + 1e-12)
-    joint[constant[:, None] & constant[None, :] & ~same_model & equal] = 1.0
+    constant = (joint.diagonal() == 0).nonzero().squeeze(1)
+    if len(constant):  # only the constant units' rows and columns change
+        model_of = torch.arange(total) >= d_a
+        same_model = model_of[constant][:, None] == model_of[None, :]
+        same_model[torch.arange(len(constant)), constant] = False  # itself stays 0
+        rows = joint[constant].masked_fill(same_model, -math.inf)
+        joint[constant] = rows
+        joint[:, constant] = rows.T
+        mean = moments.mean.to(torch.float64).cpu()[constant]
+        equal = (mean[:, None] - mean[None, :]).abs() <= 1e-6 * (mean[:, None].abs()
+                                                                + mean[None, :].abs() + 1e-12)
+        across = model_of[constant][:, None] != model_of[constant][None, :]
+        pairs = (equal & across).nonzero()
+        joint[constant[pairs[:, 0]], constant[pairs[:, 1]]] = 1.0
     ties = torch.arange(min(d_a, d_b))
     joint[ties, d_a + ties] += 1e-6
     joint[d_a + ties, ties] += 1e-6

@@ -13,12 +13,12 @@ of the ZipIt! algorithm.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -277,24 +277,9 @@ def elastic_zip(
     return _plan_from_labels(labels, d_a, d_b, correlation.device)
 
 
-def _row_max(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Each row's largest value and the column of its first occurrence: ``matrix.max(dim=1)``,
-    computed as ``amax`` and ``argmax``, which on CPU cost a small fraction of it."""
-    return matrix.amax(dim=1), matrix.argmax(dim=1)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """torch on one thread for a loop of small operations (a row, a column per step): thread
-    hand-offs cost more than they save there, and on a busy CPU a multithreaded reduction of
-    a few thousand values waits milliseconds for a core (the zip of 2048 + 2048 features took
-    6.4 s on 2 threads beside another process, 1.2 s on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def _row_max(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's largest value and the column of its first occurrence."""
+    return matrix.max(axis=1), matrix.argmax(axis=1)
 
 
 class _ZipState:
@@ -303,15 +288,19 @@ class _ZipState:
     Feature ``k`` stands for the set ``labels == k``; a merge of ``k`` and ``gone`` keeps the lower
     index. ``row_best``/``row_best_index`` cache each row's maximum so that a step costs O(n)
     unless a row's best partner was one of the merged pair.
+
+    The state is NumPy: a step is a dozen operations on one row or column, and NumPy's cost per
+    operation is a tenth of torch's (the zips inside 12 × 12 pairs of attention heads are 10^4
+    -10^5 steps of 64 features), single-threaded, which a row of a few thousand values needs.
     """
 
     def __init__(self, similarity: Tensor, d_a: int, budgets: tuple[int, int]) -> None:
         """Every feature its own merged feature; within-model merges barred where a budget is 0."""
         size = similarity.shape[0]
-        self.similarity = similarity.detach().to("cpu", torch.float64, copy=True)
-        self.similarity.fill_diagonal_(-math.inf)
-        self.labels = torch.arange(size)
-        self.has_model = torch.zeros(size, 2, dtype=torch.bool)
+        self.similarity = similarity.detach().to("cpu", torch.float64).numpy().copy()
+        np.fill_diagonal(self.similarity, -np.inf)
+        self.labels = np.arange(size)
+        self.has_model = np.zeros((size, 2), dtype=bool)
         self.has_model[:d_a, 0] = True
         self.has_model[d_a:, 1] = True
         self.budgets = list(budgets)
@@ -323,12 +312,12 @@ class _ZipState:
     def _forbid_within(self, model: int) -> None:
         """No more merges of two features that both hold a feature of ``model``."""
         members = self.has_model[:, model]
-        self.similarity[members[:, None] & members[None, :]] = -math.inf
+        self.similarity[np.ix_(members, members)] = -np.inf
 
     def best_pair(self) -> tuple[int, int]:
         """The most similar pair of current features, lower index first."""
         row = int(self.row_best.argmax())
-        if self.row_best[row] == -math.inf:
+        if self.row_best[row] == -np.inf:
             raise MergeError(
                 "zip: no mergeable pair is left before the target width (every similarity is -inf)"
             )
@@ -340,22 +329,23 @@ class _ZipState:
         within = self.has_model[keep] & self.has_model[gone]
         self.labels[self.labels == gone] = keep
         self.has_model[keep] |= self.has_model[gone]
-        decayed = torch.minimum(self.similarity[keep], self.similarity[gone])
-        decayed = torch.where(torch.isfinite(decayed), alpha * decayed, decayed)
-        self.similarity[gone, :] = -math.inf
-        self.similarity[:, gone] = -math.inf
+        decayed = np.minimum(self.similarity[keep], self.similarity[gone])
+        finite = np.isfinite(decayed)
+        decayed[finite] *= alpha
+        self.similarity[gone, :] = -np.inf
+        self.similarity[:, gone] = -np.inf
         newly_exhausted = self._spend_budget(within)
         for model in newly_exhausted:
             self._forbid_within(model)
-        exhausted = torch.tensor([budget == 0 for budget in self.budgets])
-        conflicts = (self.has_model & self.has_model[keep] & exhausted).any(dim=1)
-        decayed[conflicts] = -math.inf
-        decayed[[keep, gone]] = -math.inf
+        exhausted = np.array([budget == 0 for budget in self.budgets])
+        conflicts = (self.has_model & self.has_model[keep] & exhausted).any(axis=1)
+        decayed[conflicts] = -np.inf
+        decayed[[keep, gone]] = -np.inf
         self.similarity[keep, :] = decayed
         self.similarity[:, keep] = decayed
         self._refresh_row_best(keep, gone, full=bool(newly_exhausted))
 
-    def _spend_budget(self, within: Tensor) -> list[int]:
+    def _spend_budget(self, within: np.ndarray) -> list[int]:
         """Spends the budgets of the models a merge was within; the models just exhausted."""
         newly_exhausted = []
         for model in (0, 1):
@@ -372,12 +362,8 @@ class _ZipState:
             return
         stale = (self.row_best_index == keep) | (self.row_best_index == gone)
         stale[[keep, gone]] = True
-        rows = stale.nonzero().squeeze(1)
-        # index_select and index_copy_: advanced indexing of a few rows of a large matrix costs
-        # milliseconds on a busy CPU, these microseconds
-        best, best_index = _row_max(self.similarity.index_select(0, rows))
-        self.row_best.index_copy_(0, rows, best)
-        self.row_best_index.index_copy_(0, rows, best_index)
+        rows = stale.nonzero()[0]
+        self.row_best[rows], self.row_best_index[rows] = _row_max(self.similarity[rows])
         column = self.similarity[:, keep]
         improved = (column > self.row_best) & ~stale
         self.row_best[improved] = column[improved]
@@ -389,12 +375,11 @@ def _greedy_zip(
 ) -> Tensor:
     """Label of the merged feature of every original feature after greedy merging to ``target``."""
     state = _ZipState(similarity, d_a, budgets)
-    with _one_thread():
-        for _ in range(d_a + d_b - target):
-            keep, gone = state.best_pair()
-            state.merge(keep, gone, alpha)
+    for _ in range(d_a + d_b - target):
+        keep, gone = state.best_pair()
+        state.merge(keep, gone, alpha)
     logger.debug("zip: %d + %d features -> %d, budgets left %s", d_a, d_b, target, state.budgets)
-    return state.labels
+    return torch.from_numpy(state.labels)
 
 
 def _plan_from_labels(labels: Tensor, d_a: int, d_b: int, device: torch.device) -> MergePlan:
