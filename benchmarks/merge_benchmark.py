@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _doc import write_section
 from torch import nn
 
 from mergec.merge import merge
@@ -847,22 +848,9 @@ Setup:
 def write_doc(path: Path, section: str) -> None:
     """Replaces the generated section of ``path`` that ``section`` is (sections 1-2 or section
     3, told apart by their markers), keeping any hand-written text around it."""
-    header = ("# Merge benchmarks\n\n"
-              "Measured by `benchmarks/merge_benchmark.py` (run it from the repository root "
-              "with the project's virtual environment; parents are cached in "
-              "`benchmarks/checkpoints/`, which is not committed).\n\n")
     begin, end = ((HETERO_BEGIN_MARK, HETERO_END_MARK) if section.startswith(HETERO_BEGIN_MARK)
                   else (BEGIN_MARK, END_MARK))
-    text = path.read_text() if path.is_file() else header
-    if begin in text and end in text:
-        before, rest = text.split(begin, 1)
-        after = rest.split(end, 1)[1]
-        content = before + section + after
-    else:  # a section not in the document yet goes at its end
-        content = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(content)
-    log.info("wrote %s", path)
+    write_section(path, begin, end, section)
 
 
 # ---------------------------------------------------------------------------------------------

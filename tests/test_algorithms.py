@@ -30,6 +30,7 @@ from mergec.algorithms.solvers import (
     permute,
     permute_joint,
 )
+from mergec.algorithms.tensors import apply_along
 from mergec.algorithms.weight_matching import weight_similarity
 from mergec.errors import MergeError
 
@@ -859,3 +860,18 @@ def test_moments_of_a_view_equal_the_moments_of_its_rows(shape, axis) -> None:
     assert from_view.count.item() == from_rows.count.item()
     torch.testing.assert_close(from_view.sum_outer, from_rows.sum_outer)
     torch.testing.assert_close(from_view.sum, from_rows.sum)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_apply_along_a_sparse_matrix_equals_the_dense_product(axis: int) -> None:
+    generator = torch.Generator().manual_seed(3)
+    tensor = torch.randn(40, 36, 3, generator=generator, dtype=torch.float64)
+    size = tensor.shape[axis]
+    permutation = torch.eye(size, dtype=torch.float64)[torch.randperm(size, generator=generator)]
+    averaging = permutation.clone()
+    averaging[0, :2] = 0.5  # a merged unit: the mean of two
+    for matrix in (permutation, averaging, torch.randn(size, size, dtype=torch.float64)):
+        dense = (tensor.movedim(axis, -1) @ matrix.T).movedim(-1, axis)
+        torch.testing.assert_close(apply_along(tensor, axis, matrix), dense, rtol=0, atol=1e-12)
+    assert torch.equal(apply_along(tensor, axis, permutation),
+                       tensor.index_select(axis % 3, permutation.argmax(dim=1)))

@@ -1,0 +1,27 @@
+"""The generated sections of docs/benchmarks.md: each benchmark rewrites the text between its
+own begin and end markers and keeps everything else."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HEADER = ("# Merge benchmarks\n\n"
+          "Measured by the scripts in `benchmarks/` (run them from the repository root with the "
+          "project's virtual environment; parents are cached in `benchmarks/checkpoints/`, which "
+          "is not committed).\n\n")
+
+
+def write_section(path: Path, begin: str, end: str, section: str) -> None:
+    """Replaces the text from ``begin`` to ``end`` in ``path`` by ``section`` (which starts
+    with ``begin`` and ends with ``end``); a section not in the document yet goes at its end."""
+    text = path.read_text() if path.is_file() else HEADER
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        content = before + section + rest.split(end, 1)[1]
+    else:
+        content = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    log.info("wrote %s", path)
