@@ -39,9 +39,14 @@ class Placement(NamedTuple):
     units_b: Tensor
 
 
+#: A placed plan with more entries than this (4096 × 4096) is built as sparse COO matrices.
+SPARSE_PLAN_ENTRIES = 1 << 24
+
+
 def place(placements: Iterable[Placement], width: int, dim_a: int, dim_b: int) -> MergePlan:
     """The plan (``width`` merged features of ``dim_a`` and ``dim_b``; float64, on the CPU)
-    holding each placement's plan at its positions and zero elsewhere.
+    holding each placement's plan at its positions and zero elsewhere; sparse COO matrices
+    where a dense one would hold more than :data:`SPARSE_PLAN_ENTRIES` entries.
 
     >>> half = solvers.average(1)
     >>> swap = [Placement(half, torch.tensor([k]), torch.tensor([k]), torch.tensor([1 - k]))
@@ -50,6 +55,8 @@ def place(placements: Iterable[Placement], width: int, dim_a: int, dim_b: int) -
     tensor([[0.0000, 0.5000],
             [0.5000, 0.0000]], dtype=torch.float64)
     """
+    if width * max(dim_a, dim_b) > SPARSE_PLAN_ENTRIES:
+        return _place_sparse(list(placements), width, dim_a, dim_b)
     merge_a = torch.zeros(width, dim_a, dtype=torch.float64)
     merge_b = torch.zeros(width, dim_b, dtype=torch.float64)
     unmerge_a = torch.zeros(dim_a, width, dtype=torch.float64)
@@ -60,6 +67,34 @@ def place(placements: Iterable[Placement], width: int, dim_a: int, dim_b: int) -
         unmerge_a[units_a[:, None], merged[None, :]] = plan.unmerge_a.to(torch.float64).cpu()
         unmerge_b[units_b[:, None], merged[None, :]] = plan.unmerge_b.to(torch.float64).cpu()
     return MergePlan(merge_a, merge_b, unmerge_a, unmerge_b)
+
+
+def _place_sparse(placements: list[Placement], width: int, dim_a: int, dim_b: int
+                  ) -> MergePlan:
+    """:func:`place` as sparse COO matrices, for spaces whose dense plan would not fit (a
+    flatten into a classifier, vgg's 25,088 = 512 channels × 49 pixels: 5 GB per matrix)."""
+    entries: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in
+                                                   ("merge_a", "merge_b", "unmerge_a",
+                                                    "unmerge_b")}
+    for plan, merged, units_a, units_b in placements:
+        for name, rows, columns in (("merge_a", merged, units_a), ("merge_b", merged, units_b),
+                                    ("unmerge_a", units_a, merged),
+                                    ("unmerge_b", units_b, merged)):
+            matrix = getattr(plan, name).to("cpu", torch.float64)
+            row, column = matrix.nonzero(as_tuple=True)
+            entries[name][0].append(rows[row])
+            entries[name][1].append(columns[column])
+            entries[name][2].append(matrix[row, column])
+    shapes = {"merge_a": (width, dim_a), "merge_b": (width, dim_b),
+              "unmerge_a": (dim_a, width), "unmerge_b": (dim_b, width)}
+    matrices = {}
+    for name, (rows, columns, values) in entries.items():
+        indices = torch.stack([torch.cat(rows), torch.cat(columns)]) if rows else \
+            torch.zeros(2, 0, dtype=torch.long)
+        values = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+        matrices[name] = torch.sparse_coo_tensor(indices, values, shapes[name],
+                                                 check_invariants=True).coalesce()
+    return MergePlan(**matrices)
 
 
 def block_units(block: int, width: int, offset: int = 0) -> Tensor:
