@@ -42,7 +42,7 @@ from mergec.algorithms import blocks, solvers
 from mergec.algorithms.blocks import Placement, place
 from mergec.algorithms.covariance import JointMoments, activation_similarity
 from mergec.algorithms.solvers import BlockSolver, MergePlan
-from mergec.algorithms.weight_matching import weight_similarity
+from mergec.algorithms.weight_matching import as_permutation, weight_similarity
 from mergec.errors import MergeError
 from mergec.ir.fx import aten_name
 from mergec.ir.spec import UnitSpec
@@ -234,14 +234,9 @@ def leaf_weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, tor
     (``params``: no running statistics) bound along a space where the leaf occurs, B's other
     axes put in A's order by the current full ``plans`` (twice B's merge matrix: a pair's merged
     unit averages two). Grouped convolution weights, which hold only diagonal blocks, are left
-    out."""
-    axes: dict[str, list[tuple[int, str]]] = {}
-    grouped = set()
-    for binding in spec.bindings:
-        axes.setdefault(binding.key, []).append((binding.axis, binding.space))
-        if binding.groups > 1:
-            grouped.add(binding.key)
-    axes = {key: bound for key, bound in axes.items() if key not in grouped and key in params_a}
+    out. This is the computation from scratch; the pass uses :class:`WeightSimilarities`,
+    which gives the same numbers while leaf plans change one at a time."""
+    axes = _weight_axes(spec, params_a)
     spaces = {space for bound in axes.values() for _, space in bound}
     units = {}
     for space in spaces:
@@ -250,6 +245,122 @@ def leaf_weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, tor
             units[space] = places
     align_b = {space: 2.0 * plans[space].merge_b for space in spaces}
     return weight_similarity(params_a, params_b, axes, units, align_b, spec.spaces[leaf].size)
+
+
+def _weight_axes(spec: UnitSpec, params: Mapping[str, torch.Tensor]
+                 ) -> dict[str, list[tuple[int, str]]]:
+    """The bound axes of every parameter in ``params`` but grouped convolution weights."""
+    axes: dict[str, list[tuple[int, str]]] = {}
+    grouped = set()
+    for binding in spec.bindings:
+        axes.setdefault(binding.key, []).append((binding.axis, binding.space))
+        if binding.groups > 1:
+            grouped.add(binding.key)
+    return {key: bound for key, bound in axes.items() if key not in grouped and key in params}
+
+
+class WeightSimilarities:
+    """:func:`leaf_weight_similarity` of any leaf under the leaf plans in ``plans`` (the caller's
+    dict, read when needed), for coordinate descent, where one leaf's plan changes at a time.
+
+    The parameters become float64 once, the bindings and occurrences are read once, and B's
+    alignment of a space (twice its full merge matrix) is kept until the plan of one of its
+    leaves moves B's units otherwise: the caller hands every plan it replaces to
+    :meth:`replaced`. A leaf's similarity is kept until
+    an alignment it reads changes (a later sweep re-solves leaves whose neighbours kept their
+    plans). An alignment that is a permutation is kept as its index and applied by selection,
+    which gives the same numbers as the product with its matrix
+    (:func:`~mergec.algorithms.weight_matching.as_permutation`), so the similarities equal
+    :func:`leaf_weight_similarity`'s from the full plans.
+    """
+
+    def __init__(self, spec: UnitSpec, params_a: Mapping[str, torch.Tensor],
+                 params_b: Mapping[str, torch.Tensor], plans: Mapping[str, MergePlan]) -> None:
+        """Reads the spec; converts the parameters it binds to float64 on the CPU."""
+        self.spec, self.plans = spec, plans
+        self.axes = _weight_axes(spec, params_a)
+        self.params_a = {key: params_a[key].detach().to("cpu", torch.float64)
+                         for key in self.axes}
+        self.params_b = {key: params_b[key].detach().to("cpu", torch.float64)
+                         for key in self.axes}
+        spaces = {space for bound in self.axes.values() for _, space in bound}
+        self.occurrences = {space: occurrences(spec, space) for space in spaces}
+        self.spaces_of: dict[str, list[str]] = {}
+        for space, found in self.occurrences.items():
+            for leaf in dict.fromkeys(leaf for leaf, _ in found):
+                self.spaces_of.setdefault(leaf, []).append(space)
+        self.alignments: dict[str, torch.Tensor] = {}
+        self.permutations: dict[str, torch.Tensor | None] = {}
+        self.versions = dict.fromkeys(spaces, 0)  # how many times each alignment changed
+        self.layouts: dict[str, tuple[dict, dict, tuple[str, ...]]] = {}
+        self.similarities: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
+
+    def __call__(self, leaf: str) -> torch.Tensor:
+        """The joint ``(2 d × 2 d)`` weight similarity of ``leaf`` under the current plans."""
+        axes, units, aligned = self._layout(leaf)
+        versions = tuple(self.versions[space] for space in aligned)
+        kept = self.similarities.get(leaf)
+        if kept is not None and kept[0] == versions:
+            return kept[1]
+        align_b = {space: self._alignment(space) for space in aligned}
+        similarity = weight_similarity(self.params_a, self.params_b, axes, units, align_b,
+                                       self.spec.spaces[leaf].size)
+        self.similarities[leaf] = versions, similarity
+        return similarity
+
+    def replaced(self, leaf: str, old: MergePlan | None) -> None:
+        """Forgets what was derived from ``old``, the plan of ``leaf`` before the one now in
+        ``plans``, unless both merge B's units alike."""
+        new = self.plans[leaf].merge_b.detach().to("cpu", torch.float64)
+        if old is not None and not new.is_sparse and not old.merge_b.is_sparse \
+                and torch.equal(old.merge_b.detach().to("cpu", torch.float64), new):
+            return
+        self.permutations.pop(leaf, None)
+        for space in self.spaces_of.get(leaf, ()):
+            self.alignments.pop(space, None)
+            self.versions[space] += 1
+
+    def _layout(self, leaf: str) -> tuple[dict, dict, tuple[str, ...]]:
+        """The parameters bound along a space where ``leaf`` occurs (in binding order), the
+        places of its units in each such space, and the spaces whose alignments it reads: the
+        other bound axes of those parameters."""
+        if leaf not in self.layouts:
+            units = {space: [positions for found, positions in self.occurrences[space]
+                             if found == leaf]
+                     for space in self.spaces_of.get(leaf, ())}
+            axes = {key: bound for key, bound in self.axes.items()
+                    if any(space in units for _, space in bound)}
+            aligned = {other_space: None for bound in axes.values()
+                       for index, (_, space) in enumerate(bound) if space in units
+                       for other, (_, other_space) in enumerate(bound) if other != index}
+            self.layouts[leaf] = axes, units, tuple(aligned)
+        return self.layouts[leaf]
+
+    def _alignment(self, space: str) -> torch.Tensor:
+        """B's alignment of ``space``: a permutation index, or twice the full merge matrix."""
+        if space not in self.alignments:
+            index = self._permutation(space)
+            self.alignments[space] = index if index is not None else \
+                2.0 * full_plan(self.spec, space, self.plans).merge_b
+        return self.alignments[space]
+
+    def _permutation(self, space: str) -> torch.Tensor | None:
+        """The index of twice the full merge matrix of ``space``, where every leaf's is a
+        permutation and the leaves' occurrences tile the space; else None."""
+        size, found = self.spec.spaces[space].size, self.occurrences[space]
+        placed = torch.cat([positions for _, positions in found])
+        if not torch.equal(placed.sort().values, torch.arange(size)):
+            return None  # units not covered, or covered twice: not a permutation
+        index = torch.empty(size, dtype=torch.long)
+        for leaf, positions in found:
+            if leaf not in self.permutations:
+                merge_b = self.plans[leaf].merge_b.detach().to("cpu", torch.float64)
+                self.permutations[leaf] = as_permutation(2.0 * merge_b)
+            perm = self.permutations[leaf]
+            if perm is None:
+                return None
+            index[positions] = positions[perm]
+        return index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,8 +447,9 @@ class Match:
         summary: dict[str, dict] = {}
         groups = _block_groups(spec, all_leaves)
         solve = _solver(self.method, self.alpha, self.beta)
-        similarity = functools.partial(self._similarity, spec, moments, params_a, params_b,
-                                       plans=plans)
+        weights = WeightSimilarities(spec, params_a, params_b, plans) \
+            if self.method in ("weight-match", "mudsc") else None
+        similarity = functools.partial(self._similarity, moments, weights, spec=spec)
         order, rng = list(leaves), random.Random(self.seed)
         for _ in range({"mudsc": 2, "weight-match": self.max_iter}.get(self.method, 1)):
             if self.method == "weight-match":
@@ -349,22 +461,24 @@ class Match:
                     continue  # not solved here (see _solve_leaf): keeps its plan
                 new, joint = solved
                 for member, plan in new.items():
-                    changed |= not _same_plan(plans.get(member), plan)
-                    plans[member] = plan
+                    old, plans[member] = plans.get(member), plan
+                    changed |= not _same_plan(old, plan)
+                    if weights is not None:
+                        weights.replaced(member, old)
                     summary[member] = _summary(plan, joint if member == leaf else None)
             if self.method == "weight-match" and not changed:
                 break
         return {s: plans[s] for s in leaves}, summary
 
-    def _similarity(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
-                    params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
-                    leaf: str, plans: Mapping[str, MergePlan]) -> torch.Tensor | None:
-        """The joint similarity ``leaf`` is solved on, under the current leaf ``plans``; None
-        where nothing is known of the leaf: it is then averaged, unit i with i."""
+    def _similarity(self, moments: Mapping[str, JointMoments],
+                    weight_similarities: WeightSimilarities | None, leaf: str, spec: UnitSpec
+                    ) -> torch.Tensor | None:
+        """The joint similarity ``leaf`` is solved on, under the current leaf plans (those
+        ``weight_similarities`` reads, for the methods that use weights); None where nothing is
+        known of the leaf: it is then averaged, unit i with i."""
         observed = moments.get(leaf)
-        if self.method in ("weight-match", "mudsc"):
-            weights = leaf_weight_similarity(spec, leaf, params_a, params_b,
-                                             self._full(spec, plans))
+        if weight_similarities is not None:
+            weights = weight_similarities(leaf)
             if self.method == "weight-match" or observed is None:
                 return weights
             activation = activation_similarity(observed, spec.spaces[leaf].size)

@@ -11,11 +11,13 @@ from torch import fx, nn
 import mergec
 from mergec import MergeError
 from mergec.algorithms.solvers import MergePlan, average, permute
+from mergec.algorithms.weight_matching import as_permutation, weight_similarity
 from mergec.ir.state import MergeOptions, PipelineState
 from mergec.passes.annotate_units import annotate_units
 from mergec.passes.collect_stats import CollectStats
 from mergec.passes.match import (
     Match,
+    WeightSimilarities,
     attention_roles,
     full_plan,
     leaf_weight_similarity,
@@ -88,6 +90,70 @@ def test_weight_similarity_of_a_leaf_reads_every_slice_bound_to_it() -> None:
     norms = stacked.norm(dim=1)
     torch.testing.assert_close(similarity, stacked @ stacked.T / norms[:, None] / norms[None, :])
     assert torch.equal(similarity[:5, 5:].argmax(dim=1), hidden.argsort())
+
+
+class DenseBlock(nn.Module):
+    """A concatenation (a composite space, normalised), a flatten (a tiled space) and a
+    residual sum: every kind of space the weight similarity reads along."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.grow = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
+        self.norm, self.mix = nn.BatchNorm2d(7), nn.Conv2d(7, 4, 1)
+        self.head = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stem = torch.relu(self.stem(x))
+        joined = self.norm(torch.cat([stem, torch.relu(self.grow(stem))], dim=1))
+        mixed = torch.relu(self.mix(joined)) + stem
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(mixed, 2), 1))
+
+
+def test_incremental_weight_similarities_equal_the_computation_from_scratch() -> None:
+    """What the pass solves on (kept alignments and similarities, permutations applied as
+    indices) is bit for bit the similarity from the full plans, while plans change one at a
+    time: permutations (the index path) and a plan that is none (the matrix path)."""
+    torch.manual_seed(0)
+    model, twin = DenseBlock().eval(), DenseBlock().eval()
+    spec = mergec.discover(model, torch.randn(2, 2, 6, 6))
+    params_a, params_b = dict(model.named_parameters()), dict(twin.named_parameters())
+    leaves = [s for s in spec.spaces if spec.spaces[s].kind == "flat" and spec.is_free(s)]
+    plans = {s: average(spec.spaces[s].size) for s in spec.spaces
+             if spec.spaces[s].kind == "flat" or spec.spaces[s].fixed is not None}
+    weights = WeightSimilarities(spec, params_a, params_b, plans)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(12):
+        leaf = leaves[step % len(leaves)]
+        size = spec.spaces[leaf].size
+        old, plans[leaf] = plans[leaf], a_permutation(size, seed=step) if step != 11 else \
+            MergePlan(torch.eye(size) / 2, torch.rand(size, size, generator=generator) / 2,
+                      torch.eye(size), torch.eye(size))
+        weights.replaced(leaf, old)
+        full = Match._full(spec, plans)
+        for other in leaves:
+            expected = leaf_weight_similarity(spec, other, params_a, params_b, full)
+            assert torch.equal(weights(other), expected), (step, other)
+    assert any(alignment.dim() == 1 for alignment in weights.alignments.values())
+    assert any(alignment.dim() == 2 for alignment in weights.alignments.values())
+    assert weights(leaves[0]) is weights(leaves[0])  # kept while no alignment it reads changes
+
+
+def test_a_permutation_matrix_and_its_index_align_weights_alike() -> None:
+    perm = torch.randperm(5, generator=torch.Generator().manual_seed(0))
+    matrix = torch.eye(5, dtype=torch.float64)[perm]
+    assert torch.equal(as_permutation(matrix), perm)
+    assert torch.equal(as_permutation(matrix.to_sparse()), perm)
+    assert as_permutation((matrix * 0.5).to_sparse()) is None
+    for not_one in (matrix * 0.5, matrix[[0, 0, 1, 2, 3]], matrix + 1e-9,
+                    torch.full((5, 5), 0.2, dtype=torch.float64)):
+        assert as_permutation(not_one) is None
+    params_a = {"w": torch.randn(4, 5), "v": torch.randn(5, 3)}
+    params_b = {"w": torch.randn(4, 5), "v": torch.randn(5, 3)}
+    axes = {"w": [(0, "h"), (1, "x")], "v": [(0, "x")]}
+    units = {"h": [torch.arange(4)]}
+    by_matrix = weight_similarity(params_a, params_b, axes, units, {"x": matrix}, 4)
+    by_index = weight_similarity(params_a, params_b, axes, units, {"x": perm}, 4)
+    assert torch.equal(by_matrix, by_index)
 
 
 class Heads(nn.Module):

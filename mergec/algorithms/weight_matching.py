@@ -30,9 +30,10 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
     ``size`` positions per place (a space that holds the units several times, side by side or
     once per pixel, has several); spaces without the units are not compared along. Each unit's
     vector is every slice of every parameter of ``axes`` along such an axis, B's parameters
-    first mapped along each other bound axis by ``align_b[space]`` (a ``d × d`` matrix that puts
-    B's units of that space in A's order). Float64, on the CPU; a unit without weights is
-    similar to nothing (0).
+    first mapped along each other bound axis by ``align_b[space]``: a ``d × d`` matrix that puts
+    B's units of that space in A's order, or, for a permutation matrix ``P``, its index ``perm``
+    (``P[r, perm[r]] = 1``; see :func:`as_permutation`), which gives the same result without the
+    product. Float64, on the CPU; a unit without weights is similar to nothing (0).
 
     >>> params = {"fc.weight": torch.tensor([[1.0, 0.0], [1.0, 1.0]])}
     >>> weight_similarity(params, params, {"fc.weight": [(0, "h")]},
@@ -49,7 +50,7 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
             b = params_b[key].detach().to(torch.float64).cpu()
             for other, (other_axis, other_space) in enumerate(bound):
                 if other != index:
-                    b = apply_along(b, other_axis, align_b[other_space])
+                    b = _align(b, other_axis, align_b[other_space])
             for positions in units[space]:
                 vectors_a = a.index_select(axis, positions).movedim(axis, 0)
                 vectors_b = b.index_select(axis, positions).movedim(axis, 0)
@@ -57,3 +58,38 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
                 gram += stacked @ stacked.T
     norms = gram.diagonal().clamp_min(1e-12).sqrt()
     return gram / norms[:, None] / norms[None, :]
+
+
+def as_permutation(matrix: Tensor) -> Tensor | None:
+    """The index ``perm`` of a permutation matrix (``matrix == eye[perm]``: row r holds its one
+    1 at column ``perm[r]``), dense or sparse COO, or None where ``matrix`` is anything else.
+    Mapping an axis by ``matrix`` and selecting ``perm`` along it give the same numbers: each
+    sum has one product by 1 and the rest by 0.
+
+    >>> as_permutation(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    tensor([1, 0])
+    """
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+        return None
+    size = matrix.shape[0]
+    if matrix.is_sparse:
+        matrix = matrix.coalesce()  # indices sorted by row: one entry a row is rows 0 .. n-1
+        (rows, perm), values = matrix.indices(), matrix.values()
+        if not torch.equal(rows, torch.arange(size, device=rows.device)) \
+                or not bool((values == 1).all()):
+            return None
+    else:
+        perm = matrix.argmax(dim=1)
+        if not torch.equal(torch.eye(size, dtype=matrix.dtype, device=matrix.device)[perm],
+                           matrix):
+            return None
+    if not torch.equal(perm.sort().values, torch.arange(size, device=perm.device)):
+        return None
+    return perm
+
+
+def _align(tensor: Tensor, axis: int, alignment: Tensor) -> Tensor:
+    """``tensor`` mapped along ``axis`` by a matrix, or by a permutation given as its index."""
+    if alignment.dim() == 1:
+        return tensor.index_select(axis, alignment.to(tensor.device))
+    return apply_along(tensor, axis, alignment)
