@@ -63,7 +63,10 @@ def _observed(module: fx.GraphModule, norms: list[fx.Node]
     for index, norm in enumerate(norms):
         node = nodes[norm.name]
         legit = not node.target.__name__.startswith("batch_norm")
-        channels = norm.args[0].meta["val"].shape[1]
+        # the merged module's own buffer: its width may differ from the traced model's
+        channels = _attribute(observed, node.args[3].target).shape[0] \
+            if isinstance(node.args[3], fx.Node) and node.args[3].op == "get_attr" \
+            else norm.args[0].meta["val"].shape[1]
         recorder = _BatchStatistics(int(channels), node.args[6] if legit else node.args[7],
                                     legit, device)
         observed.add_submodule(f"_batch_statistics_{index}", recorder)
@@ -133,10 +136,15 @@ class Repair:
         return {"batch_norms_reset": len(norms)}
 
 
-def _set_buffer(module: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+def _attribute(module: torch.nn.Module, target: str) -> torch.Tensor:
+    """The tensor a get_attr node's dotted ``target`` names."""
     owner_path, _, name = target.rpartition(".")
-    owner = module.get_submodule(owner_path) if owner_path else module
-    getattr(owner, name).copy_(value.to(getattr(owner, name).dtype))
+    return getattr(module.get_submodule(owner_path) if owner_path else module, name)
+
+
+def _set_buffer(module: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    buffer = _attribute(module, target)
+    buffer.copy_(value.to(buffer.dtype))
 
 
 _NORMS = _BATCH_NORMS | {"layer_norm", "group_norm", "native_layer_norm", "native_group_norm"}

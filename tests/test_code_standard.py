@@ -97,7 +97,7 @@ def test_the_rule_table_in_the_architecture_notes_lists_every_rule() -> None:
 
 
 # Imported only inside the functions that need them, each named by an extra of pyproject.toml.
-OPTIONAL = ("mergec_lab", "matplotlib", "sklearn", "torchvision", "transformers", "numpy")
+OPTIONAL = ("mergec_lab", "matplotlib", "sklearn", "torchvision", "transformers")
 
 
 @pytest.mark.parametrize("path", _library_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -120,7 +120,8 @@ def test_a_missing_extra_is_named() -> None:
 
 
 def test_a_merge_imports_no_optional_dependency() -> None:
-    """The core install (torch, networkx, scipy, safetensors, tqdm) is all a merge needs."""
+    """The core install (torch, networkx, numpy, scipy, safetensors, tqdm) is all a merge
+    needs."""
     import subprocess
     import sys
 
@@ -134,7 +135,7 @@ x = torch.randn(32, 4)
 result = mergec.merge(make(), make(), x[:4], [(x,)], progress=False)
 result.report.to_json()
 print(sorted(m for m in sys.modules if m.split(".")[0] in %r))
-""" % (tuple(name for name in OPTIONAL if name != "numpy"),)
+""" % (OPTIONAL,)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout

@@ -26,6 +26,7 @@ from torch import fx, nn
 import archgen  # tests/ is on sys.path under pytest's default (prepend) import mode
 import mergec
 from mergec import MergeError
+from mergec.algorithms import blocks as algorithm_blocks
 from mergec_lab import datasets, training, zoo
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -622,3 +623,39 @@ def test_matching_beats_averaging_on_disjoint_digit_tasks() -> None:
         joint[method] = (predictions == y_test).float().mean().item()
     assert joint["zip"] > joint["average"] + 0.1, joint
     assert joint["permute"] > joint["average"] + 0.1, joint
+
+
+@pytest.mark.parametrize("method", ["zip", "weight-match", "mudsc"])
+def test_a_plan_too_large_to_be_dense_merges_as_the_dense_one(method: str, monkeypatch) -> None:
+    """vgg's flatten into a 25,088-wide classifier is a tiled space whose dense plan would be
+    5 GB per matrix; above blocks.SPARSE_PLAN_ENTRIES the plan is sparse, with the same
+    merge."""
+    torch.manual_seed(0)
+    model_a, model_b = (nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3),
+                                      nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 12),
+                                      nn.ReLU(), nn.Linear(12, 4)).eval() for _ in range(2))
+    example = torch.zeros(2, 1, 8, 8)
+    x = random_like(example, 64, seed=3)
+    dense = merged(model_a, model_b, example, calibration_of(x), method=method, repair=None)
+    monkeypatch.setattr(algorithm_blocks, "SPARSE_PLAN_ENTRIES", 100)
+    sparse = merged(model_a, model_b, example, calibration_of(x), method=method, repair=None)
+    for key, value in dense.module.state_dict().items():
+        torch.testing.assert_close(sparse.module.state_dict()[key], value, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse.module(x), dense.module(x))
+
+
+@pytest.mark.parametrize("width", ["min", "max", "sum"])
+def test_the_batch_norm_reset_follows_the_merged_width(width: str) -> None:
+    model_a, model_b = cnn(width=4, seed=0), cnn(width=8, seed=1)
+    example = torch.zeros(2, 1, 8, 8)
+    x = random_like(example, 128, seed=5)
+    result = mergec.merge(model_a, model_b, example, calibration_of(x), method="zip",
+                          width=width, repair="reset", progress=False)
+    expected = {"min": 4, "max": 8, "sum": 12}[width]
+    state = result.module.state_dict()
+    assert state["1.running_mean"].shape == (expected,)
+    assert result.report.repair["batch_norms_reset"] == 3
+    features = F.conv2d(x, state["0.weight"], padding=1)  # what the first BatchNorm sees
+    torch.testing.assert_close(state["1.running_mean"], features.mean(dim=(0, 2, 3)),
+                               rtol=1e-4, atol=1e-5)
