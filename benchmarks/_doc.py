@@ -25,3 +25,14 @@ def write_section(path: Path, begin: str, end: str, section: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(content)
     log.info("wrote %s", path)
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown CPU" where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _doc import write_section
+from _doc import cpu_name, write_section
 from torch import nn
 
 from mergec.merge import merge
@@ -695,14 +695,7 @@ def git_commit() -> str:
 
 
 def environment(config: Config, commit: str) -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
     return (f"- machine: {os.cpu_count()}-core CPU ({cpu}), no GPU; torch threads: "
             f"{config.threads}; load average (1/5/15 min) at the end of the run: {load}\n"

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from _doc import write_section
+from _doc import cpu_name, write_section
 from torch import nn
 
 import mergec
@@ -340,14 +340,7 @@ def plot(rows: list[Row], points: dict[str, list[tuple]], folder: Path) -> list[
 
 
 def environment(threads: int, seconds: float) -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
     return (f"- machine: {os.cpu_count()}-core CPU ({cpu}), {device}; torch threads: "
