@@ -39,13 +39,12 @@ def probe_features(value: torch.Tensor, space) -> torch.Tensor:
 def _subsample(features_a: torch.Tensor, features_b: torch.Tensor, count: int,
                draw: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """At most ``count`` of the batch's samples (the same ones in A and B), as rows."""
-    rows_a = features_a.movedim(1, -1).reshape(-1, features_a.shape[1]) \
-        if features_a.dim() == 3 else features_a
-    if rows_a.shape[0] <= count:
+    samples = features_a.numel() // features_a.shape[1]
+    if samples <= count:
         return features_a, features_b
-    rows_b = features_b.movedim(1, -1).reshape(-1, features_b.shape[1]) \
-        if features_b.dim() == 3 else features_b
-    keep = torch.randperm(rows_a.shape[0], generator=draw)[:count].to(rows_a.device)
+    rows_a, rows_b = (f.movedim(1, -1).reshape(-1, f.shape[1]) if f.dim() == 3 else f
+                      for f in (features_a, features_b))
+    keep = torch.randperm(samples, generator=draw)[:count].to(rows_a.device)
     return rows_a.index_select(0, keep), rows_b.index_select(0, keep)
 
 
