@@ -35,8 +35,6 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def calibration_batches(source: str, batch_size: int = 128, batches: int | None = None
                         ) -> list[tuple[torch.Tensor]]:
     """Calibration batches from a tensor file or a bundled dataset name."""
-    if source in ("digits", "fashion-mnist"):
-        require_extra("numpy", "lab", f"calibration {source!r}")
     if source == "digits":
         require_extra("sklearn", "lab", "calibration 'digits'")
         from mergec_lab.datasets import digits

@@ -38,8 +38,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    for module in ("numpy", "sklearn"):
-        require_extra(module, "lab", "mergec demo")
+    require_extra("sklearn", "lab", "mergec demo")
     from mergec_lab.demo import format_table, run_demo
 
     print("Merging two CNNs trained on digits 0-4 (A) and 5-9 (B); joint accuracy is the "

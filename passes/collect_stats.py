@@ -16,7 +16,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from mergec.algorithms.covariance import JointMoments, feature_view
+from mergec.algorithms.covariance import JointMoments, feature_rows, feature_view
 from mergec.algorithms.distributed import total_batches
 from mergec.errors import MergeError
 from mergec.ir.fx import Probes, check_batch
@@ -42,8 +42,7 @@ def _subsample(features_a: torch.Tensor, features_b: torch.Tensor, count: int,
     samples = features_a.numel() // features_a.shape[1]
     if samples <= count:
         return features_a, features_b
-    rows_a, rows_b = (f.movedim(1, -1).reshape(-1, f.shape[1]) if f.dim() == 3 else f
-                      for f in (features_a, features_b))
+    rows_a, rows_b = (feature_rows(f, 1) for f in (features_a, features_b))
     keep = torch.randperm(samples, generator=draw)[:count].to(rows_a.device)
     return rows_a.index_select(0, keep), rows_b.index_select(0, keep)
 

@@ -103,7 +103,7 @@ class JointMoments:
         if joint.dim() == 3 and joint.shape[2] < joint.shape[1]:
             # few positions per sample (tokens, a linear layer's [n, d, 1]): a per-sample
             # product would be bigger than the data; rows are cheaper
-            joint = joint.movedim(1, 2).reshape(-1, joint.shape[1])
+            joint = feature_rows(joint, 1)
         samples = joint.numel() // joint.shape[1]
         total = joint.sum(dim=(0,) if joint.dim() == 2 else (0, 2), dtype=torch.float64)
         shift = (total / samples).to(compute)
