@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import atexit
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from mergec.errors import MergecError, require_extra
@@ -50,9 +51,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from mergec.checkpoints import calibration_batches
-    from mergec.ir.state import MergeOptions
-    from mergec.merge import MergeResult, report_of, run_merge
     from mergec.pipeline import check_pass_name
 
     check_pass_name(args.stop_after)
@@ -66,7 +64,16 @@ def _merge(args: argparse.Namespace) -> int:
                           "emits it (stop after zip or repair to save one, or drop -o)")
     if output is not None and output.exists():
         raise MergecError(f"merge: output folder {str(output)!r} already exists")
-    rank, world = _process_group(args)
+    with _process_group(args) as (rank, world):
+        return _merge_in_group(args, output, rank, world)
+
+
+def _merge_in_group(args: argparse.Namespace, output: Path | None, rank: int,
+                    world: int) -> int:
+    from mergec.checkpoints import calibration_batches
+    from mergec.ir.state import MergeOptions
+    from mergec.merge import MergeResult, report_of, run_merge
+
     options = MergeOptions(method=args.method, alpha=args.alpha, beta=args.beta,
                            width=_width(args.width), depth_variant=args.depth_variant,
                            unaligned=args.unaligned,
@@ -94,22 +101,31 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _process_group(args: argparse.Namespace) -> tuple[int, int]:
+@contextlib.contextmanager
+def _process_group(args: argparse.Namespace) -> Iterator[tuple[int, int]]:
     """(rank, world size): under ``torchrun`` (``WORLD_SIZE`` > 1) this process joins the
     process group (NCCL on CUDA, one GPU per local rank; gloo on CPU) and observes every
-    world-th calibration batch; statistics are summed over the processes."""
+    world-th calibration batch; statistics are summed over the processes. On leaving, every
+    process waits until rank 0 has written the result, then the group is destroyed (a process
+    that exits with its group alive can abort in the communication library's threads)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1
+        yield 0, 1
+        return
     import torch.distributed as dist
 
     cuda = args.device is not None and args.device.startswith("cuda")
     if cuda and args.device == "cuda":
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(dist.destroy_process_group)
-    return dist.get_rank(), dist.get_world_size()
+    if dist.is_initialized():  # a caller's group: theirs to close
+        yield dist.get_rank(), dist.get_world_size()
+        return
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _load_models(args: argparse.Namespace) -> tuple:
