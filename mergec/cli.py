@@ -53,6 +53,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from mergec.pipeline import check_pass_name
 
+    if args.from_report is not None:
+        args = _rerun_args(args)
+    missing = [flag for flag, value in (("MODEL_A", args.model_a), ("MODEL_B", args.model_b),
+                                        ("--model", args.model),
+                                        ("--calibration", args.calibration)) if value is None]
+    if missing:
+        raise MergecError(f"merge: missing {', '.join(missing)} (or rerun a recorded merge "
+                          "with --from-report REPORT.json)")
     check_pass_name(args.stop_after)
     if args.output is None and args.stop_after is None:
         raise MergecError("merge: name the folder for the result (-o FOLDER), or stop early "
@@ -62,8 +70,9 @@ def _merge(args: argparse.Namespace) -> int:
             and PIPELINE.index(args.stop_after) < PIPELINE.index("zip"):
         raise MergecError(f"merge: no merged model after {args.stop_after}; the zip pass "
                           "emits it (stop after zip or repair to save one, or drop -o)")
-    if output is not None and output.exists():
-        raise MergecError(f"merge: output folder {str(output)!r} already exists")
+    if output is not None and output.exists() and not args.force:
+        raise MergecError(f"merge: output folder {str(output)!r} already exists; choose a "
+                          "new one, or pass --force to replace it")
     with _process_group(args) as (rank, world):
         return _merge_in_group(args, output, rank, world)
 
@@ -79,21 +88,24 @@ def _merge_in_group(args: argparse.Namespace, output: Path | None, rank: int,
                            unaligned=args.unaligned,
                            repair=None if args.repair == "none" else args.repair,
                            device=args.device, progress=not args.quiet,
-                           samples_per_batch=args.samples_per_batch)
+                           samples_per_batch=args.samples_per_batch, seed=args.seed)
     models = _load_models(args)
     calibration = calibration_batches(args.calibration, args.batch_size, args.batches)
+    if not calibration:
+        raise MergecError(f"merge: the calibration data {args.calibration!r} holds no inputs")
     example = calibration[0]
     state = run_merge(options, models, example, calibration[rank::world],
                       stop_after=args.stop_after)
     if rank != 0:  # every process holds the same merge; one writes it
         return 0
     report = report_of(state)
+    report.inputs = _recorded_inputs(args)
     if args.dump:
         Path(args.dump).write_text(report.to_json())
         print(f"after {state.completed[-1]}: wrote the report to {args.dump}")
     if output is None:
         return 0
-    MergeResult(module=state.merged, report=report).save(output)
+    MergeResult(module=state.merged, report=report).save(output, overwrite=args.force)
     if args.plots:
         report.plot(output / "plots")
     print(f"merged with {args.method}: wrote {output}/model.py, weights.safetensors, "
@@ -126,6 +138,65 @@ def _process_group(args: argparse.Namespace) -> Iterator[tuple[int, int]]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+#: The merge command's arguments that decide its result: a report records them and
+#: ``--from-report`` reruns them (the output, the report dump and the display are the rerun's).
+RECORDED = ("model_a", "model_b", "model", "kwargs", "kwargs_b", "calibration", "batch_size",
+            "batches", "method", "alpha", "beta", "width", "depth_variant", "unaligned",
+            "repair", "samples_per_batch", "seed", "device", "stop_after")
+FILES = ("model_a", "model_b", "calibration")
+
+
+def _sha256(path: str) -> str | None:
+    import hashlib
+
+    if not Path(path).is_file():
+        return None  # a bundled dataset's name
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _recorded_inputs(args: argparse.Namespace) -> dict:
+    """What ``--from-report`` needs to rerun this merge: its arguments (files as absolute
+    paths) and the files' SHA-256."""
+    recorded = {name: getattr(args, name) for name in RECORDED}
+    for name in FILES:
+        if Path(recorded[name]).is_file():
+            recorded[name] = str(Path(recorded[name]).resolve())
+    return {"command": "merge", "arguments": recorded,
+            "sha256": {name: _sha256(recorded[name]) for name in FILES}}
+
+
+def _rerun_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The recorded merge of a report (a result's report.json or a --dump), with this run's
+    output, dump and display; refused if a recorded file changed or another argument is
+    given beside it."""
+    import json
+
+    defaults = vars(build_parser().parse_args(["merge"]))
+    given = [name for name in RECORDED if getattr(args, name) != defaults[name]]
+    if given:
+        raise MergecError(f"merge: --from-report reruns the recorded merge as it was; drop "
+                          f"{', '.join('--' + n.replace('_', '-') for n in given)}")
+    try:
+        inputs = json.loads(Path(args.from_report).read_text())["inputs"]
+        recorded, digests = inputs["arguments"], inputs["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise MergecError(f"merge: {args.from_report!r} is no report of a `mergec merge` run "
+                          f"(a result's report.json or a --dump file): {error}") from error
+    for name in FILES:
+        if digests.get(name) is not None and _sha256(recorded[name]) != digests[name]:
+            raise MergecError(f"merge: {recorded[name]!r} ({name}) is missing or changed since "
+                              f"the report was written (SHA-256 differs); the rerun would not "
+                              "be the recorded merge")
+    rerun = argparse.Namespace(**vars(args))
+    for name in RECORDED:
+        setattr(rerun, name, recorded[name])
+    return rerun
 
 
 def _load_models(args: argparse.Namespace) -> tuple:
@@ -188,15 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
     merge = commands.add_parser("merge", help="merge two checkpoints of one architecture")
-    merge.add_argument("model_a", help="checkpoint of model A (.safetensors or torch.save of a "
-                                       "state dict)")
-    merge.add_argument("model_b", help="checkpoint of model B")
-    merge.add_argument("--model", required=True,
+    merge.add_argument("model_a", nargs="?",
+                       help="checkpoint of model A (.safetensors or torch.save of a state dict)")
+    merge.add_argument("model_b", nargs="?", help="checkpoint of model B")
+    merge.add_argument("--model",
                        help="architecture: torchvision:NAME or package.module:factory")
     merge.add_argument("--kwargs", help="JSON object passed to the factory")
     merge.add_argument("--kwargs-b", help="JSON object for model B's factory, when B differs "
                                           "(e.g. another width); default: --kwargs")
-    merge.add_argument("--calibration", required=True,
+    merge.add_argument("--calibration",
                        help="inputs for statistics: a .safetensors/.pt file holding a tensor of "
                             "inputs, or 'digits' / 'fashion-mnist' (training images)")
     merge.add_argument("--batch-size", type=int, default=128)
@@ -226,6 +297,13 @@ def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
                        help=f"end the pipeline after this pass ({', '.join(PIPELINE)})")
     merge.add_argument("--dump", metavar="FILE",
                        help="write the report (JSON) of the passes that ran to this file")
+    merge.add_argument("--seed", type=int, default=0,
+                       help="seed of every random choice (sampling, tie-breaking)")
+    merge.add_argument("--force", action="store_true",
+                       help="replace the output folder if it exists")
+    merge.add_argument("--from-report", metavar="REPORT",
+                       help="rerun the merge recorded in a report (a result's report.json or a "
+                            "--dump); the files must be unchanged")
     merge.add_argument("-o", "--output", help="new folder for the result (needed unless "
                                               "--stop-after ends before zip)")
     merge.set_defaults(run=_merge)

@@ -90,28 +90,50 @@ def module_source(module: fx.GraphModule) -> str:
     return _HEADER.format(parameters=parameters) + "\n" + code + "\n" + _FOOTER
 
 
-def save_module(module: fx.GraphModule, folder: Path, report: str | None = None) -> Path:
-    """Writes ``module`` to ``folder`` (which must not exist)."""
+def save_module(module: fx.GraphModule, folder: Path, report: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Writes ``module`` to ``folder``, which must not exist unless ``overwrite``. The files
+    are written into a hidden staging folder beside it and renamed into place: an interrupted
+    save leaves no ``folder`` (an existing one is replaced only once the new one is whole)."""
     folder = Path(folder)
-    if folder.exists():
-        raise MergeError(f"save: {str(folder)!r} already exists; choose a new folder or remove it")
+    if folder.exists() and not (overwrite and _is_saved(folder)):
+        advice = ("it is not a saved mergec model, so it is not replaced" if overwrite
+                  else "choose a new folder, remove it, or overwrite it")
+        raise MergeError(f"save: {str(folder)!r} already exists; {advice}")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=STAGING, dir=folder.parent))
     try:
-        (staging / "model.py").write_text(module_source(module))
-        state = {key: value.detach().cpu().clone().contiguous()
-                 for key, value in module.state_dict().items()}
-        save_file(state, str(staging / "weights.safetensors"))
-        (staging / "meta.json").write_text(json.dumps({"format": "mergec-1",
-                                                       "torch": torch.__version__}))
-        if report is not None:
-            (staging / "report.json").write_text(report)
-        os.rename(staging, folder)
+        _write(module, staging, report)
+        if folder.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=STAGING,
+                                            dir=folder.parent))
+            os.rename(folder, retired / folder.name)
+            os.rename(staging, folder)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
 
+
+STAGING = ".partial"  # the suffix of a save's staging folders (left behind only by a kill)
+
+
+def _is_saved(folder: Path) -> bool:
+    return (folder / "model.py").is_file() and (folder / "weights.safetensors").is_file()
+
+
+def _write(module: fx.GraphModule, staging: Path, report: str | None) -> None:
+    (staging / "model.py").write_text(module_source(module))
+    state = {key: value.detach().cpu().clone().contiguous()
+             for key, value in module.state_dict().items()}
+    save_file(state, str(staging / "weights.safetensors"))
+    (staging / "meta.json").write_text(json.dumps({"format": "mergec-1",
+                                                   "torch": torch.__version__}))
+    if report is not None:
+        (staging / "report.json").write_text(report)
 
 def load(folder: str | Path) -> nn.Module:
     """Loads a merged model saved by :meth:`MergeResult.save` (in eval mode)."""

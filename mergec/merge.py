@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from mergec.errors import MergeError
+from mergec.inputs import check_calibration, check_device, check_models
 from mergec.ir.blocks import DepthPlan
 from mergec.ir.fx import as_args
 from mergec.ir.spec import UnitSpec
@@ -40,12 +41,18 @@ class MergeReport:
     similarities: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     depth: DepthPlan | None = None  # align-depth's plan when the models differ in depth
     passes: tuple[str, ...] = ()  # the passes that ran, in order
+    versions: dict[str, str] = field(default_factory=dict)  # mergec, torch, python, ...
+    notes: list[str] = field(default_factory=list)  # what the user should know of the inputs
+    inputs: dict[str, Any] = field(default_factory=dict)  # the CLI's models, data and hashes
 
     def to_dict(self) -> dict:
         spaces = self.spec.spaces.values() if self.spec is not None else ()
         return {
             "method": self.method,
             "options": self.options,
+            "versions": self.versions,
+            "notes": self.notes,
+            "inputs": self.inputs,
             "passes": list(self.passes),
             "timings_s": self.timings,
             "peak_memory_bytes": self.peak_memory,
@@ -77,9 +84,12 @@ class MergeResult:
     module: fx.GraphModule
     report: MergeReport
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Writes the result to a new ``folder`` (an existing one is refused unless
+        ``overwrite``; it is then replaced whole, once the new result is written)."""
         from mergec.export import save_module
-        return save_module(self.module, Path(folder), report=self.report.to_json())
+        return save_module(self.module, Path(folder), report=self.report.to_json(),
+                           overwrite=overwrite)
 
     def __call__(self, *args: Any) -> Any:
         return self.module(*args)
@@ -147,12 +157,16 @@ def run_merge(options: MergeOptions, models: tuple[nn.Module, ...], example_inpu
     if len(models) != 2 or not all(isinstance(m, nn.Module) for m in models):
         raise MergeError(f"merge: needs two torch.nn.Module models, got "
                          f"{', '.join(type(m).__name__ for m in models)}")
+    example = as_args(example_inputs)
+    check_models(models, example)
+    check_device(options.device)
+    calibration = check_calibration(calibration)
     if isinstance(calibration, Iterator):
         # a one-shot iterator (a generator) cannot be read again by the next pass: keep it
         log.info("merge: the calibration data is a one-shot iterator; it is held in memory")
         calibration = list(calibration)
     state = PipelineState(options=options, models=tuple(models),
-                          example=as_args(example_inputs), calibration=calibration)
+                          example=example, calibration=calibration)
     return run_pipeline(state, build_passes(options), callback=callback, stop_after=stop_after)
 
 
@@ -166,12 +180,27 @@ def report_of(state: PipelineState) -> MergeReport:
         method=options.method, spec=spec, matches=dict(state.summaries),
         timings=dict(state.timings), peak_memory={k: dict(v) for k, v in state.peak_memory.items()},
         repair=dict(state.repair), similarities=similarities,
-        depth=state.depth, passes=state.completed,
-        options={"alpha": options.alpha, "beta": options.beta,
-                 "weight_beta": options.weight_beta, "heads": options.heads,
-                 "stop_at": options.stop_at, "repair": options.repair, "seed": options.seed,
-                 "width": options.width, "samples_per_batch": options.samples_per_batch,
-                 "widths": {s: p.width for s, p in state.plans.items()}})
+        depth=state.depth, passes=state.completed, versions=versions(),
+        notes=_notes(state.models),
+        options={**options.to_dict(), "widths": {s: p.width for s, p in state.plans.items()}})
+
+
+def versions() -> dict[str, str]:
+    """The versions a merge ran with (a rerun with others may differ in the last bits)."""
+    import platform
+
+    import numpy
+    import scipy
+
+    from mergec import __version__
+    return {"mergec": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "scipy": scipy.__version__, "python": platform.python_version()}
+
+
+def _notes(models: tuple[nn.Module, ...]) -> list[str]:
+    return [f"model {name} was in training mode; it was merged in eval semantics (BatchNorm "
+            "running statistics, no dropout) and left in training mode"
+            for name, model in zip("AB", models) if model.training]
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,25 @@ def _subsample(features_a: torch.Tensor, features_b: torch.Tensor, count: int,
     return rows_a.index_select(0, keep), rows_b.index_select(0, keep)
 
 
+def _check_finite(moments: dict[str, JointMoments], wanted: list[str], spec: UnitSpec,
+                  index: int) -> None:
+    """An error naming the space, its probe node and the model whose activations in batch
+    ``index`` were NaN or infinite (they reach the running sums, which are checked: one
+    vector per space, not the activations again)."""
+    if not wanted or bool(torch.stack([moments[s].sum.isfinite().all() for s in wanted]).all()):
+        return
+    for space_id in wanted:
+        accumulator = moments[space_id]
+        if bool(accumulator.sum.isfinite().all()):
+            continue
+        model = "A" if not bool(accumulator.sum[:accumulator.dim_a].isfinite().all()) else "B"
+        raise MergeError(f"collect-stats: model {model}'s activations at node "
+                         f"{spec.spaces[space_id].probe!r} (space {space_id!r}) are NaN or "
+                         f"infinite on calibration batch {index}; check that batch's inputs "
+                         "and the model's weights (a float16 model may overflow: merge it in "
+                         "float32)")
+
+
 def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
                   spec_b: UnitSpec, calibration: Iterable[Any], example: tuple,
                   device: str | None = None, progress: bool = True,
@@ -82,6 +101,7 @@ def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: Unit
                     features_a, features_b = _subsample(features_a, features_b,
                                                         samples_per_batch, draw)
                 moments[space_id].update(features_a, features_b)
+            _check_finite(moments, wanted, spec, index)
             batches += 1
     if total_batches(batches, device) == 0:
         raise MergeError("collect-stats: the calibration data is empty; pass at least one "

@@ -8,12 +8,15 @@ torchvision, transformers and user models alike.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
 import logging
 import re
+import sys
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -99,6 +102,30 @@ def _module_path(error: BaseException, model: nn.Module) -> str:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """On failure torch.export prints the partial graph to stderr and its symbolic-shapes
+    logger warns with the whole graph; the TraceError says what failed. What export writes to
+    stderr is held back and written out only if it succeeds (or logged, when mergec logs
+    verbosely); the shapes logger is quiet unless mergec logs verbosely."""
+    verbose = log.isEnabledFor(logging.INFO)
+    shapes = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes.level
+    if not verbose:
+        shapes.setLevel(logging.ERROR)
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        log.info("trace: torch.export wrote:\n%s", held.getvalue())
+        raise
+    else:
+        sys.stderr.write(held.getvalue())
+    finally:
+        shapes.setLevel(level)
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
     if dynamic_batch:
         # torch.export specialises a batch of 1 silently: trace with the batch doubled
@@ -137,7 +164,7 @@ def trace(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = True
     model = copy.deepcopy(model).eval()
     kwargs = _forward_kwargs(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_export():
             program = _export(model, args, kwargs, dynamic_batch)
     except Exception as error:  # noqa: BLE001 - every export failure becomes a TraceError
         where = _module_path(error, model)
