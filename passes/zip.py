@@ -179,6 +179,9 @@ def rewrite_sizes(module: fx.GraphModule, widths: Mapping[str, int], spec: UnitS
         if nodes is not None and node not in nodes:
             continue
         name = aten_name(node)
+        if name in _GROUPS_ARGUMENT or name == "split_with_sizes":
+            _rewrite_input_sizes(node, name, widths, spec)
+            continue
         units = node.meta.get("mergec")
         if not name or units is None or not units.spaces:
             continue
@@ -204,6 +207,39 @@ def rewrite_sizes(module: fx.GraphModule, widths: Mapping[str, int], spec: UnitS
             node.args = (node.args[0], sizes) + tuple(node.args[2:])
     module.graph.lint()
     module.recompile()
+
+
+# the position of a convolution's ``groups`` argument
+_GROUPS_ARGUMENT = {"conv1d": 6, "conv2d": 6, "conv3d": 6, "convolution": 8}
+
+
+def _rewrite_input_sizes(node: fx.Node, name: str, widths: Mapping[str, int],
+                         spec: UnitSpec) -> None:
+    """Literals sized by the input's channel space: a grouped (depthwise) convolution's group
+    count, which keeps the channels per group, and the sizes of ``split_with_sizes``, which
+    become the merged sizes of the composite space's parts."""
+    source = node.args[0]
+    units = source.meta.get("mergec") if isinstance(source, fx.Node) else None
+    if units is None or not units.spaces:
+        return
+    if name == "split_with_sizes":
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        space = spec.spaces.get(units.spaces[dim]) if units.spaces[dim] is not None else None
+        if space is not None and space.kind == "composite" \
+                and [spec.spaces[part].size for part in space.parts] == list(node.args[1]):
+            sizes = [widths.get(part, spec.spaces[part].size) for part in space.parts]
+            node.args = (source, sizes) + tuple(node.args[2:])
+        return
+    position = _GROUPS_ARGUMENT[name]
+    groups = node.args[position] if len(node.args) > position else node.kwargs.get("groups", 1)
+    channels = units.spaces[1] if len(units.spaces) > 1 else None
+    if groups == 1 or channels is None or channels not in widths:
+        return
+    merged = widths[channels] * groups // spec.spaces[channels].size
+    if len(node.args) > position:
+        node.args = node.args[:position] + (merged,) + node.args[position + 1:]
+    else:
+        node.kwargs = {**node.kwargs, "groups": merged}
 
 
 def _split_blocks(node: fx.Node, order: str | None, spec: UnitSpec) -> Any:
