@@ -60,5 +60,8 @@ def calibration_batches(source: str, batch_size: int = 128, batches: int | None 
         if not isinstance(loaded, torch.Tensor):
             raise CheckpointError(f"calibration {source!r} does not hold a tensor")
         inputs = loaded
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise CheckpointError(f"calibration {source!r} holds no inputs (shape "
+                              f"{tuple(inputs.shape)})")
     chunks = [(chunk,) for chunk in inputs.split(batch_size)]
     return chunks[:batches] if batches else chunks

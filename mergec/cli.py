@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from mergec.errors import MergecError, require_extra
+from mergec.errors import CheckpointError, MergecError, require_extra
 from mergec.ir.state import METHODS
 from mergec.passes import PIPELINE
 
@@ -214,7 +214,7 @@ def _load_models(args: argparse.Namespace) -> tuple:
         try:
             model.load_state_dict(weights)
         except RuntimeError as error:
-            raise MergecError(f"merge: checkpoint {checkpoint!r} does not fit --model "
+            raise CheckpointError(f"merge: checkpoint {checkpoint!r} does not fit --model "
                               f"{args.model}: {str(error).splitlines()[0]}") from error
         models.append(model)
     return tuple(models)

@@ -125,6 +125,7 @@ class Repair:
             raise MergeError("repair: the calibration data is empty")
         all_reduce_sum_([tensor for recorder in recorders.values()
                          for tensor in (recorder.mean_sum, recorder.variance_sum)])
+        _check_finite(recorders)
         for node in norms:
             mean_node, var_node = node.args[3], node.args[4]
             if not (isinstance(mean_node, fx.Node) and mean_node.op == "get_attr"):
@@ -134,6 +135,14 @@ class Repair:
             _set_buffer(module, var_node.target, recorder.variance_sum / batches)
         log.info("repair: reset %d BatchNorms on %d batches", len(norms), batches)
         return {"batch_norms_reset": len(norms)}
+
+
+def _check_finite(recorders: dict[str, _BatchStatistics]) -> None:
+    for name, recorder in recorders.items():
+        if not bool(recorder.mean_sum.isfinite().all() & recorder.variance_sum.isfinite().all()):
+            raise MergeError(f"repair: the merged model's activations at BatchNorm node "
+                             f"{name!r} are NaN or infinite on the calibration data; check its "
+                             "inputs (and the models' weights)")
 
 
 def _attribute(module: torch.nn.Module, target: str) -> torch.Tensor:

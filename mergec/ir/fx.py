@@ -174,6 +174,12 @@ def check_batch(batch: Any, example: tuple, index: int) -> tuple:
         if not isinstance(value, torch.Tensor):
             raise MergeError(f"collect-stats: input {position} of calibration batch {index} is "
                              f"a {type(value).__name__}, not a tensor")
+        if value.dim() > 0 and value.shape[0] == 0:
+            raise MergeError(f"collect-stats: input {position} of calibration batch {index} "
+                             "holds no samples (batch size 0)")
+        if value.device.type == "meta":
+            raise MergeError(f"collect-stats: input {position} of calibration batch {index} is "
+                             "on the meta device (no data); pass real tensors")
         if value.dtype != reference.dtype or tuple(value.shape[1:]) != tuple(reference.shape[1:]):
             raise MergeError(
                 f"collect-stats: input {position} of calibration batch {index} has shape "
