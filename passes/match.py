@@ -272,6 +272,10 @@ class WeightSimilarities:
     which gives the same numbers as the product with its matrix
     (:func:`~mergec.algorithms.weight_matching.as_permutation`), so the similarities equal
     :func:`leaf_weight_similarity`'s from the full plans.
+
+    Leaves in :attr:`unknown` have no plan yet (weight matching's first sweep): a space where
+    one of them occurs has no alignment, and parameters that run along it are left out of the
+    similarities, which then say only what the known spaces say.
     """
 
     def __init__(self, spec: UnitSpec, params_a: Mapping[str, torch.Tensor],
@@ -285,6 +289,8 @@ class WeightSimilarities:
                          for key in self.axes}
         spaces = {space for bound in self.axes.values() for _, space in bound}
         self.occurrences = {space: occurrences(spec, space) for space in spaces}
+        self.leaves_of = {space: {leaf for leaf, _ in found}
+                          for space, found in self.occurrences.items()}
         self.spaces_of: dict[str, list[str]] = {}
         for space, found in self.occurrences.items():
             for leaf in dict.fromkeys(leaf for leaf, _ in found):
@@ -293,20 +299,41 @@ class WeightSimilarities:
         self.permutations: dict[str, torch.Tensor | None] = {}
         self.versions = dict.fromkeys(spaces, 0)  # how many times each alignment changed
         self.layouts: dict[str, tuple[dict, dict, tuple[str, ...]]] = {}
-        self.similarities: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
+        self.similarities: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self.unknown: set[str] = set()
 
     def __call__(self, leaf: str) -> torch.Tensor:
         """The joint ``(2 d × 2 d)`` weight similarity of ``leaf`` under the current plans."""
         axes, units, aligned = self._layout(leaf)
-        versions = tuple(self.versions[space] for space in aligned)
+        versions = tuple((self.versions[space], self.known(space)) for space in aligned)
         kept = self.similarities.get(leaf)
         if kept is not None and kept[0] == versions:
             return kept[1]
-        align_b = {space: self._alignment(space) for space in aligned}
+        align_b = {space: self._alignment(space) if self.known(space) else None
+                   for space in aligned}
         similarity = weight_similarity(self.params_a, self.params_b, axes, units, align_b,
                                        self.spec.spaces[leaf].size)
         self.similarities[leaf] = versions, similarity
         return similarity
+
+    def known(self, space: str) -> bool:
+        """Whether B's order of ``space`` is known: no leaf of it is in :attr:`unknown`."""
+        return self.unknown.isdisjoint(self.leaves_of[space])
+
+    def ready(self, leaf: str) -> bool:
+        """Whether a parameter that maps ``leaf``'s units to or from other units has all its
+        other axes known (or none does): its similarity then rests on weights."""
+        axes, units, _ = self._layout(leaf)
+        connected = False
+        for bound in axes.values():
+            for index, (_, space) in enumerate(bound):
+                if space not in units:
+                    continue
+                others = [other for i, (_, other) in enumerate(bound) if i != index]
+                if others and all(self.known(other) for other in others):
+                    return True
+                connected |= bool(others)
+        return not connected
 
     def replaced(self, leaf: str, old: MergePlan | None) -> None:
         """Forgets what was derived from ``old``, the plan of ``leaf`` before the one now in
@@ -450,6 +477,9 @@ class Match:
         weights = WeightSimilarities(spec, params_a, params_b, plans) \
             if self.method in ("weight-match", "mudsc") else None
         similarity = functools.partial(self._similarity, moments, weights, spec=spec)
+        update = functools.partial(_update, plans, weights, summary)
+        if self.method == "weight-match":
+            self._first_sweep(spec, leaves, groups, solve, similarity, weights, update)
         order, rng = list(leaves), random.Random(self.seed)
         for _ in range({"mudsc": 2, "weight-match": self.max_iter}.get(self.method, 1)):
             if self.method == "weight-match":
@@ -457,18 +487,37 @@ class Match:
             changed = False
             for leaf in order:
                 solved = self._solve_leaf(spec, leaf, groups, solve, similarity)
-                if solved is None:
-                    continue  # not solved here (see _solve_leaf): keeps its plan
-                new, joint = solved
-                for member, plan in new.items():
-                    old, plans[member] = plans.get(member), plan
-                    changed |= not _same_plan(old, plan)
-                    if weights is not None:
-                        weights.replaced(member, old)
-                    summary[member] = _summary(plan, joint if member == leaf else None)
+                if solved is not None:  # else not solved here (see _solve_leaf): keeps its plan
+                    changed |= update(leaf, *solved)
             if self.method == "weight-match" and not changed:
                 break
         return {s: plans[s] for s in leaves}, summary
+
+    def _first_sweep(self, spec: UnitSpec, leaves: list[str], groups: dict, solve: BlockSolver,
+                     similarity: Callable[[str], torch.Tensor | None],
+                     weights: WeightSimilarities, update: Callable[..., bool]) -> None:
+        """Weight matching's first sweep: every leaf solved once, on the weights that connect
+        it to spaces whose order is known (fixed spaces, leaves solved before it); the next leaf
+        is the first, in graph order, that such weights connect (a group of blocks spaces: all
+        its members), else the first left. The random sweeps that follow see every weight.
+
+        Started from the identity, every space's order but the fixed ones is a guess, and
+        weights read through wrong guesses are noise that can outweigh a leaf's true match
+        (squeezenet: a squeeze conv's 128 input weights a unit against the 640 of the expand
+        convs that read it) and leave the descent in a local optimum. Propagated from the
+        model's inputs and outputs, the sweep recovers an exactly permuted copy: the true
+        permutation, a global optimum, then changes nothing."""
+        weights.unknown = {leaf for leaf in leaves if spec.is_free(leaf)} - groups["fixed_order"]
+        pending = list(leaves)
+        while pending:
+            leaf = next((leaf for leaf in pending
+                         if all(weights.ready(m) for m in _members(spec, leaf, groups))),
+                        pending[0])
+            pending.remove(leaf)
+            solved = self._solve_leaf(spec, leaf, groups, solve, similarity)
+            if solved is not None:
+                update(leaf, *solved)
+        weights.unknown = set()
 
     def _similarity(self, moments: Mapping[str, JointMoments],
                     weight_similarities: WeightSimilarities | None, leaf: str, spec: UnitSpec
@@ -687,6 +736,30 @@ def _block_groups(spec: UnitSpec, leaves: list[str]) -> dict:
         if space.kind == "blocks" and spec.is_free(leaf):
             members.setdefault(space.block_space, []).append(leaf)
     return {"members": members, "order_of": orders, "fixed_order": fixed_order}
+
+
+def _members(spec: UnitSpec, leaf: str, groups: dict) -> list[str]:
+    """The leaves solved together with ``leaf``: its group of blocks spaces, or itself."""
+    space = spec.spaces[leaf]
+    if space.kind == "blocks":
+        return groups["members"].get(space.block_space, [leaf])
+    return [leaf]
+
+
+def _update(plans: dict[str, MergePlan], weights: WeightSimilarities | None,
+            summary: dict[str, dict], leaf: str, new: Mapping[str, MergePlan],
+            joint: torch.Tensor) -> bool:
+    """Puts the plans of one solve of ``leaf`` (from its similarity ``joint``) into ``plans``
+    and ``summary``, telling ``weights`` which are decided and replaced; whether any changed."""
+    changed = False
+    for member, plan in new.items():
+        old, plans[member] = plans.get(member), plan
+        changed |= not _same_plan(old, plan)
+        if weights is not None:
+            weights.unknown.discard(member)
+            weights.replaced(member, old)
+        summary[member] = _summary(plan, joint if member == leaf else None)
+    return changed
 
 
 def _same_plan(old: MergePlan | None, new: MergePlan) -> bool:

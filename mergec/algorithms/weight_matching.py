@@ -23,7 +23,7 @@ Axes = Mapping[str, Sequence[tuple[int, str]]]
 
 def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Tensor],
                       axes: Axes, units: Mapping[str, Sequence[Tensor]],
-                      align_b: Mapping[str, Tensor], size: int) -> Tensor:
+                      align_b: Mapping[str, Tensor | None], size: int) -> Tensor:
     """Joint ``(2 size × 2 size)`` cosine similarity of ``size`` units in A and in B.
 
     ``units[space]`` says where the units sit along the axes of ``space``: one tensor of
@@ -33,7 +33,10 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
     first mapped along each other bound axis by ``align_b[space]``: a ``d × d`` matrix that puts
     B's units of that space in A's order, or, for a permutation matrix ``P``, its index ``perm``
     (``P[r, perm[r]] = 1``; see :func:`as_permutation`), which gives the same result without the
-    product. Float64, on the CPU; a unit without weights is similar to nothing (0).
+    product. ``align_b[space]`` None says that B's order of ``space`` is not known yet: a
+    parameter slice that runs along such an axis says nothing of the units and is left out
+    (weight matching's first sweep, :mod:`mergec.passes.match`). Float64, on the CPU; a unit
+    without weights is similar to nothing (0).
 
     >>> params = {"fc.weight": torch.tensor([[1.0, 0.0], [1.0, 1.0]])}
     >>> weight_similarity(params, params, {"fc.weight": [(0, "h")]},
@@ -46,11 +49,14 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
         for index, (axis, space) in enumerate(bound):
             if space not in units:
                 continue
+            others = [(other_axis, align_b[other_space])
+                      for other, (other_axis, other_space) in enumerate(bound) if other != index]
+            if any(alignment is None for _, alignment in others):
+                continue
             a = params_a[key].detach().to(torch.float64).cpu()
             b = params_b[key].detach().to(torch.float64).cpu()
-            for other, (other_axis, other_space) in enumerate(bound):
-                if other != index:
-                    b = _align(b, other_axis, align_b[other_space])
+            for other_axis, alignment in others:
+                b = _align(b, other_axis, alignment)
             for positions in units[space]:
                 vectors_a = a.index_select(axis, positions).movedim(axis, 0)
                 vectors_b = b.index_select(axis, positions).movedim(axis, 0)
