@@ -244,12 +244,17 @@ def zip_blocks(joints: Sequence[Tensor], counts: tuple[int, int], widths: Sequen
     Every two blocks, within or across the models, are scored by their best unit matching
     (identity where the space's order inside blocks is ``pinned``), averaged over the spaces;
     elastic zip on those scores merges the blocks down to ``target``. Inside a merged block
-    every contributor is permuted to the first contributor's order. Returns the plan over
-    blocks (of the shared block order) and each space's plan.
+    every contributor is permuted to the order of its anchor, the contributor most alike the
+    others (summed scores; the first on a tie), which does not depend on which model is A:
+    pairwise matchings of three blocks or more need not compose, so aligning to A's first
+    block would make merge(A, B) and merge(B, A) compute different functions. Returns the plan
+    over blocks (of the shared block order) and each space's plan.
     """
     scores, orders = _block_alignments(joints, sum(counts), widths, pinned)
     block_plan = solvers.elastic_zip(scores, counts[0], counts[1], target=target, alpha=alpha)
-    return block_plan, [_zipped_plan(block_plan, width, space_orders)
+    anchors = [max(contributors, key=lambda x: float(scores[x, contributors].sum()))
+               for contributors in merged_blocks(block_plan)]
+    return block_plan, [_zipped_plan(block_plan, width, space_orders, anchors)
                         for width, space_orders in zip(widths, orders)]
 
 
@@ -275,21 +280,22 @@ def _block_alignments(joints: Sequence[Tensor], total: int, widths: Sequence[int
     return scores, orders
 
 
-def _zipped_plan(block_plan: MergePlan, width: int,
-                 orders: Mapping[tuple[int, int], Tensor]) -> MergePlan:
-    """One space's plan from the plan over its blocks: every block that a merged block absorbs
-    enters it with the block plan's weights, its units aligned to the merged block's first
-    (lowest) block ``x``: ``orders[x, y]`` is block y's unit matched to each unit of block x."""
+def _zipped_plan(block_plan: MergePlan, width: int, orders: Mapping[tuple[int, int], Tensor],
+                 anchors: Sequence[int]) -> MergePlan:
+    """One space's plan from the plan over its blocks: every block that merged block k absorbs
+    enters it with the block plan's weights, its units aligned to block ``anchors[k]``:
+    ``orders[x, y]`` (``x < y``) is block y's unit matched to each unit of block x."""
     counts = (block_plan.dim_a, block_plan.dim_b)
     merges = (block_plan.merge_a.to(torch.float64), block_plan.merge_b.to(torch.float64))
     unmerges = (block_plan.unmerge_a.to(torch.float64), block_plan.unmerge_b.to(torch.float64))
     placements = []
     for k, contributors in enumerate(merged_blocks(block_plan)):
-        anchor = contributors[0]
+        anchor = anchors[k]
         for x in contributors:
             model = 0 if x < counts[0] else 1
             block = x - model * counts[0]
-            inside = torch.arange(width) if x == anchor else orders[anchor, x]
+            inside = torch.arange(width) if x == anchor else orders[anchor, x] \
+                if anchor < x else torch.argsort(orders[x, anchor])
             permutation = torch.eye(width, dtype=torch.float64)[inside]  # row i: unit inside[i]
             placements.append(_one_sided(model, merges[model][k, block] * permutation,
                                          unmerges[model][block, k] * permutation.T,
