@@ -8,6 +8,16 @@ from mergec.errors import MergeError
 from mergec.ir.spec import UnitSpec
 
 
+def _describe(node: fx.Node) -> str:
+    """A node as a user reads it: what it does and the module it belongs to."""
+    what = node.target if node.op == "get_attr" else getattr(node.target, "__name__",
+                                                             str(node.target))
+    stack = node.meta.get("nn_module_stack") or {}
+    module = next(reversed(stack.values()))[0] if stack else ""
+    place = f" in module {module!r}" if module and node.op != "get_attr" else ""
+    return f"{node.op} {what!r} (node {node.name!r}{place})"
+
+
 def correspond(spec_a: UnitSpec, spec_b: UnitSpec, module_a: fx.GraphModule,
                module_b: fx.GraphModule) -> bool:
     """Checks that two graphs have one topology and their specs one structure; returns whether
@@ -20,7 +30,7 @@ def correspond(spec_a: UnitSpec, spec_b: UnitSpec, module_a: fx.GraphModule,
         if node_a.target != node_b.target or rank_a != rank_b:
             raise MergeError(
                 "merge: the two models do not correspond. They part ways at A's "
-                f"{node_a.format_node()} and B's {node_b.format_node()}. mergec merges models "
+                f"{_describe(node_a)} and B's {_describe(node_b)}. mergec merges models "
                 "of one architecture, also at different widths, and residual networks or plain "
                 "chains of one family at different depths.")
     if len(nodes_a) != len(nodes_b):
