@@ -2,11 +2,27 @@
 ``weights_only=True`` (never arbitrary pickles)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from mergec.errors import CheckpointError, require_extra
+
+
+def read_error(error: BaseException) -> str:
+    """Why a file could not be read, in one line. A pickle with more than tensors in it is
+    named as such: mergec does not offer to unpickle it (that could run its code)."""
+    text = str(error)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if "Weights only load failed" in text:
+        what = f" (it names {unsafe.group(1)})" if unsafe else ""
+        return (f"it is a pickle of more than tensors{what}, which could run code when loaded; "
+                "mergec reads only safetensors and weights-only torch files. Where you trust "
+                "the file, save its state dict with safetensors.torch.save_file")
+    first = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()
+    return (f"{first[0] if first else type(error).__name__} (the file is corrupt, truncated, or "
+            "not a safetensors or torch.save file)")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -22,9 +38,8 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is a CheckpointError
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (corrupt, or not a "
-                              f"safetensors / weights-only torch file): "
-                              f"{str(error).splitlines()[0]}") from error
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: "
+                              f"{read_error(error)}") from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -51,7 +66,8 @@ def calibration_batches(source: str, batch_size: int = 128, batches: int | None 
             try:
                 loaded = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:  # noqa: BLE001
-                raise CheckpointError(f"calibration {source!r} cannot be read: {error}") from error
+                raise CheckpointError(f"calibration {source!r} cannot be read: "
+                                      f"{read_error(error)}") from error
         if isinstance(loaded, dict):
             if len(loaded) != 1:
                 raise CheckpointError(f"calibration {source!r} must hold one tensor of inputs, "

@@ -214,8 +214,11 @@ def _load_models(args: argparse.Namespace) -> tuple:
         try:
             model.load_state_dict(weights)
         except RuntimeError as error:
+            lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+            more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
             raise CheckpointError(f"merge: checkpoint {checkpoint!r} does not fit --model "
-                              f"{args.model}: {str(error).splitlines()[0]}") from error
+                                  f"{args.model}: {'; '.join(lines[:2])}{more}; check --model "
+                                  "and --kwargs") from error
         models.append(model)
     return tuple(models)
 
