@@ -28,6 +28,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Union
@@ -957,3 +958,270 @@ def with_identity_blocks(shallow: nn.Module, deep: nn.Module, positions: dict[in
             state[key] = torch.zeros_like(state[key])
     deep.load_state_dict(state)
     return deep.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs: one architecture built twice, at the same or at different widths
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Width:
+    """A width that may differ between the two models of a pair: a sum of ``unit * count``
+    terms whose count is ``a`` in model A and ``b`` in model B. A concatenation adds terms;
+    a block space (heads, groups) is a count of blocks times the units of one block."""
+
+    terms: tuple[tuple[int, int, int], ...]  # (unit, count in A, count in B)
+
+    @staticmethod
+    def of(a: int, b: int, unit: int = 1) -> "Width":
+        return Width(((unit, a, b),))
+
+    def __add__(self, other: "Width") -> "Width":
+        return Width(self.terms + other.terms)
+
+    def __mul__(self, unit: int) -> "Width":
+        return Width(tuple((u * unit, a, b) for u, a, b in self.terms))
+
+    def at(self, count: Callable[[int, int], int]) -> int:
+        """The width where each term's count is ``count(a, b)`` (A: ``lambda a, b: a``)."""
+        return sum(unit * count(a, b) for unit, a, b in self.terms)
+
+
+class HeadsAttention(Block):
+    """x + out(attend(q, k, v)), [pre-norm]: ``heads`` heads of ``head_size`` features over a
+    stream of any width (so that the stream and the heads change width independently)."""
+
+    def __init__(self, width: int, heads: int, head_size: int, attend: str, norm: bool):
+        super().__init__()
+        self.heads, self.head_size, self.attend = heads, head_size, attend
+        self.norm = nn.LayerNorm(width) if norm else nn.Identity()
+        self.q, self.k, self.v = (nn.Linear(width, heads * head_size) for _ in range(3))
+        self.out = nn.Linear(heads * head_size, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        h = self.norm(x)
+        q, k, v = (layer(h).view(batch, tokens, self.heads, self.head_size).transpose(1, 2)
+                   for layer in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v) if self.attend == "sdpa" \
+            else _explicit_attention(q, k, v)
+        return x + self.out(y.transpose(1, 2).flatten(2))
+
+    def found(self, prefix: str, stream: Ref) -> Found:
+        q, v = Axis(f"{prefix}q.weight"), Axis(f"{prefix}v.weight")
+        expectations = _hidden(prefix, "q", stream) + [
+            Same(Axis(f"{prefix}k.weight"), q), Same(Axis(f"{prefix}out.weight", 1), v),
+            Same(Axis(f"{prefix}out.weight"), stream), Distinct(q, v)]
+        if self.heads > 1:
+            expectations += [Blocked(q, self.heads), Blocked(v, self.heads, like=q)]
+        return Found(expectations, stream, 2)
+
+
+def without_norm(block: Block) -> Block:
+    """``block`` with its ``norm`` (a LayerNorm) replaced by the identity."""
+    block.norm = nn.Identity()
+    return block
+
+
+Layer = tuple[Callable[..., Block], tuple]  # a block's constructor and arguments (some Width)
+
+
+@dataclass
+class Pair:
+    """One architecture at two widths: ``build(count)`` makes the model whose every
+    :class:`Width` takes ``count(a, b)`` (model A: ``A``, model B: ``B``, a merge's target
+    widths: ``count = max``, ...); ``inputs`` are random inputs of ``shape`` (batch first)."""
+
+    name: str
+    stem: Layer | None
+    blocks: list[Layer]
+    head: Layer
+    shape: tuple[int, ...]
+    input_seed: int
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return torch.randn(self.shape, generator=torch.Generator().manual_seed(self.input_seed))
+
+    def build(self, count: Callable[[int, int], int], seed: int = 0) -> Net:
+        """The model at ``count``'s widths, initialised from ``seed`` (norm affines, running
+        statistics and layer scales random too), in eval mode."""
+        def make(layer: Layer | None) -> Block | None:
+            if layer is None:
+                return None
+            constructor, args = layer
+            return constructor(*(resolve(a) for a in args))
+
+        def resolve(arg: object) -> object:
+            if isinstance(arg, tuple):
+                return tuple(resolve(a) for a in arg)
+            return arg.at(count) if isinstance(arg, Width) else arg
+
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = Net(make(self.stem), [make(layer) for layer in self.blocks], make(self.head))
+        return randomize_(net, seed).eval()
+
+
+
+def A(a: int, b: int) -> int:
+    return a
+
+
+def B(a: int, b: int) -> int:
+    return b
+
+
+PAIR_FAMILIES = ("mlp", "conv", "tokens")
+# blocks whose normalisation is per channel (BatchNorm, GroupNorm over blocks of the same
+# size, or none), and those with a LayerNorm over the whole stream: ``per_channel=False`` only
+PER_CHANNEL_BLOCKS = {"mlp": ("linear", "residual_linear"),
+                      "conv": ("conv_bn", "residual_conv", "dense", "split", "group_norm",
+                               "depthwise", "grouped", "squeeze_excite", "pool"),
+                      "tokens": ("mlp", "heads_attention")}
+LAYER_NORM_BLOCKS = {"mlp": ("layer_norm_linear",), "conv": ("convnext",),
+                     "tokens": ("attention", "multihead_attention")}
+
+
+def _inputs(draw: st.DrawFn, *shape: int) -> tuple[tuple[int, ...], int]:
+    """Random inputs of ``shape``: the shape and a seed."""
+    return shape, draw(st.integers(0, 2**16))
+
+
+def _pair_width(draw: st.DrawFn, same: bool, low: int = 2, high: int = 8,
+                unit: int = 1) -> Width:
+    a = draw(st.integers(low, high))
+    return Width.of(a, a if same else draw(st.integers(low, high)), unit)
+
+
+@st.composite
+def _mlp_layer(draw: st.DrawFn, kind: str, width: Width | int, same: bool
+               ) -> tuple[Layer, Width]:
+    if kind == "residual_linear":
+        return (ResidualLinear, (width, _pair_width(draw, same), draw(ACTIVATIONS))), width
+    out = _pair_width(draw, same)
+    norm = "layer" if kind == "layer_norm_linear" else draw(st.sampled_from(["batch", "none"]))
+    return (LinearAct, (width, out, norm, draw(ACTIVATIONS))), out
+
+
+@st.composite
+def _conv_layer(draw: st.DrawFn, kind: str, width: Width, size: int, same: bool
+                ) -> tuple[Layer, Width, int]:
+    """A conv block of a pair reading ``width`` channels at ``size``x``size``."""
+    pair = functools.partial(_pair_width, draw, same)
+    if kind == "conv_bn":
+        out = pair()
+        return (ConvBN, (width, out, draw(st.sampled_from([1, 3])), draw(st.booleans()),
+                         draw(ACTIVATIONS))), out, size
+    if kind in ("residual_conv", "squeeze_excite", "convnext"):
+        hidden = pair(high=4) if kind == "squeeze_excite" else pair()
+        block = {"residual_conv": ResidualConv, "squeeze_excite": SqueezeExcite,
+                 "convnext": ConvNeXtBlock}[kind]
+        return (block, (width, hidden)), width, size
+    if kind == "dense":
+        growth = pair(high=4)
+        return (DenseLayer, (width, growth)), width + growth, size
+    if kind == "split":
+        how = draw(st.sampled_from(["split", "chunk"]))
+        first = pair(high=4)
+        second = first if how == "chunk" else pair(high=4)
+        outs = (pair(high=4), pair(high=4))
+        return (SplitBranches, (width, first + second, first, outs, how)), outs[0] + outs[1], \
+            size
+    if kind == "group_norm":
+        groups, group_size = pair(high=3), draw(st.integers(2, 3))
+        return (GroupNormBlock, (width, groups * group_size, groups, draw(ACTIVATIONS))), \
+            groups * group_size, size
+    if kind == "grouped":
+        groups = pair(low=2, high=3)
+        hidden, out = (groups * draw(st.integers(1, 2)) for _ in range(2))
+        return (Grouped, (width, hidden, out, groups)), out, size
+    if kind == "depthwise":
+        return (Depthwise, (width, draw(ACTIVATIONS))), width, size
+    if kind == "pool" and size >= 4:
+        return (Pool, (draw(st.sampled_from(["max", "avg"])),)), width, size // 2
+    return (ResidualConv, (width, pair())), width, size
+
+
+def _normless(block: Callable[..., Block]) -> Callable[..., Block]:
+    """``block``'s constructor, its LayerNorm replaced by the identity."""
+    return lambda *args: without_norm(block(*args))
+
+
+@st.composite
+def _token_layer(draw: st.DrawFn, kind: str, width: Width, same: bool, per_channel: bool
+                 ) -> Layer:
+    if kind == "mlp":
+        block = _normless(MLPBlock) if per_channel else MLPBlock
+        return block, (width, _pair_width(draw, same), draw(ACTIVATIONS), draw(st.booleans()))
+    if kind == "heads_attention":
+        return HeadsAttention, (width, _pair_width(draw, same, high=3),
+                                draw(st.integers(2, 3)), draw(st.sampled_from(["sdpa",
+                                                                               "explicit"])),
+                                not per_channel and draw(st.booleans()))
+    # a LayerNorm block whose heads divide the stream: drawn at one width only
+    stream = width.at(A)
+    heads = draw(st.sampled_from([d for d in _divisors(stream) if stream // d >= 2]))
+    if kind == "multihead_attention":
+        return MultiheadAttentionBlock, (width, heads)
+    return AttentionBlock, (width, heads, draw(st.sampled_from(["separate", "chunk", "split",
+                                                                "index"])),
+                            draw(st.sampled_from(["sdpa", "explicit"])), draw(st.booleans()),
+                            draw(st.booleans()))
+
+
+def _pair_kinds(draw: st.DrawFn, family: str, same: bool, per_channel: bool,
+                require: tuple[str, ...], max_blocks: int) -> list[str]:
+    kinds = PER_CHANNEL_BLOCKS[family]
+    if not per_channel:
+        kinds += LAYER_NORM_BLOCKS[family] if same or family != "tokens" else ()
+    return _kinds(draw, kinds, require, max_blocks)
+
+
+@st.composite
+def pairs(draw: st.DrawFn, family: str | None = None, same: bool = False,
+          per_channel: bool = True, require: tuple[str, ...] = (), max_blocks: int = 3
+          ) -> Pair:
+    """One random architecture of ``family`` (any when None) at two widths: the same widths
+    when ``same``, else each hidden width, head count and group count drawn twice (from 2 to
+    8 units, heads and groups 2 or 3 of a size both models share). ``per_channel`` keeps to
+    normalisations that act per channel (BatchNorm, GroupNorm, none; attention with several
+    heads): the blocks after which elastic zip at width d_a + d_b is the logit ensemble. One
+    group or one head is left out: it normalises over the whole space (GroupNorm(1, C) is a
+    LayerNorm), and a single head is a flat space, so d_a + d_b units make one larger head.
+    ``require`` names block kinds of ``family`` that must appear."""
+    family = family or draw(st.sampled_from(PAIR_FAMILIES))
+    kinds = _pair_kinds(draw, family, same, per_channel, require, max_blocks)
+    classes = draw(st.integers(2, 5))
+    if family == "mlp":
+        features = draw(st.integers(2, 6))
+        width, blocks = features, []
+        for kind in ["linear"] + kinds:
+            layer, width = draw(_mlp_layer(kind, width, same))
+            blocks.append(layer)
+        return Pair(f"mlp{kinds}", None, blocks, (LinearHead, (width, classes)),
+                    *_inputs(draw, 96, features))
+    if family == "conv":
+        return draw(_conv_pair(kinds, same, classes))
+    features, tokens = draw(st.integers(2, 5)), draw(st.integers(2, 5))
+    width = _pair_width(draw, same, high=12)
+    class_token = draw(st.booleans())
+    stem = (Embed, (features, width, tokens, draw(st.booleans()), class_token))
+    blocks = [draw(_token_layer(kind, width, same, per_channel)) for kind in kinds]
+    head = (_normless(TokenHead) if per_channel else TokenHead, (width, classes, class_token))
+    return Pair(f"tokens{kinds}", stem, blocks, head, *_inputs(draw, 64, tokens, features))
+
+
+@st.composite
+def _conv_pair(draw: st.DrawFn, kinds: list[str], same: bool, classes: int) -> Pair:
+    size = input_size = draw(st.sampled_from([4, 6]))
+    width = _pair_width(draw, same)
+    stem = (ConvBN, (3, width, 3, draw(st.booleans()), "relu"))
+    blocks = []
+    for kind in kinds:
+        layer, width, size = draw(_conv_layer(kind, width, size, same))
+        blocks.append(layer)
+    if draw(st.booleans()):
+        head: Layer = (PoolHead, (width, classes, draw(st.booleans())))
+    else:
+        head = (FlattenHead, (width, size * size, _pair_width(draw, same), classes))
+    return Pair(f"conv{kinds}", stem, blocks, head, *_inputs(draw, 64, 3, input_size, input_size))
