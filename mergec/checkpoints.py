@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -45,6 +47,18 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
     return state
+
+
+def with_metadata(state: Mapping[str, torch.Tensor], model: torch.nn.Module
+                  ) -> dict[str, torch.Tensor]:
+    """``state`` as ``model.load_state_dict`` expects it: with the per-module version metadata
+    that ``torch.save`` keeps and safetensors (or a plain dict) loses, taken from ``model``
+    where ``state`` has none. Some modules read it on load (torchvision's MNASNet refuses a
+    state dict without its version)."""
+    out = OrderedDict(state)
+    metadata = getattr(state, "_metadata", None)
+    out._metadata = metadata if metadata is not None else model.state_dict()._metadata
+    return out
 
 
 def calibration_batches(source: str, batch_size: int = 128, batches: int | None = None

@@ -202,7 +202,7 @@ def _rerun_args(args: argparse.Namespace) -> argparse.Namespace:
 def _load_models(args: argparse.Namespace) -> tuple:
     """Models A and B: ``--model`` built with each one's factory arguments, its checkpoint
     loaded."""
-    from mergec.checkpoints import load_checkpoint
+    from mergec.checkpoints import load_checkpoint, with_metadata
     from mergec.loading import load_model, parse_kwargs
 
     kwargs = parse_kwargs(args.kwargs)
@@ -212,7 +212,7 @@ def _load_models(args: argparse.Namespace) -> tuple:
         model = load_model(args.model, factory_kwargs)
         weights = load_checkpoint(checkpoint)
         try:
-            model.load_state_dict(weights)
+            model.load_state_dict(with_metadata(weights, model))
         except RuntimeError as error:
             lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
             more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mergec.algorithms.tensors import block_diagonal, diagonal_blocks
+from mergec.checkpoints import with_metadata
 from mergec.errors import SpecError
 from mergec.ir.spec import Binding, UnitSpec
 
@@ -123,5 +124,5 @@ def permute_model(model: nn.Module, spec: UnitSpec, seed: int = 0) -> nn.Module:
     perms = random_permutations(spec, seed)
     clone = copy.deepcopy(model)
     state = permute_state_dict(clone.state_dict(), spec, perms)
-    clone.load_state_dict(state)
+    clone.load_state_dict(with_metadata(state, clone))
     return clone

@@ -210,3 +210,27 @@ def test_a_failed_merge_leaves_the_models_as_they_were(method: str) -> None:
     for model, state in zip((model_a, model_b), before):
         for key, value in model.state_dict().items():
             assert torch.equal(value, state[key]), key
+
+
+def test_modules_that_read_state_dict_versions_permute_and_load(tmp_path: Path) -> None:
+    """torchvision's MNASNet refuses a state dict without its version metadata, which
+    safetensors and plain dicts do not carry: mergec supplies the model's own."""
+    torchvision = pytest.importorskip("torchvision")
+    from safetensors.torch import save_file
+
+    from mergec.checkpoints import load_checkpoint, with_metadata
+
+    torch.manual_seed(0)
+    model = torchvision.models.mnasnet0_5().eval()
+    x = torch.randn(2, 3, 64, 64)
+    twin = mergec.permute(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-4, atol=1e-5)
+    save_file(twin.state_dict(), str(tmp_path / "twin.safetensors"))
+    state = load_checkpoint(tmp_path / "twin.safetensors")
+    with pytest.raises(ValueError, match="version should be set"):
+        torchvision.models.mnasnet0_5().load_state_dict(state)
+    fresh = torchvision.models.mnasnet0_5().eval()
+    fresh.load_state_dict(with_metadata(state, fresh))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=1e-4, atol=1e-5)
