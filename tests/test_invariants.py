@@ -221,3 +221,10 @@ def test_width_sum_over_one_head_is_the_logit_ensemble(heads: tuple[int, int]) -
     torch.testing.assert_close(outputs(result.module, x),
                                (outputs(model_a, x) + outputs(model_b, x)) / 2,
                                rtol=RTOL, atol=ATOL)
+
+
+def test_one_head_against_two_is_refused_naming_the_block_order() -> None:
+    x = torch.randn(16, 6, 5)
+    with pytest.raises(mergec.MergecError, match=r"only B has space s\d+ \(flat, blocks of "
+                                                 r"block\.q\.weight\)"):
+        mergec.merge(OneHead(1).eval(), OneHead(2).eval(), x[:2], [(x,)], progress=False)

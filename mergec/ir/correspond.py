@@ -42,13 +42,28 @@ def correspond(spec_a: UnitSpec, spec_b: UnitSpec, module_a: fx.GraphModule,
     bindings_a = {(b.key, b.axis): b.space for b in spec_a.bindings}
     bindings_b = {(b.key, b.axis): b.space for b in spec_b.bindings}
     if bindings_a != bindings_b or spec_a.spaces.keys() != spec_b.spaces.keys():
-        first = next((k for k in sorted(bindings_a) if bindings_a.get(k) != bindings_b.get(k)),
-                     None)
-        raise MergeError(f"merge: the two models' units do not correspond (first at {first}): "
-                         "their graphs share a topology but not their spaces")
+        raise MergeError(f"merge: the two models' units do not correspond: "
+                         f"{_first_difference(spec_a, spec_b, bindings_a, bindings_b)}; their "
+                         "graphs share a topology but not their spaces")
     for space_id, space_a in spec_a.spaces.items():
         space_b = spec_b.spaces[space_id]
         if (space_a.kind, space_a.fixed is None) != (space_b.kind, space_b.fixed is None):
             raise MergeError(f"merge: space {space_id} ({space_a.origin}) is {space_a.kind} in "
                              f"A and {space_b.kind} in B")
     return spec_a.shapes != spec_b.shapes
+
+
+def _first_difference(spec_a: UnitSpec, spec_b: UnitSpec, bindings_a: dict, bindings_b: dict
+                      ) -> str:
+    """Where two specs of one topology part ways: the first axis bound to different spaces,
+    else the first space only one of them has (one head against several: a flat space against
+    a blocks space and its block order)."""
+    for key in sorted(bindings_a.keys() | bindings_b.keys()):
+        if bindings_a.get(key) != bindings_b.get(key):
+            return (f"axis {key[1]} of {key[0]} is in space {bindings_a.get(key)} in A and "
+                    f"{bindings_b.get(key)} in B")
+    for name, spec, other in (("A", spec_a, spec_b), ("B", spec_b, spec_a)):
+        for space_id in sorted(spec.spaces.keys() - other.spaces.keys()):
+            space = spec.spaces[space_id]
+            return f"only {name} has space {space_id} ({space.kind}, {space.origin})"
+    return "their spaces differ"
