@@ -465,9 +465,11 @@ class Match:
                     leaves: list[str], params_a: Mapping[str, torch.Tensor],
                     params_b: Mapping[str, torch.Tensor]
                     ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
-        """Leaf plans of ``leaves``, all of one width in both models. One sweep over the leaves;
+        """Leaf plans of ``leaves``, all of one width in both models. One sweep over the leaves
+        (permute and zip then break the ties of constant units by weights: :meth:`_break_ties`);
         mudsc makes two, the second with the weight similarity under the first one's plans;
-        weight-match sweeps in a random order until no plan changes (at most ``max_iter``)."""
+        weight-match makes a first sweep from the fixed spaces (:meth:`_first_sweep`), then
+        sweeps in a random order until no plan changes (at most ``max_iter``)."""
         all_leaves = [s for s in spec.spaces if is_leaf(spec, s)]
         plans: dict[str, MergePlan] = {s: solvers.average(spec.spaces[s].size)
                                        for s in all_leaves}
@@ -491,7 +493,38 @@ class Match:
                     changed |= update(leaf, *solved)
             if self.method == "weight-match" and not changed:
                 break
+        if self.method in ("permute", "zip"):
+            self._break_ties(spec, moments, leaves, groups, solve, plans, summary,
+                             (params_a, params_b))
         return {s: plans[s] for s in leaves}, summary
+
+    def _break_ties(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
+                    leaves: list[str], groups: dict, solve: BlockSolver,
+                    plans: dict[str, MergePlan], summary: dict[str, dict],
+                    params: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]
+                    ) -> None:
+        """Activation matching's last step. A unit constant on the calibration data (dead)
+        correlates with nothing, so the statistics cannot tell such units apart; the leaves
+        that hold some are solved again (with their groups), ties broken by the weight
+        similarity under the plans found so far
+        (:func:`~mergec.algorithms.covariance.activation_similarity`'s ``tie_break``), until
+        no plan changes. merge(A, π(A)) then recovers A wherever the weights identify π."""
+        tied = dict.fromkeys(_members(spec, leaf, groups)[0] for leaf in leaves
+                             if leaf in moments and _has_constant_units(moments[leaf]))
+        if not tied:
+            return
+        weights = WeightSimilarities(spec, *params, plans)
+        similarity = functools.partial(self._similarity, moments, None, spec=spec,
+                                       ties=weights)
+        update = functools.partial(_update, plans, weights, summary)
+        for _ in range(self.max_iter):
+            changed = False
+            for leaf in tied:
+                solved = self._solve_leaf(spec, leaf, groups, solve, similarity)
+                if solved is not None:
+                    changed |= update(leaf, *solved)
+            if not changed:
+                break
 
     def _first_sweep(self, spec: UnitSpec, leaves: list[str], groups: dict, solve: BlockSolver,
                      similarity: Callable[[str], torch.Tensor | None],
@@ -520,11 +553,13 @@ class Match:
         weights.unknown = set()
 
     def _similarity(self, moments: Mapping[str, JointMoments],
-                    weight_similarities: WeightSimilarities | None, leaf: str, spec: UnitSpec
-                    ) -> torch.Tensor | None:
+                    weight_similarities: WeightSimilarities | None, leaf: str, spec: UnitSpec,
+                    ties: WeightSimilarities | None = None) -> torch.Tensor | None:
         """The joint similarity ``leaf`` is solved on, under the current leaf plans (those
-        ``weight_similarities`` reads, for the methods that use weights); None where nothing is
-        known of the leaf: it is then averaged, unit i with i."""
+        ``weight_similarities`` reads, for the methods that use weights; those ``ties`` reads,
+        whose weight similarity breaks the ties of constant units for the methods that use
+        activations only); None where nothing is known of the leaf: it is then averaged, unit
+        i with i."""
         observed = moments.get(leaf)
         if weight_similarities is not None:
             weights = weight_similarities(leaf)
@@ -534,7 +569,8 @@ class Match:
             return self.weight_beta * weights + (1 - self.weight_beta) * activation
         if observed is None:
             return None
-        return activation_similarity(observed, spec.spaces[leaf].size)
+        tie_break = ties(leaf) if ties is not None and _has_constant_units(observed) else None
+        return activation_similarity(observed, spec.spaces[leaf].size, tie_break)
 
     def _solve_leaf(self, spec: UnitSpec, leaf: str, groups: dict, solve: BlockSolver,
                     similarity: Callable[[str], torch.Tensor | None]
@@ -736,6 +772,12 @@ def _block_groups(spec: UnitSpec, leaves: list[str]) -> dict:
         if space.kind == "blocks" and spec.is_free(leaf):
             members.setdefault(space.block_space, []).append(leaf)
     return {"members": members, "order_of": orders, "fixed_order": fixed_order}
+
+
+def _has_constant_units(moments: JointMoments) -> bool:
+    """Whether a unit of either model is constant on the calibration data: its correlation
+    with itself is 0 (:meth:`~mergec.algorithms.covariance.JointMoments.correlation`)."""
+    return bool((moments.correlation().diagonal() == 0).any())
 
 
 def _members(spec: UnitSpec, leaf: str, groups: dict) -> list[str]:

@@ -186,13 +186,27 @@ class JointMoments:
         return correlation.clamp(-1.0, 1.0)
 
 
-def activation_similarity(moments: JointMoments | None, size: int) -> torch.Tensor:
-    """Joint (2d_a + 2d_b) correlation; identity-like when there are no statistics.
+def activation_similarity(moments: JointMoments | None, size: int,
+                          tie_break: Tensor | None = None, tie_scale: float = 1e-3
+                          ) -> torch.Tensor:
+    """Joint ``(d_a + d_b)`` square correlation; identity-like when there are no statistics.
 
     A unit that is constant on the calibration data (a dead ReLU) correlates with nothing. It
     never merges within its own model (-inf); across models it is as similar (1) to a unit
-    constant at the same value, and ties go to the unit of the same index (a 1e-6 bonus),
-    which is exact for a model and its copy."""
+    constant at the same value as to any other such unit, and 0 to the rest: calibration cannot
+    tell those apart. ``tie_break``, a joint similarity of the same units in [-1, 1] (their
+    weight similarity), orders them: ``tie_scale * tie_break`` is added to the constant units'
+    cross-model entries, a step far below the gap of 1 between the two levels. Ties left
+    go to the unit of the same index (a 1e-6 bonus), which is exact for a model and its copy.
+
+    >>> moments = JointMoments(2, 2)
+    >>> x = torch.stack([torch.randn(50), torch.zeros(50)], dim=1)
+    >>> moments.update(x, x.flip(1))
+    >>> weights = torch.tensor([[1.0, 0.0, 0.2, 0.9], [0.0, 1.0, 0.9, 0.2],
+    ...                         [0.2, 0.9, 1.0, 0.0], [0.9, 0.2, 0.0, 1.0]])
+    >>> activation_similarity(moments, 2, weights)[1, 2:] > 1.0  # unit 1 of A is B's unit 0
+    tensor([ True, False])
+    """
     if moments is None:
         return torch.eye(2 * size, dtype=torch.float64)
     joint = moments.correlation().to(torch.float64).cpu()
@@ -202,17 +216,21 @@ def activation_similarity(moments: JointMoments | None, size: int) -> torch.Tens
     constant = (joint.diagonal() == 0).nonzero().squeeze(1)
     if len(constant):  # only the constant units' rows and columns change
         model_of = torch.arange(total) >= d_a
-        same_model = model_of[constant][:, None] == model_of[None, :]
-        same_model[torch.arange(len(constant)), constant] = False  # itself stays 0
-        rows = joint[constant].masked_fill(same_model, -math.inf)
-        joint[constant] = rows
-        joint[:, constant] = rows.T
         mean = moments.mean.to(torch.float64).cpu()[constant]
         equal = (mean[:, None] - mean[None, :]).abs() <= 1e-6 * (mean[:, None].abs()
                                                                 + mean[None, :].abs() + 1e-12)
         across = model_of[constant][:, None] != model_of[constant][None, :]
         pairs = (equal & across).nonzero()
         joint[constant[pairs[:, 0]], constant[pairs[:, 1]]] = 1.0
+        rows = joint[constant]
+        if tie_break is not None:
+            rows += tie_scale * tie_break.to(torch.float64).cpu()[constant]
+        same_model = model_of[constant][:, None] == model_of[None, :]
+        same_model[torch.arange(len(constant)), constant] = False  # itself stays 0
+        rows = rows.masked_fill(same_model, -math.inf)
+        rows[torch.arange(len(constant)), constant] = 0.0
+        joint[constant] = rows
+        joint[:, constant] = rows.T
     ties = torch.arange(min(d_a, d_b))
     joint[ties, d_a + ties] += 1e-6
     joint[d_a + ties, ties] += 1e-6
