@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from mergec.errors import CheckpointError, MergecError, require_extra
 from mergec.ir.state import METHODS
@@ -55,9 +56,10 @@ def _merge(args: argparse.Namespace) -> int:
 
     if args.from_report is not None:
         args = _rerun_args(args)
+    folders = _pretrained_inputs(args)
     missing = [flag for flag, value in (("MODEL_A", args.model_a), ("MODEL_B", args.model_b),
-                                        ("--model", args.model),
-                                        ("--calibration", args.calibration)) if value is None]
+                                        ("--model", args.model or folders),
+                                        ("--calibration", args.calibration)) if not value]
     if missing:
         raise MergecError(f"merge: missing {', '.join(missing)} (or rerun a recorded merge "
                           "with --from-report REPORT.json)")
@@ -81,7 +83,7 @@ def _merge_in_group(args: argparse.Namespace, output: Path | None, rank: int,
                     world: int) -> int:
     from mergec.checkpoints import calibration_batches
     from mergec.ir.state import MergeOptions
-    from mergec.merge import MergeResult, report_of, run_merge
+    from mergec.merge import report_of, run_merge
 
     options = MergeOptions(method=args.method, alpha=args.alpha, beta=args.beta,
                            width=_width(args.width), depth_variant=args.depth_variant,
@@ -90,7 +92,12 @@ def _merge_in_group(args: argparse.Namespace, output: Path | None, rank: int,
                            device=args.device, progress=not args.quiet,
                            samples_per_batch=args.samples_per_batch, seed=args.seed)
     models = _load_models(args)
-    calibration = calibration_batches(args.calibration, args.batch_size, args.batches)
+    if _pretrained_inputs(args) and args.calibration.endswith(".txt"):
+        from mergec.pretrained import text_calibration
+        calibration = text_calibration(args.calibration, args.model_a, args.tokens,
+                                       args.batch_size, args.batches)
+    else:
+        calibration = calibration_batches(args.calibration, args.batch_size, args.batches)
     if not calibration:
         raise MergecError(f"merge: the calibration data {args.calibration!r} holds no inputs")
     example = calibration[0]
@@ -105,12 +112,45 @@ def _merge_in_group(args: argparse.Namespace, output: Path | None, rank: int,
         print(f"after {state.completed[-1]}: wrote the report to {args.dump}")
     if output is None:
         return 0
-    MergeResult(module=state.merged, report=report).save(output, overwrite=args.force)
+    _save(args, state.merged, models[0], report, output)
     if args.plots:
         report.plot(output / "plots")
+    return 0
+
+
+def _save(args: argparse.Namespace, merged: Any, model_a: Any, report: Any,
+          output: Path) -> None:
+    """The result as a ``save_pretrained`` folder of model A when A and B were transformers
+    folders and the merged weights fit A's architecture; else in mergec's format."""
+    from mergec.errors import MergeError
+    from mergec.merge import MergeResult
+
+    if _pretrained_inputs(args):
+        from mergec.pretrained import save_pretrained
+        try:
+            save_pretrained(merged, model_a, args.model_a, output, report.to_json(),
+                            overwrite=args.force)
+            print(f"merged with {args.method}: wrote {output} (save_pretrained of model A's "
+                  "architecture, its tokenizer, mergec_report.json)")
+            return
+        except MergeError as error:
+            if not str(error).startswith("into:"):
+                raise
+            print(f"{error}: saving in mergec's format instead")
+    MergeResult(module=merged, report=report).save(output, overwrite=args.force)
     print(f"merged with {args.method}: wrote {output}/model.py, weights.safetensors, "
           "report.json")
-    return 0
+
+
+def _pretrained_inputs(args: argparse.Namespace) -> bool:
+    """Whether models A and B are transformers folders (an error if only one is)."""
+    from mergec.pretrained import is_pretrained_folder
+
+    kinds = [p is not None and is_pretrained_folder(p) for p in (args.model_a, args.model_b)]
+    if any(kinds) and not all(kinds):
+        raise MergecError("merge: MODEL_A and MODEL_B must both be checkpoint files or both "
+                          "transformers folders")
+    return all(kinds)
 
 
 @contextlib.contextmanager
@@ -142,21 +182,28 @@ def _process_group(args: argparse.Namespace) -> Iterator[tuple[int, int]]:
 
 #: The merge command's arguments that decide its result: a report records them and
 #: ``--from-report`` reruns them (the output, the report dump and the display are the rerun's).
-RECORDED = ("model_a", "model_b", "model", "kwargs", "kwargs_b", "calibration", "batch_size",
+RECORDED = ("model_a", "model_b", "model", "kwargs", "kwargs_b", "calibration", "tokens",
+            "batch_size",
             "batches", "method", "alpha", "beta", "width", "depth_variant", "unaligned",
             "repair", "samples_per_batch", "seed", "device", "stop_after")
 FILES = ("model_a", "model_b", "calibration")
 
 
 def _sha256(path: str) -> str | None:
+    """A file's SHA-256, or a folder's (over its files' names and contents); None for a
+    bundled dataset's name."""
     import hashlib
 
-    if not Path(path).is_file():
-        return None  # a bundled dataset's name
+    place = Path(path)
+    files = sorted(p for p in place.rglob("*") if p.is_file()) if place.is_dir() else [place]
+    if not place.exists():
+        return None
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
+    for file_path in files:
+        digest.update(str(file_path.relative_to(place) if place.is_dir() else "").encode())
+        with open(file_path, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):  # noqa: B023 - used at once
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -165,7 +212,7 @@ def _recorded_inputs(args: argparse.Namespace) -> dict:
     paths) and the files' SHA-256."""
     recorded = {name: getattr(args, name) for name in RECORDED}
     for name in FILES:
-        if Path(recorded[name]).is_file():
+        if Path(recorded[name]).exists():
             recorded[name] = str(Path(recorded[name]).resolve())
     return {"command": "merge", "arguments": recorded,
             "sha256": {name: _sha256(recorded[name]) for name in FILES}}
@@ -200,11 +247,14 @@ def _rerun_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _load_models(args: argparse.Namespace) -> tuple:
-    """Models A and B: ``--model`` built with each one's factory arguments, its checkpoint
-    loaded."""
+    """Models A and B: each transformers folder loaded with ``AutoModel``, or ``--model``
+    built with each one's factory arguments and its checkpoint loaded."""
     from mergec.checkpoints import load_checkpoint, with_metadata
     from mergec.loading import load_model, parse_kwargs
 
+    if _pretrained_inputs(args):
+        from mergec.pretrained import load_pretrained
+        return load_pretrained(args.model_a), load_pretrained(args.model_b)
     kwargs = parse_kwargs(args.kwargs)
     kwargs_b = parse_kwargs(args.kwargs_b) if args.kwargs_b else kwargs
     models = []
@@ -263,10 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
     merge = commands.add_parser("merge", help="merge two checkpoints of one architecture")
     merge.add_argument("model_a", nargs="?",
-                       help="checkpoint of model A (.safetensors or torch.save of a state dict)")
-    merge.add_argument("model_b", nargs="?", help="checkpoint of model B")
-    merge.add_argument("--model",
-                       help="architecture: torchvision:NAME or package.module:factory")
+                       help="checkpoint of model A (.safetensors or torch.save of a state "
+                            "dict), or a transformers save_pretrained folder")
+    merge.add_argument("model_b", nargs="?", help="checkpoint (or folder) of model B")
+    merge.add_argument("--model", help="architecture of checkpoint files: torchvision:NAME or "
+                                       "package.module:factory (not for folders)")
+    merge.add_argument("--tokens", type=int, default=128,
+                       help="text calibration (a .txt file, with transformers folders): tokens "
+                            "per window")
     merge.add_argument("--kwargs", help="JSON object passed to the factory")
     merge.add_argument("--kwargs-b", help="JSON object for model B's factory, when B differs "
                                           "(e.g. another width); default: --kwargs")

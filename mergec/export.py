@@ -104,18 +104,24 @@ def save_module(module: fx.GraphModule, folder: Path, report: str | None = None,
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=STAGING, dir=folder.parent))
     try:
         _write(module, staging, report)
-        if folder.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=STAGING,
-                                            dir=folder.parent))
-            os.rename(folder, retired / folder.name)
-            os.rename(staging, folder)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, folder)
+        put_in_place(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def put_in_place(staging: Path, folder: Path) -> None:
+    """Renames a whole ``staging`` folder to ``folder``; an existing ``folder`` is moved aside
+    first and removed only after, so that one of the two is in place at every moment."""
+    if not folder.exists():
+        os.rename(staging, folder)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=STAGING,
+                                    dir=folder.parent))
+    os.rename(folder, retired / folder.name)
+    os.rename(staging, folder)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 STAGING = ".partial"  # the suffix of a save's staging folders (left behind only by a kill)

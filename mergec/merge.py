@@ -91,6 +91,13 @@ class MergeResult:
         return save_module(self.module, Path(folder), report=self.report.to_json(),
                            overwrite=overwrite)
 
+    def into(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` (model A, say) holding the merged weights: it returns what
+        ``model`` returns and saves as ``model`` saves (``save_pretrained`` for transformers).
+        Needs the merge to keep ``model``'s architecture and widths."""
+        from mergec.pretrained import into
+        return into(self.module, model)
+
     def __call__(self, *args: Any) -> Any:
         return self.module(*args)
 

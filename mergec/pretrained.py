@@ -1,0 +1,121 @@
+"""transformers folders in and out: two ``save_pretrained`` folders merged into a third.
+
+``mergec merge A_DIR B_DIR --calibration corpus.txt -o MERGED_DIR`` loads each folder with
+``AutoModel`` (offline), tokenises the calibration text with A's tokenizer into fixed-length
+windows of one token stream (no padding, so no attention mask is needed), merges, and writes
+the merged weights into a copy of model A saved with ``save_pretrained`` (its tokenizer files
+beside it): the result loads with ``AutoModel.from_pretrained`` and returns what model A
+returns. A merge whose weights do not fit model A's architecture (other widths, a partial zip)
+is saved in mergec's own format instead.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mergec.errors import CheckpointError, MergeError, require_extra
+
+
+def is_pretrained_folder(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def load_pretrained(folder: str | Path) -> nn.Module:
+    """The model of a ``save_pretrained`` folder, loaded offline with ``AutoModel``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require_extra("transformers", "models", f"model folder {str(folder)!r}")
+    import transformers
+    try:
+        return transformers.AutoModel.from_pretrained(str(folder)).eval()
+    except Exception as error:  # noqa: BLE001 - any loading failure is reported the same way
+        raise CheckpointError(f"model folder {str(folder)!r}: transformers could not load it: "
+                              f"{str(error).splitlines()[0]}") from error
+
+
+def text_calibration(path: str | Path, tokenizer_folder: str | Path, tokens: int = 128,
+                     batch_size: int = 8, batches: int | None = None
+                     ) -> list[tuple[torch.Tensor]]:
+    """Batches of token ids from a text file: every line tokenised with the folder's tokenizer,
+    the ids joined into one stream and cut into windows of ``tokens`` (the last, shorter one
+    dropped)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require_extra("transformers", "models", "text calibration")
+    import transformers
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(f"calibration {str(path)!r}: no tokenizer in "
+                              f"{str(tokenizer_folder)!r} to read text with ({error}); pass "
+                              "token ids as a tensor file instead") from error
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    stream = [i for line in lines for i in tokenizer(line, add_special_tokens=True)["input_ids"]]
+    windows = len(stream) // tokens
+    if windows == 0:
+        raise CheckpointError(f"calibration {str(path)!r} holds {len(stream)} tokens, fewer "
+                              f"than one window of {tokens}; give more text or fewer tokens")
+    ids = torch.tensor(stream[: windows * tokens]).reshape(windows, tokens)
+    chunks = [(chunk,) for chunk in ids.split(batch_size)]
+    return chunks[:batches] if batches else chunks
+
+
+def into(merged: nn.Module, model: nn.Module) -> nn.Module:
+    """A copy of ``model`` holding the merged module's weights: it returns what ``model``
+    returns (a transformers ``ModelOutput``, say). Needs every entry of ``model``'s state dict
+    in the merged one at the same shape (a full merge at the model's widths)."""
+    state, target = merged.state_dict(), model.state_dict()
+    wrong = [k for k, v in target.items() if k not in state or state[k].shape != v.shape]
+    if wrong:
+        raise MergeError(f"into: the merged weights do not fit {type(model).__name__} (e.g. "
+                         f"{wrong[0]!r}: {_shape(state.get(wrong[0]))} merged, "
+                         f"{tuple(target[wrong[0]].shape)} in the model); a merge at other "
+                         "widths or a partial zip has another architecture")
+    copied = copy.deepcopy(model)
+    shared: dict[int, str] = {}
+    for key, value in copied.state_dict(keep_vars=True).items():
+        first = shared.setdefault(id(value), key)
+        if first != key and not torch.equal(state[first], state[key]):
+            raise MergeError(f"into: {type(model).__name__} ties {first!r} to {key!r}, but "
+                             "the merge gave them different weights")
+    copied.load_state_dict({k: state[k] for k in target})
+    return copied.eval()
+
+
+def _shape(value: torch.Tensor | None) -> str:
+    return "absent" if value is None else str(tuple(value.shape))
+
+
+def save_pretrained(merged: nn.Module, model: nn.Module, source: str | Path,
+                    folder: str | Path, report: str, overwrite: bool = False) -> Path:
+    """Writes the merge as a ``save_pretrained`` folder of model A (``model``, loaded from
+    ``source``), with the tokenizer files of ``source`` and mergec's report; staged and renamed
+    into place like every result."""
+    import tempfile
+
+    from mergec.export import STAGING, put_in_place
+
+    result = into(merged, model)
+    folder = Path(folder)
+    if folder.exists() and not (overwrite and is_pretrained_folder(folder)):
+        advice = ("it holds no transformers model, so it is not replaced" if overwrite
+                  else "choose a new folder, or overwrite it")
+        raise MergeError(f"save: {str(folder)!r} already exists; {advice}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=STAGING,
+                                    dir=folder.parent))
+    try:
+        result.save_pretrained(str(staging))
+        for path in Path(source).iterdir():
+            if path.is_file() and ("token" in path.name or path.name in ("vocab.txt",
+                                                                         "merges.txt")):
+                shutil.copy2(path, staging / path.name)
+        (staging / "mergec_report.json").write_text(report)
+        put_in_place(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder

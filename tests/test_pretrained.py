@@ -1,0 +1,93 @@
+"""transformers folders in and out: ``mergec merge A_DIR B_DIR --calibration corpus.txt -o
+OUT`` writes a folder that ``AutoModel.from_pretrained`` loads, and ``MergeResult.into``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import mergec
+from mergec.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = "the a cat dog sat on mat ran far fast slow red blue green big small".split()
+
+
+def _config(hidden: int = 16) -> transformers.BertConfig:
+    return transformers.BertConfig(vocab_size=5 + len(WORDS), hidden_size=hidden,
+                                   num_hidden_layers=2, num_attention_heads=hidden // 8,
+                                   intermediate_size=2 * hidden, max_position_embeddings=64)
+
+
+def _folder(path: Path, model: torch.nn.Module) -> Path:
+    (path.parent / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                      "[MASK]", *WORDS]))
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(path.parent / "vocab.txt"))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path, Path]:
+    torch.manual_seed(0)
+    model = transformers.BertModel(_config()).eval()
+    twin = mergec.permute(model, torch.randint(0, 20, (2, 12)))
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (12,),
+                                                      generator=generator)) for _ in range(120)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines))
+    return (_folder(tmp_path / "a", model), _folder(tmp_path / "b", twin),
+            tmp_path / "corpus.txt")
+
+
+def test_two_folders_merge_into_a_folder_transformers_loads(folders, tmp_path: Path) -> None:
+    folder_a, folder_b, corpus = folders
+    code = main(["merge", str(folder_a), str(folder_b), "--calibration", str(corpus),
+                 "--tokens", "16", "--batch-size", "32", "--method", "permute", "--quiet",
+                 "-o", str(tmp_path / "merged")])
+    assert code == 0
+    merged = transformers.AutoModel.from_pretrained(str(tmp_path / "merged")).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    model_a = transformers.AutoModel.from_pretrained(str(folder_a)).eval()
+    inputs = tokenizer(["the cat sat on the mat", "a big red dog ran far"], padding=True,
+                       return_tensors="pt")
+    with torch.no_grad():
+        got, want = merged(**inputs), model_a(**inputs)
+    assert type(got) is type(want)  # a ModelOutput, as model A returns
+    # A merged with a permuted twin of itself is A again
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-4,
+                               atol=1e-4)
+    report = json.loads((tmp_path / "merged" / "mergec_report.json").read_text())
+    assert report["method"] == "permute" and report["inputs"]["sha256"]["model_a"]
+
+
+def test_into_gives_model_a_with_the_merged_weights() -> None:
+    torch.manual_seed(0)
+    model_a, model_b = (transformers.BertModel(_config()).eval() for _ in range(2))
+    x = torch.randint(0, 20, (16, 12))
+    result = mergec.merge(model_a, model_b, x[:2], [(x,)], progress=False)
+    model = result.into(model_a)
+    assert type(model) is type(model_a) and model is not model_a
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).last_hidden_state,
+                                   result.module(x).last_hidden_state)
+
+
+def test_into_refuses_a_model_of_other_widths() -> None:
+    torch.manual_seed(0)
+    model_a, model_b = (transformers.BertModel(_config(16)).eval() for _ in range(2))
+    x = torch.randint(0, 20, (16, 12))
+    result = mergec.merge(model_a, model_b, x[:2], [(x,)], method="average", progress=False)
+    with pytest.raises(mergec.MergeError, match=r"do not fit BertModel .*\(21, 24\) in the model"):
+        result.into(transformers.BertModel(_config(24)))
+
+
+def test_a_folder_and_a_checkpoint_file_are_refused(folders, tmp_path: Path, capsys) -> None:
+    folder_a, _, corpus = folders
+    assert main(["merge", str(folder_a), str(corpus), "--calibration", str(corpus),
+                 "-o", str(tmp_path / "out")]) == 1
+    assert "both be checkpoint files or both transformers folders" in capsys.readouterr().err
