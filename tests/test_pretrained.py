@@ -91,3 +91,24 @@ def test_a_folder_and_a_checkpoint_file_are_refused(folders, tmp_path: Path, cap
     assert main(["merge", str(folder_a), str(corpus), "--calibration", str(corpus),
                  "-o", str(tmp_path / "out")]) == 1
     assert "both be checkpoint files or both transformers folders" in capsys.readouterr().err
+
+
+def test_a_saved_merge_at_unchanged_widths_loads_into_the_models_class(tmp_path: Path) -> None:
+    """weights.safetensors of a full merge is a state dict of model A's own class."""
+    from safetensors.torch import load_file
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+    model_a, model_b = net(), net()
+    x = torch.randn(32, 3, 8, 8)
+    result = mergec.merge(model_a, model_b, x[:2], [(x,)], progress=False)
+    result.save(tmp_path / "merged")
+    fresh = net()
+    fresh.load_state_dict(load_file(str(tmp_path / "merged" / "weights.safetensors")))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), result.module(x))
