@@ -32,12 +32,12 @@ def merge_entry(tensors: tuple[torch.Tensor, torch.Tensor], bindings: list[Bindi
     reference = tensors[0]
     if not reference.is_floating_point():
         return reference.clone()
-    groups = max((b.groups for b in bindings), default=1)
+    groups = _group_counts(tensors[0], bindings, plans)
     merged = None
     for model, tensor in enumerate(tensors):
         work = tensor.to(torch.float64)
-        if groups > 1:
-            work = block_diagonal(work, groups)
+        if groups is not None:
+            work = block_diagonal(work, groups[model])
         for binding in bindings:
             plan = plans[binding.space]
             if binding.role == "consumes":
@@ -46,12 +46,26 @@ def merge_entry(tensors: tuple[torch.Tensor, torch.Tensor], bindings: list[Bindi
             else:
                 merge = plan.merge_a if model == 0 else plan.merge_b
                 work = apply_along(work, binding.axis, merge)
-        if groups > 1:
-            work = diagonal_blocks(work, groups)
+        if groups is not None:
+            work = diagonal_blocks(work, groups[2])
         merged = work if merged is None else merged + work
     if not any(b.role != "consumes" for b in bindings):
         merged = merged / 2
     return merged.to(reference.dtype)
+
+
+def _group_counts(tensor: torch.Tensor, bindings: list[Binding],
+                  plans: Mapping[str, MergePlan]) -> tuple[int, int, int] | None:
+    """A grouped convolution's group counts in A, in B and merged (None for other entries):
+    the channels of one group (the weight's input axis) stay, their number follows the width of
+    the input space in each model and merged (a depthwise conv has as many groups as
+    channels)."""
+    grouped = next((b for b in bindings if b.groups > 1), None)
+    if grouped is None:
+        return None
+    per_group = tensor.shape[grouped.axis]
+    plan = plans[grouped.space]
+    return plan.dim_a // per_group, plan.dim_b // per_group, plan.width // per_group
 
 
 def _b_alone(tensor: torch.Tensor, bindings: list[Binding], plans: Mapping[str, MergePlan],
