@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
@@ -43,7 +43,8 @@ def budget(examples: int) -> settings:
     run, and no shrinking (a shrink step costs several merges; the failing case prints whole)."""
     return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
                     phases=[Phase.explicit, Phase.generate],
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
 
 
 def outputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -64,15 +65,45 @@ def merged(model_a: nn.Module, model_b: nn.Module, pair: archgen.Pair,
     return result
 
 
+def merged_or_unreachable(model_a: nn.Module, model_b: nn.Module, pair: archgen.Pair,
+                          **options: Any) -> mergec.MergeResult:
+    """:func:`merged`, the example left out where elastic zip cannot reach the width because
+    of constant units (test_elastic_width_below_the_constant_units_gives_that_width)."""
+    try:
+        return merged(model_a, model_b, pair, **options)
+    except mergec.MergecError as error:
+        assume("no mergeable pair is left before the target width" not in str(error))
+        raise
+
+
 def models(pair: archgen.Pair, seed: int) -> tuple[nn.Module, nn.Module]:
     """Model A and model B of ``pair``, initialised independently."""
     return pair.build(archgen.A, seed), pair.build(archgen.B, seed + 1)
 
 
+def has_ties(moments: dict[str, Any]) -> bool:
+    """Whether some space has units that a matcher cannot tell apart on the calibration data:
+    a constant unit (dead after a ReLU: correlation 0 with everything, itself included) or two
+    units of correlation ±1. The greedy and Hungarian solvers break such ties by position, and
+    positions change when the models are swapped."""
+    for moment in moments.values():
+        correlation = moment.correlation()
+        off_diagonal = correlation - torch.diag(correlation.diagonal())
+        if bool((correlation.diagonal() < 0.5).any()) or \
+                bool((off_diagonal.abs() > 1 - 1e-6).any()):
+            return True
+    return False
+
+
 def assert_symmetric(pair: archgen.Pair, seed: int, **options: Any) -> None:
-    """merge(A, B) and merge(B, A) compute the same function, which is neither parent's."""
+    """merge(A, B) and merge(B, A) compute the same function, which is neither parent's
+    (examples whose units tie on the calibration data are left out)."""
     model_a, model_b = models(pair, seed)
-    forward = merged(model_a, model_b, pair, **options)
+    moments: dict[str, Any] = {}
+    record = lambda name, state: moments.update(state.moments or {})  # noqa: E731
+    forward = merged_or_unreachable(model_a, model_b, pair, callback=record, **options)
+    if options.get("method", "zip") in ("permute", "zip", "mudsc"):  # they read activations
+        assume(not has_ties(moments))
     backward = merged(model_b, model_a, pair, **options)
     x = pair.inputs
     torch.testing.assert_close(outputs(forward.module, x), outputs(backward.module, x),
@@ -86,29 +117,28 @@ def assert_symmetric(pair: archgen.Pair, seed: int, **options: Any) -> None:
 # Invariant 3: merge(A, B) and merge(B, A) compute the same function
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", SYMMETRIC_METHODS)
-@budget(3)
+@budget(2)
 @given(pair=archgen.pairs(same=True, per_channel=False), seed=seeds)
 def test_merge_is_symmetric(method: str, pair: archgen.Pair, seed: int) -> None:
     """Over every family (LayerNorm, attention and fused qkv included), at one width."""
     assert_symmetric(pair, seed, method=method)
 
 
-@pytest.mark.parametrize("repair, method", [
-    pytest.param("reset", m, marks=MUDSC_ASYMMETRIC) if m == "mudsc" else ("reset", m)
-    for m in METHODS] + [("repair", "permute"), ("repair", "zip")])
-@budget(2)
-@given(pair=archgen.pairs(family="conv", same=True), seed=seeds)
-def test_merge_is_symmetric_with_batch_norm_reset(repair: str, method: str,
-                                                   pair: archgen.Pair, seed: int) -> None:
+@budget(6)
+@given(pair=archgen.pairs(family="conv", same=True), seed=seeds,
+       method=st.sampled_from([m for m in METHODS if m != "mudsc"]),
+       repair=st.sampled_from(["reset", "repair"]))
+def test_merge_is_symmetric_with_batch_norm_reset(pair: archgen.Pair, seed: int, method: str,
+                                                   repair: str) -> None:
     """Conv nets, whose stem and conv blocks carry BatchNorms: the reset recomputes their
     statistics on the calibration data, REPAIR also rescales the merged channels."""
     assert_symmetric(pair, seed, method=method, repair=repair)
 
 
-@pytest.mark.parametrize("width", ["max", "min", "sum", 5, 0.5])
-@budget(2)
-@given(pair=archgen.pairs(per_channel=False), seed=seeds)
-def test_elastic_zip_is_symmetric(width: Any, pair: archgen.Pair, seed: int) -> None:
+@budget(6)
+@given(pair=archgen.pairs(per_channel=False), seed=seeds,
+       width=st.sampled_from(["max", "min", "sum", 5, 0.5]))
+def test_elastic_zip_is_symmetric(pair: archgen.Pair, seed: int, width: Any) -> None:
     """Between models of different widths: the rules that do not name a model."""
     assert_symmetric(pair, seed, method="zip", width=width)
 
@@ -136,7 +166,7 @@ def assert_shapes_of(module: nn.Module, expected: nn.Module) -> None:
     assert not wrong, f"entries with another shape (merged, expected): {wrong}"
 
 
-@budget(8)
+@budget(6)
 @given(pair=archgen.pairs(), seed=seeds)
 def test_width_sum_is_the_logit_ensemble(pair: archgen.Pair, seed: int) -> None:
     model_a, model_b = models(pair, seed)
@@ -162,14 +192,18 @@ def test_width_sum_is_the_logit_ensemble_for_every_block_kind(kind: str) -> None
     check()
 
 
-@pytest.mark.parametrize("width", ["max", "min", "a", "b", 5, 0.6])
-@budget(3)
-@given(pair=archgen.pairs(per_channel=False), seed=seeds)
-def test_elastic_width_gives_spaces_of_that_width(width: Any, pair: archgen.Pair,
-                                                  seed: int) -> None:
+@budget(8)
+@given(pair=archgen.pairs(per_channel=False), seed=seeds,
+       width=st.sampled_from(["max", "min", "a", "b", 5, 0.6]))
+def test_elastic_width_gives_spaces_of_that_width(pair: archgen.Pair, seed: int,
+                                                  width: Any) -> None:
     model_a, model_b = models(pair, seed)
-    result = merged(model_a, model_b, pair, width=width)
+    result = merged_or_unreachable(model_a, model_b, pair, width=width)
     assert_shapes_of(result.module, pair.build(count_rule(width)))
+    widths, state = result.report.options["widths"], result.module.state_dict()
+    for binding in result.report.spec.bindings:  # the report says the widths it gave
+        if binding.groups == 1:  # (a grouped conv's input axis holds one group)
+            assert state[binding.key].shape[binding.axis] == widths[binding.space], binding
     x = pair.inputs
     assert outputs(result.module, x).shape == outputs(model_a, x).shape
 
