@@ -157,12 +157,10 @@ def _signature(block: Block, state: dict[str, torch.Tensor]) -> tuple:
 
 
 def _align_stages(matrices: list[torch.Tensor], stages_shallow: Stages, stages_deep: Stages,
-                  states: tuple[dict, dict], variant: str) -> tuple[DepthPlan, dict[str, str]]:
+                  states: tuple[dict, dict], variant: str) -> DepthPlan:
     """Per stage, the monotone alignment of the shallow model's blocks to the deep model's
-    blocks of the same state shapes with the largest total CKA. Returns the plan and, for every
-    module of an aligned deep block, the shallow model's module that it takes its state from."""
+    blocks of the same state shapes with the largest total CKA."""
     plan = DepthPlan()
-    mapping: dict[str, str] = {}
     for stage, (cka, shallow, deep) in enumerate(zip(matrices, stages_shallow, stages_deep)):
         # ties (an identity block repeats its input) go to the earlier deep block
         tie_break = 1e-9 * torch.arange(cka.shape[1], dtype=cka.dtype)
@@ -175,30 +173,61 @@ def _align_stages(matrices: list[torch.Tensor], stages_shallow: Stages, stages_d
         except MergeError as error:
             raise MergeError(f"align-depth: stage {stage} ({shallow[0].path} ...): {error}; "
                              "the models are not of one family") from None
-        for i, j in enumerate(alignment.mapping):
-            mapping.update(zip(deep[j].modules, shallow[i].modules))
         plan.stages.append({"stage": stage, "cka": cka, "mapping": list(alignment.mapping),
                             "shallow": [b.path for b in shallow],
                             "deep": [b.path for b in deep]})
         plan.padded_paths += [m for j in alignment.padding for m in deep[j].modules]
-    return plan, mapping
+    return plan
+
+
+def _read_order(module: fx.GraphModule, skipped: set[str] = frozenset()) -> list[str]:
+    """The state-dict keys the graph reads, in the order it first reads them, but for keys of
+    the ``skipped`` modules."""
+    keys = (str(node.target) for node in module.graph.nodes if node.op == "get_attr")
+    return [key for key in dict.fromkeys(keys)
+            if not any(key.startswith(m + ".") for m in skipped)]
+
+
+def structural_sources(module_shallow: fx.GraphModule, module_deep: fx.GraphModule,
+                       padded_modules: set[str]) -> dict[str, str]:
+    """For every state-dict key of the deep model outside the padded blocks, the shallow
+    model's key at the same place in the graph. With the padded blocks taken out, the deep
+    graph reads its state in the order the shallow graph reads its own: keys pair by that
+    order, never by name (a deeper sibling that numbers its blocks flat, ``blocks.0 ...
+    blocks.15``, shifts every later name). Keys the graph does not read
+    (``num_batches_tracked``) follow their module's pairing."""
+    deep = _read_order(module_deep, padded_modules)
+    shallow = _read_order(module_shallow)
+    if len(deep) != len(shallow):
+        raise MergeError(f"align-depth: without its {len(padded_modules)} padded modules the "
+                         f"deep model reads {len(deep)} weights and the shallow model "
+                         f"{len(shallow)}; the two models are not of one family")
+    sources = dict(zip(deep, shallow))
+    modules = {d.rpartition(".")[0]: s.rpartition(".")[0] for d, s in sources.items()}
+    for key in module_deep.state_dict():
+        owner, _, leaf = key.rpartition(".")
+        if key not in sources and owner in modules \
+                and not any(key.startswith(m + ".") for m in padded_modules):
+            sources[key] = f"{modules[owner]}.{leaf}" if modules[owner] else leaf
+    return sources
 
 
 def _padded_state(shallow_state: dict[str, torch.Tensor], deep_state: dict[str, torch.Tensor],
-                  mapping: dict[str, str], padded_modules: set[str]) -> dict[str, torch.Tensor]:
-    """The deep model's state dict filled from the shallow model: aligned blocks take their
-    shallow block's state, padded blocks (made identities next) keep the deep model's."""
+                  sources: dict[str, str], padded_modules: set[str]) -> dict[str, torch.Tensor]:
+    """The deep model's state dict filled from the shallow model: every key outside the
+    padded blocks takes the shallow key at its place in the graph, padded blocks (made
+    identities next) keep the deep model's."""
     state = {}
     for key, value in deep_state.items():
-        owner = next((m for m in (*mapping, *padded_modules) if key.startswith(m + ".")), None)
-        if owner in padded_modules:
+        if any(key.startswith(m + ".") for m in padded_modules):
             state[key] = value.clone()
             continue
-        source = key if owner is None else mapping[owner] + key[len(owner):]
+        source = sources.get(key, key)
         if source not in shallow_state or shallow_state[source].shape != value.shape:
-            raise MergeError(f"align-depth: the shallow model has no entry {source!r} of "
-                             f"shape {tuple(value.shape)} for the deep model's {key!r}; "
-                             "the two models are not of one family")
+            found = tuple(shallow_state[source].shape) if source in shallow_state else "none"
+            raise MergeError(f"align-depth: the deep model's {key!r} {tuple(value.shape)} sits "
+                             f"where the shallow model has {source!r} ({found}); the two "
+                             "models are not of one family")
         state[key] = shallow_state[source].clone()
     return state
 
@@ -235,8 +264,10 @@ def pad_shallow(module_shallow: fx.GraphModule, module_deep: fx.GraphModule,
     matrices = block_cka(module_shallow, module_deep, stages_shallow, stages_deep,
                          calibration, example, device)
     states = (module_shallow.state_dict(), module_deep.state_dict())
-    plan, mapping = _align_stages(matrices, stages_shallow, stages_deep, states, variant)
-    state = _padded_state(*states, mapping, set(plan.padded_paths))
+    plan = _align_stages(matrices, stages_shallow, stages_deep, states, variant)
+    padded_modules = set(plan.padded_paths)
+    sources = structural_sources(module_shallow, module_deep, padded_modules)
+    state = _padded_state(*states, sources, padded_modules)
     _make_identities(module_deep, stages_deep, state, plan)
     padded = copy.deepcopy(module_deep)
     padded.load_state_dict(state)

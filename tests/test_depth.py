@@ -284,3 +284,64 @@ def test_post_norm_blocks_that_cannot_be_identities_are_refused():
     ids = torch.randint(0, 50, (32, 8))
     with pytest.raises(mergec.MergecError, match="does not compute the shallow model"):
         mergec.merge(make(2), make(3), ids[:4], [(ids,)], progress=False)
+
+
+class _Residual(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1, bias=False), \
+            nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), \
+            nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def _conv_bn(width_in: int, width_out: int, stride: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(width_in, width_out, 3, stride, 1, bias=False),
+                         nn.BatchNorm2d(width_out), nn.ReLU())
+
+
+class _FlatNet(nn.Module):
+    """A stem, ``first`` residual blocks at width 8, a strided block to width 16 and
+    ``second`` residual blocks, numbered flat (``blocks.0 ... blocks.N``) as EfficientNet's
+    ``_blocks`` are: a deeper sibling shifts the names of every later block."""
+
+    def __init__(self, first: int, second: int):
+        super().__init__()
+        self.blocks = nn.Sequential(_conv_bn(1, 8, 1), *(_Residual(8) for _ in range(first)),
+                                    _conv_bn(8, 16, 2), *(_Residual(16) for _ in range(second)))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+def test_a_deeper_sibling_with_flat_numbered_blocks_aligns_by_structure():
+    """Shallow blocks 0-4 (stem, R8, R8, down, R16); the deep sibling (stem, R8, R8, R8,
+    down, R16, R16) holds them at 0, 1, 3, 4, 5 with identities at 2 (mid-stage) and 6."""
+    torch.manual_seed(0)
+    shallow = _randomize_batch_norm(_FlatNet(2, 1))
+    deep = _randomize_batch_norm(_FlatNet(3, 2))
+    state, source = deep.state_dict(), shallow.state_dict()
+    places = {0: 0, 1: 1, 3: 2, 4: 3, 5: 4}
+    for key in state:
+        block, rest = key.split(".", 2)[1:] if key.startswith("blocks.") else (None, key)
+        if block is None:
+            state[key] = source[key].clone()
+        elif int(block) in places:
+            state[key] = source[f"blocks.{places[int(block)]}.{rest}"].clone()
+        elif rest.startswith("bn2.weight") or rest.startswith("bn2.bias"):
+            state[key] = torch.zeros_like(state[key])
+    deep.load_state_dict(state)
+    x = torch.randn(64, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x), shallow(x))
+    result = mergec.merge(shallow, deep, x[:4], [(b,) for b in x.split(32)], method="permute",
+                          repair=None, progress=False)
+    plan = result.report.depth
+    assert [stage["mapping"] for stage in plan.stages] == [[0, 2], [0]]
+    assert plan.padded_paths == ["blocks.2", "blocks.6"]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), shallow(x), rtol=1e-4, atol=1e-4)
