@@ -208,6 +208,54 @@ def test_elastic_width_gives_spaces_of_that_width(pair: archgen.Pair, seed: int,
     assert outputs(result.module, x).shape == outputs(model_a, x).shape
 
 
+def two_widths(a: int, b: int, unit: int = 1) -> archgen.Width:
+    return archgen.Width.of(a, b, unit)
+
+
+# architectures at two widths whose merge once failed: the group count of a depthwise or
+# grouped convolution and the sizes of split_with_sizes were A's in the merged graph, and
+# a grouped weight was cut at A's group count in B too
+ONCE_FAILED = {
+    "depthwise": archgen.Pair(
+        "depthwise", (archgen.ConvBN, (3, two_widths(3, 5), 3, True, "gelu")),
+        [(archgen.Depthwise, (two_widths(3, 5), "tanh"))],
+        (archgen.PoolHead, (two_widths(3, 5), 3, False)), (64, 3, 4, 4), 0),
+    "split": archgen.Pair(
+        "split", (archgen.ConvBN, (3, two_widths(4, 3), 3, False, "gelu")),
+        [(archgen.SplitBranches, (two_widths(4, 3), two_widths(2, 3) + two_widths(3, 2),
+                                  two_widths(2, 3), (two_widths(2, 3), two_widths(3, 2)),
+                                  "split"))],
+        (archgen.PoolHead, (two_widths(2, 3) + two_widths(3, 2), 3, True)), (64, 3, 4, 4), 1),
+    "grouped": archgen.Pair(
+        "grouped", (archgen.ConvBN, (3, two_widths(6, 4), 3, True, "gelu")),
+        [(archgen.Grouped, (two_widths(6, 4), two_widths(3, 2, 2), two_widths(3, 2, 2),
+                            two_widths(3, 2)))],
+        (archgen.PoolHead, (two_widths(3, 2, 2), 4, False)), (64, 3, 6, 6), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONCE_FAILED))
+def test_width_sum_is_the_logit_ensemble_where_it_once_failed(name: str) -> None:
+    test_width_sum_is_the_logit_ensemble.hypothesis.inner_test(ONCE_FAILED[name], 153)
+
+
+def test_elastic_zip_over_groups_is_symmetric_when_three_merge_into_one() -> None:
+    """3 and 2 GroupNorm groups zipped to 2: a merged group of three once took the units'
+    order of A's first group, and merge(B, A) that of B's."""
+    pair = archgen.Pair(
+        "group_norm", (archgen.ConvBN, (3, two_widths(6, 6), 3, False, "relu")),
+        [(archgen.GroupNormBlock, (two_widths(6, 6), two_widths(3, 2, 2), two_widths(3, 2),
+                                   "relu"))],
+        (archgen.PoolHead, (two_widths(3, 2, 2), 3, False)), (64, 3, 4, 4), 8635)
+    model_a, model_b = models(pair, 465)
+    forward = merged(model_a, model_b, pair, width="min")
+    backward = merged(model_b, model_a, pair, width="min")
+    groups = next(s for s in forward.report.matches.values() if "merged blocks" in s)
+    assert max(map(len, groups["merged blocks"])) == 3
+    torch.testing.assert_close(outputs(forward.module, pair.inputs),
+                               outputs(backward.module, pair.inputs), rtol=RTOL, atol=ATOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # Where the invariants do not hold yet
 # ---------------------------------------------------------------------------------------------
