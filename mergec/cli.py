@@ -254,7 +254,8 @@ def _load_models(args: argparse.Namespace) -> tuple:
 
     if _pretrained_inputs(args):
         from mergec.pretrained import load_pretrained
-        return load_pretrained(args.model_a), load_pretrained(args.model_b)
+        return tuple(load_pretrained(folder, progress=not args.quiet)
+                     for folder in (args.model_a, args.model_b))
     kwargs = parse_kwargs(args.kwargs)
     kwargs_b = parse_kwargs(args.kwargs_b) if args.kwargs_b else kwargs
     models = []

@@ -25,11 +25,14 @@ def is_pretrained_folder(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
-def load_pretrained(folder: str | Path) -> nn.Module:
-    """The model of a ``save_pretrained`` folder, loaded offline with ``AutoModel``."""
+def load_pretrained(folder: str | Path, progress: bool = True) -> nn.Module:
+    """The model of a ``save_pretrained`` folder, loaded offline with ``AutoModel``
+    (transformers' progress bars off unless ``progress``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     require_extra("transformers", "models", f"model folder {str(folder)!r}")
     import transformers
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
     try:
         return transformers.AutoModel.from_pretrained(str(folder)).eval()
     except Exception as error:  # noqa: BLE001 - any loading failure is reported the same way
