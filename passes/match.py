@@ -40,7 +40,11 @@ from torch import fx
 
 from mergec.algorithms import blocks, solvers
 from mergec.algorithms.blocks import Placement, place
-from mergec.algorithms.covariance import JointMoments, activation_similarity
+from mergec.algorithms.covariance import (
+    DEAD_UNIT_RELATIVE_VARIANCE,
+    JointMoments,
+    activation_similarity,
+)
 from mergec.algorithms.solvers import BlockSolver, MergePlan
 from mergec.algorithms.weight_matching import as_permutation, weight_similarity
 from mergec.errors import MergeError
@@ -302,17 +306,19 @@ class WeightSimilarities:
         self.similarities: dict[str, tuple[tuple, torch.Tensor]] = {}
         self.unknown: set[str] = set()
 
-    def __call__(self, leaf: str) -> torch.Tensor:
-        """The joint ``(2 d × 2 d)`` weight similarity of ``leaf`` under the current plans."""
+    def __call__(self, leaf: str, among: torch.Tensor | None = None) -> torch.Tensor:
+        """The joint ``(2 d × 2 d)`` weight similarity of ``leaf`` under the current plans;
+        only between the units ``among`` where given (the rest 0)."""
         axes, units, aligned = self._layout(leaf)
         versions = tuple((self.versions[space], self.known(space)) for space in aligned)
+        versions += (None if among is None else tuple(among.tolist()),)
         kept = self.similarities.get(leaf)
         if kept is not None and kept[0] == versions:
             return kept[1]
         align_b = {space: self._alignment(space) if self.known(space) else None
                    for space in aligned}
         similarity = weight_similarity(self.params_a, self.params_b, axes, units, align_b,
-                                       self.spec.spaces[leaf].size)
+                                       self.spec.spaces[leaf].size, among)
         self.similarities[leaf] = versions, similarity
         return similarity
 
@@ -510,7 +516,7 @@ class Match:
         (:func:`~mergec.algorithms.covariance.activation_similarity`'s ``tie_break``), until
         no plan changes. merge(A, π(A)) then recovers A wherever the weights identify π."""
         tied = dict.fromkeys(_members(spec, leaf, groups)[0] for leaf in leaves
-                             if leaf in moments and _has_constant_units(moments[leaf]))
+                             if leaf in moments and len(_constant_units(moments[leaf])))
         if not tied:
             return
         weights = WeightSimilarities(spec, *params, plans)
@@ -569,7 +575,8 @@ class Match:
             return self.weight_beta * weights + (1 - self.weight_beta) * activation
         if observed is None:
             return None
-        tie_break = ties(leaf) if ties is not None and _has_constant_units(observed) else None
+        constant = _constant_units(observed)
+        tie_break = ties(leaf, constant) if ties is not None and len(constant) else None
         return activation_similarity(observed, spec.spaces[leaf].size, tie_break)
 
     def _solve_leaf(self, spec: UnitSpec, leaf: str, groups: dict, solve: BlockSolver,
@@ -774,10 +781,13 @@ def _block_groups(spec: UnitSpec, leaves: list[str]) -> dict:
     return {"members": members, "order_of": orders, "fixed_order": fixed_order}
 
 
-def _has_constant_units(moments: JointMoments) -> bool:
-    """Whether a unit of either model is constant on the calibration data: its correlation
-    with itself is 0 (:meth:`~mergec.algorithms.covariance.JointMoments.correlation`)."""
-    return bool((moments.correlation().diagonal() == 0).any())
+def _constant_units(moments: JointMoments) -> torch.Tensor:
+    """The units of ``[x_a; x_b]`` constant on the calibration data, those whose correlation
+    with themselves :meth:`~mergec.algorithms.covariance.JointMoments.correlation` sets to 0,
+    found from the diagonal alone (a wide space's whole correlation costs d^2)."""
+    mean_square = moments.sum_outer.diagonal() / moments.count
+    variance = mean_square - moments.mean ** 2
+    return (variance <= DEAD_UNIT_RELATIVE_VARIANCE * mean_square).nonzero().squeeze(1).cpu()
 
 
 def _members(spec: UnitSpec, leaf: str, groups: dict) -> list[str]:

@@ -195,8 +195,9 @@ def activation_similarity(moments: JointMoments | None, size: int,
     never merges within its own model (-inf); across models it is as similar (1) to a unit
     constant at the same value as to any other such unit, and 0 to the rest: calibration cannot
     tell those apart. ``tie_break``, a joint similarity of the same units in [-1, 1] (their
-    weight similarity), orders them: ``tie_scale * tie_break`` is added to the constant units'
-    cross-model entries, a step far below the gap of 1 between the two levels. Ties left
+    weight similarity; only its entries between two constant units are read), orders them:
+    ``tie_scale * tie_break`` is added to the similarity of every two constant units of
+    different models, a step far below the gap of 1 between the two levels. Ties left
     go to the unit of the same index (a 1e-6 bonus), which is exact for a model and its copy.
 
     >>> moments = JointMoments(2, 2)
@@ -222,9 +223,10 @@ def activation_similarity(moments: JointMoments | None, size: int,
         across = model_of[constant][:, None] != model_of[constant][None, :]
         pairs = (equal & across).nonzero()
         joint[constant[pairs[:, 0]], constant[pairs[:, 1]]] = 1.0
-        rows = joint[constant]
         if tie_break is not None:
-            rows += tie_scale * tie_break.to(torch.float64).cpu()[constant]
+            between = tie_break.to(torch.float64).cpu()[constant[:, None], constant[None, :]]
+            joint[constant[:, None], constant[None, :]] += tie_scale * between
+        rows = joint[constant]
         same_model = model_of[constant][:, None] == model_of[None, :]
         same_model[torch.arange(len(constant)), constant] = False  # itself stays 0
         rows = rows.masked_fill(same_model, -math.inf)

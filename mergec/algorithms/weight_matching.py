@@ -23,7 +23,8 @@ Axes = Mapping[str, Sequence[tuple[int, str]]]
 
 def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Tensor],
                       axes: Axes, units: Mapping[str, Sequence[Tensor]],
-                      align_b: Mapping[str, Tensor | None], size: int) -> Tensor:
+                      align_b: Mapping[str, Tensor | None], size: int,
+                      among: Tensor | None = None) -> Tensor:
     """Joint ``(2 size × 2 size)`` cosine similarity of ``size`` units in A and in B.
 
     ``units[space]`` says where the units sit along the axes of ``space``: one tensor of
@@ -36,7 +37,9 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
     product. ``align_b[space]`` None says that B's order of ``space`` is not known yet: a
     parameter slice that runs along such an axis says nothing of the units and is left out
     (weight matching's first sweep, :mod:`mergec.passes.match`). Float64, on the CPU; a unit
-    without weights is similar to nothing (0).
+    without weights is similar to nothing (0). ``among`` (indices into the ``2 size`` units,
+    A's first) asks only for the similarities between those units, at a fraction of the cost
+    when they are few; the other entries are 0.
 
     >>> params = {"fc.weight": torch.tensor([[1.0, 0.0], [1.0, 1.0]])}
     >>> weight_similarity(params, params, {"fc.weight": [(0, "h")]},
@@ -44,7 +47,9 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
     tensor([[1.0000, 0.7071],
             [0.7071, 1.0000]], dtype=torch.float64)
     """
-    gram = torch.zeros(2 * size, 2 * size, dtype=torch.float64)
+    chosen = torch.arange(2 * size) if among is None else among.cpu().sort().values
+    chosen_a, chosen_b = chosen[chosen < size], chosen[chosen >= size] - size
+    gram = torch.zeros(len(chosen), len(chosen), dtype=torch.float64)
     for key, bound in axes.items():
         for index, (axis, space) in enumerate(bound):
             if space not in units:
@@ -55,15 +60,21 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
                 continue
             a = params_a[key].detach().to(torch.float64).cpu()
             b = params_b[key].detach().to(torch.float64).cpu()
-            for other_axis, alignment in others:
-                b = _align(b, other_axis, alignment)
             for positions in units[space]:
-                vectors_a = a.index_select(axis, positions).movedim(axis, 0)
-                vectors_b = b.index_select(axis, positions).movedim(axis, 0)
-                stacked = torch.cat([vectors_a.reshape(size, -1), vectors_b.reshape(size, -1)])
+                vectors_a = a.index_select(axis, positions[chosen_a])
+                vectors_b = b.index_select(axis, positions[chosen_b])
+                for other_axis, alignment in others:
+                    vectors_b = _align(vectors_b, other_axis, alignment)
+                stacked = torch.cat([vectors_a.movedim(axis, 0).reshape(len(chosen_a), -1),
+                                     vectors_b.movedim(axis, 0).reshape(len(chosen_b), -1)])
                 gram += stacked @ stacked.T
     norms = gram.diagonal().clamp_min(1e-12).sqrt()
-    return gram / norms[:, None] / norms[None, :]
+    similarity = gram / norms[:, None] / norms[None, :]
+    if among is None:
+        return similarity
+    full = torch.zeros(2 * size, 2 * size, dtype=torch.float64)
+    full[chosen[:, None], chosen[None, :]] = similarity
+    return full
 
 
 def as_permutation(matrix: Tensor) -> Tensor | None:
