@@ -19,6 +19,11 @@ Three families, built from blocks that each know their own expectations:
 Structure-imposing ops (GroupNorm, grouped conv, split) act on a space the block creates itself,
 so that the expectations hold in any composition of blocks.
 
+:func:`pairs` draws one architecture of these blocks as a :class:`Pair` of layer constructors
+whose widths are :class:`Width` values (a count in model A and one in model B), so that the
+same architecture builds at the same widths, at two random widths, or at the widths a merge
+should give (``pair.build(max)``): the merges of invariants 3 and 5.
+
 Example::
 
     @given(archgen.cases())
