@@ -1,24 +1,38 @@
-"""What annotate-units discovers on real architectures, and what it costs; writes docs/coverage.md.
+"""What annotate-units discovers on real architectures, what it costs, and whether whole model
+zoos trace, permute and merge; writes docs/coverage.md.
 
-For every model: graph size, spaces, free spaces, coverage (fraction of parameter and buffer
-elements with an axis in a free space), the time of trace and of annotate-units, annotate-units'
-time as a multiple of one forward pass of the same model on the same input (measured in this
-process, medians of a few runs), and, for every space that is fixed (identity only) or whose
-blocks are fixed inside, the reason annotate-units gave, grouped.
+*Discovery* (a few models, timed): graph size, spaces, free spaces, coverage (fraction of
+parameter and buffer elements with an axis in a free space), the time of trace and of
+annotate-units, annotate-units' time as a multiple of one forward pass of the same model on the
+same input (measured in this process, medians of a few runs), and, for every space that is fixed
+(identity only) or whose blocks are fixed inside, the reason annotate-units gave, grouped.
+
+*The zoo* (every torchvision classification model, small configs of transformers
+architectures): per model whether it traces, its coverage as loaded, invariant 1 (a randomly
+permuted copy computes the same function), and whether merging the model with its permuted copy
+gives the model back (weight matching; activation matching on a few random batches), with the
+seconds of each step and the error of every step that fails. A failing model is a row, not a
+crash; the document is rewritten after every model.
 
 Weights are random (nothing is downloaded). Run from the repository root::
 
-    python benchmarks/coverage.py                 # all models, writes docs/coverage.md
-    python benchmarks/coverage.py --only resnet18 --out /tmp/coverage.md
+    python benchmarks/coverage.py                        # both parts, writes docs/coverage.md
+    python benchmarks/coverage.py --part zoo --quick     # the zoo on a handful of models
+    python benchmarks/coverage.py --part zoo --only resnet18 BertModel --out /tmp/zoo.md
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
+import inspect
 import os
 import platform
 import re
 import statistics
+import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,11 +43,15 @@ import torch
 import torchvision
 import transformers
 from torch import nn
+from torch.utils import _pytree as pytree
 
 import mergec
 from mergec.ir.fx import STATE_KEYS
 from mergec.ir.spec import UnitSpec
 from mergec.passes.annotate_units import annotate_units
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _doc import write_section  # noqa: E402
 
 BATCH = 2
 
@@ -164,6 +182,310 @@ def measure(entry: Entry, repeats: int) -> Result:
 
 
 # ---------------------------------------------------------------------------------------------
+# The zoo run: every torchvision classification model and small transformers architectures,
+# traced, discovered, permuted (invariant 1) and merged with a permuted copy of themselves
+# ---------------------------------------------------------------------------------------------
+SMALL_INPUT, LARGE_INPUT = 64, 224
+CALIBRATION_BATCHES = 3
+INVARIANT_TOLERANCE, MERGE_TOLERANCE = 1e-4, 1e-3
+METHODS = ("weight-match", "permute")
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One zoo model: a constructor, example inputs drawn with a seed (the tuple of
+    ``forward``'s positional inputs), and its size for ordering (parameters, 0 unknown)."""
+
+    name: str
+    family: str  # "torchvision" or "transformers"
+    build: Callable[[], nn.Module]
+    example: Callable[[int], tuple]
+    input: str
+    parameters: int = 0
+
+
+def _image_batch(size: int) -> Callable[[int], tuple]:
+    return lambda seed: (torch.randn(BATCH, 3, size, size,
+                                     generator=torch.Generator().manual_seed(seed)),)
+
+
+def _token_batch(length: int = 16, vocab: int = 100) -> Callable[[int], tuple]:
+    return lambda seed: (torch.randint(0, vocab, (BATCH, length),
+                                       generator=torch.Generator().manual_seed(seed)),)
+
+
+def _audio_batch(samples: int) -> Callable[[int], tuple]:
+    return lambda seed: (torch.randn(BATCH, samples,
+                                     generator=torch.Generator().manual_seed(seed)),)
+
+
+def torchvision_zoo() -> list[ZooEntry]:
+    """Every classification model of torchvision, smallest first (parameter counts from the
+    weights' metadata: nothing is downloaded). The input is picked at run time (64×64 where
+    the model accepts it, else 224×224)."""
+    entries = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        entries.append(ZooEntry(name, "torchvision", functools.partial(_torchvision_model, name),
+                                _image_batch(SMALL_INPUT), f"{BATCH}×3×{SMALL_INPUT}²",
+                                int(weights.meta.get("num_params", 0))))
+    return sorted(entries, key=lambda entry: (entry.parameters, entry.name))
+
+
+def _torchvision_model(name: str) -> nn.Module:
+    kwargs = {"init_weights": True} if name in {"googlenet", "inception_v3"} else {}
+    return torchvision.models.get_model(name, **kwargs)
+
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+TOKENS = dict(vocab_size=100, max_position_embeddings=64)
+DECODER = dict(**TINY, **TOKENS, **IDS)
+VISION = dict(image_size=32, patch_size=8)
+
+
+def _hf(model: str, config: str, **kwargs: Any) -> Callable[[], nn.Module]:
+    """A transformers base model of class ``model`` built from ``config(**kwargs)``; weights
+    drawn with std 0.2 (not 0.02) where the config has an initializer range, so that attention
+    is far from uniform and a wrong permutation shows in the outputs."""
+    def build() -> nn.Module:
+        settings = dict(kwargs)
+        config_class = getattr(transformers, config)
+        if "initializer_range" in inspect.signature(config_class.__init__).parameters:
+            settings.setdefault("initializer_range", 0.2)
+        return getattr(transformers, model)(config_class(**settings))
+    return build
+
+
+def transformers_zoo() -> list[ZooEntry]:
+    """Small configs (hidden 32–64, 2 layers) of transformers architectures, as users load them:
+    the base models (``AutoModel``), which return hidden states."""
+    text, image = (_token_batch(), f"{BATCH}×16 tokens"), (_image_batch(32), f"{BATCH}×3×32²")
+    bert = dict(**TINY, **TOKENS)
+    swin = dict(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4],
+                window_size=4)
+    stages = dict(hidden_sizes=[16, 32], depths=[1, 1])
+    specs: list[tuple[str, Callable[[], nn.Module], tuple]] = [
+        ("BertModel", _hf("BertModel", "BertConfig", **bert), text),
+        ("RobertaModel", _hf("RobertaModel", "RobertaConfig", **bert, pad_token_id=1), text),
+        ("XLMRobertaModel", _hf("XLMRobertaModel", "XLMRobertaConfig", **bert, pad_token_id=1),
+         text),
+        ("DistilBertModel", _hf("DistilBertModel", "DistilBertConfig", dim=64, n_layers=2,
+                                n_heads=4, hidden_dim=128, **TOKENS), text),
+        ("ElectraModel", _hf("ElectraModel", "ElectraConfig", **bert, embedding_size=32), text),
+        ("AlbertModel (layers shared)", _hf("AlbertModel", "AlbertConfig", **bert,
+                                            embedding_size=32), text),
+        ("DebertaV2Model", _hf("DebertaV2Model", "DebertaV2Config", **bert,
+                               relative_attention=True, position_buckets=8,
+                               pos_att_type=["p2c", "c2p"]), text),
+        ("MPNetModel", _hf("MPNetModel", "MPNetConfig", **bert), text),
+        ("MobileBertModel", _hf("MobileBertModel", "MobileBertConfig", **bert,
+                                embedding_size=32, intra_bottleneck_size=32,
+                                true_hidden_size=32, num_feedforward_networks=2), text),
+        ("SqueezeBertModel (grouped convs)", _hf(
+            "SqueezeBertModel", "SqueezeBertConfig", **bert, embedding_size=64, q_groups=2,
+            k_groups=2, v_groups=2, post_attention_groups=2, intermediate_groups=2,
+            output_groups=2), text),
+        ("T5EncoderModel", _hf("T5EncoderModel", "T5Config", d_model=64, d_kv=16, d_ff=128,
+                               num_layers=2, num_heads=4, vocab_size=100,
+                               relative_attention_num_buckets=8), text),
+        ("GPT2Model", _hf("GPT2Model", "GPT2Config", n_embd=64, n_layer=2, n_head=4, n_inner=128,
+                          vocab_size=100, n_positions=64, **IDS), text),
+        ("GPTNeoModel", _hf("GPTNeoModel", "GPTNeoConfig", hidden_size=64, num_layers=2,
+                            num_heads=4, intermediate_size=128, attention_types=[
+                                [["global", "local"], 1]], window_size=8, **TOKENS, **IDS),
+         text),
+        ("GPTNeoXModel (partial rotary)", _hf("GPTNeoXModel", "GPTNeoXConfig", **DECODER),
+         text),
+        ("GPTJModel", _hf("GPTJModel", "GPTJConfig", n_embd=64, n_layer=2, n_head=4,
+                          n_inner=128, rotary_dim=8, vocab_size=100, n_positions=64, **IDS),
+         text),
+        ("OPTModel", _hf("OPTModel", "OPTConfig", hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64,
+                         **TOKENS, pad_token_id=1, bos_token_id=0, eos_token_id=0), text),
+        ("BloomModel (ALiBi)", _hf("BloomModel", "BloomConfig", hidden_size=64, n_layer=2,
+                                   n_head=4, vocab_size=100, **IDS), text),
+        ("FalconModel (multi-query)", _hf("FalconModel", "FalconConfig", hidden_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          **TOKENS, **IDS), text),
+        ("LlamaModel (GQA 4q/2kv)", _hf("LlamaModel", "LlamaConfig", **DECODER,
+                                        num_key_value_heads=2), text),
+        ("MistralModel (GQA, sliding window)", _hf("MistralModel", "MistralConfig", **DECODER,
+                                                   num_key_value_heads=2, sliding_window=8),
+         text),
+        ("Qwen2Model (GQA, qkv bias)", _hf("Qwen2Model", "Qwen2Config", **DECODER,
+                                           num_key_value_heads=2), text),
+        ("Qwen3Model (q/k norm)", _hf("Qwen3Model", "Qwen3Config", **DECODER,
+                                      num_key_value_heads=2, head_dim=16), text),
+        ("GemmaModel", _hf("GemmaModel", "GemmaConfig", **DECODER, num_key_value_heads=2,
+                           head_dim=16), text),
+        ("Gemma2Model (soft-capping)", _hf("Gemma2Model", "Gemma2Config", **DECODER,
+                                           num_key_value_heads=2, head_dim=16,
+                                           sliding_window=8), text),
+        ("PhiModel (partial rotary)", _hf("PhiModel", "PhiConfig", **DECODER), text),
+        ("Phi3Model (fused qkv, gate-up)", _hf("Phi3Model", "Phi3Config", **DECODER,
+                                               num_key_value_heads=2), text),
+        ("OlmoModel (non-parametric norm)", _hf("OlmoModel", "OlmoConfig", **DECODER), text),
+        ("StableLmModel", _hf("StableLmModel", "StableLmConfig", **DECODER,
+                                  num_key_value_heads=4), text),
+        ("MixtralModel (mixture of experts)", _hf("MixtralModel", "MixtralConfig", **DECODER,
+                                                  num_key_value_heads=2, num_local_experts=4,
+                                                  num_experts_per_tok=2), text),
+        ("CLIPTextModel", _hf("CLIPTextModel", "CLIPTextConfig", **TINY, **TOKENS, **IDS), text),
+        ("SiglipTextModel", _hf("SiglipTextModel", "SiglipTextConfig", **TINY, **TOKENS), text),
+        ("ViTModel", _hf("ViTModel", "ViTConfig", **TINY, **VISION), image),
+        ("DeiTModel", _hf("DeiTModel", "DeiTConfig", **TINY, **VISION), image),
+        ("BeitModel (relative position bias)", _hf(
+            "BeitModel", "BeitConfig", **TINY, **VISION, use_relative_position_bias=True),
+         image),
+        ("Dinov2Model", _hf("Dinov2Model", "Dinov2Config", **TINY, **VISION), image),
+        ("CLIPVisionModel", _hf("CLIPVisionModel", "CLIPVisionConfig", **TINY, **VISION), image),
+        ("SiglipVisionModel", _hf("SiglipVisionModel", "SiglipVisionConfig", **TINY, **VISION),
+         image),
+        ("SwinModel", _hf("SwinModel", "SwinConfig", **swin), image),
+        ("Swinv2Model", _hf("Swinv2Model", "Swinv2Config", **swin), image),
+        ("ConvNextModel", _hf("ConvNextModel", "ConvNextConfig", num_stages=2, **stages), image),
+        ("ConvNextV2Model", _hf("ConvNextV2Model", "ConvNextV2Config", num_stages=2, **stages),
+         image),
+        ("ResNetModel", _hf("ResNetModel", "ResNetConfig", embedding_size=16, **stages), image),
+        ("RegNetModel", _hf("RegNetModel", "RegNetConfig", embedding_size=16, groups_width=8,
+                            **stages), image),
+        ("SegformerModel", _hf("SegformerModel", "SegformerConfig", num_encoder_blocks=2,
+                               depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                               patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                               mlp_ratios=[2, 2]), image),
+        ("Wav2Vec2Model (audio, weight norm)", _hf(
+            "Wav2Vec2Model", "Wav2Vec2Config", **TINY, conv_dim=(32, 32), conv_stride=(5, 2),
+            conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+         (_audio_batch(1600), f"{BATCH}×1600 samples")),
+    ]
+    return [ZooEntry(name, "transformers", build, example, shape)
+            for name, build, (example, shape) in specs]
+
+
+QUICK = ["resnet18", "mobilenet_v3_small", "regnet_x_400mf", "BertModel",
+         "AlbertModel (layers shared)", "LlamaModel (GQA 4q/2kv)"]
+
+
+@dataclass
+class ZooResult:
+    """What one zoo model gave; a step that failed holds its error's first line in
+    ``errors`` and the steps after it that needed its result are not run."""
+
+    entry: ZooEntry
+    input: str = ""
+    nodes: int | None = None
+    spec: UnitSpec | None = None
+    invariant_error: float | None = None
+    merge_errors: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def passed(self, step: str) -> bool:
+        if step == "trace":
+            return self.nodes is not None
+        if step == "invariant":
+            return self.invariant_error is not None and self.invariant_error <= INVARIANT_TOLERANCE
+        error = self.merge_errors.get(step)
+        return error is not None and error <= MERGE_TOLERANCE
+
+
+def _leaves(output: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def relative_error(actual: Any, expected: Any) -> float:
+    """max |actual - expected| / max |expected| over the output tensors (pytree order)."""
+    got, want = _leaves(actual), _leaves(expected)
+    if len(got) != len(want):
+        raise ValueError(f"{len(got)} output tensors, the model has {len(want)}")
+    worst = 0.0
+    for a, b in zip(got, want):
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        difference = float((a.float() - b.float()).abs().max()) if b.numel() else 0.0
+        worst = max(worst, difference / scale if scale > 0 else difference)
+    return worst
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _call_kwargs(model: nn.Module) -> dict[str, Any]:
+    """``use_cache=False`` for a transformers model that takes it (as mergec's trace does)."""
+    parameters = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in parameters else {}
+
+
+def _forward(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def _build(entry: ZooEntry, result: ZooResult) -> tuple[nn.Module, Callable[[int], tuple]]:
+    """The model in eval mode and its input maker: for torchvision, 64×64 where the forward
+    pass works, else 224×224."""
+    torch.manual_seed(0)
+    model = entry.build().eval()
+    example, result.input = entry.example, entry.input
+    if entry.family == "torchvision":
+        try:
+            _forward(model, example(0), {})
+        except Exception:  # noqa: BLE001 - any failure at 64×64 means: try the standard size
+            example, result.input = _image_batch(LARGE_INPUT), f"{BATCH}×3×{LARGE_INPUT}²"
+    return model, example
+
+
+def _timed(result: ZooResult, step: str, function: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    try:
+        return function()
+    except Exception as error:  # noqa: BLE001 - a failing step is a row, not a crash
+        result.errors[step] = _first_line(error)
+        return None
+    finally:
+        result.seconds[step] = time.perf_counter() - start
+
+
+def measure_zoo(entry: ZooEntry, methods: tuple[str, ...]) -> ZooResult:
+    """Build, trace and discover (fix_outputs=True), permute and check invariant 1, merge with
+    the permuted copy by each method (repair=None) and compare the merged outputs with the
+    model's."""
+    result = ZooResult(entry)
+    built = _timed(result, "build", lambda: _build(entry, result))
+    if built is None:
+        return result
+    model, example = built
+    x, kwargs = example(0), _call_kwargs(model)
+    expected = _timed(result, "forward", lambda: _forward(model, x, kwargs))
+    if expected is None:
+        return result
+    graph = _timed(result, "trace", lambda: mergec.trace(model, x))
+    if graph is None:
+        return result
+    result.nodes = len(graph.graph.nodes)
+    result.spec = _timed(result, "discover", lambda: mergec.discover(graph, fix_outputs=True))
+    if result.spec is None:
+        return result
+    twin = _timed(result, "permute",
+                  lambda: mergec.permute(model, x, seed=1, spec=result.spec))
+    if twin is None:
+        return result
+    result.invariant_error = _timed(
+        result, "invariant", lambda: relative_error(_forward(twin, x, kwargs), expected))
+    calibration = [example(seed) for seed in range(1, CALIBRATION_BATCHES + 1)]
+    for method in methods:
+        def merged_error(method: str = method) -> float:
+            merged = mergec.merge(model, twin, x, calibration, method=method, repair=None,
+                                  progress=False)
+            return relative_error(_forward(merged.module, x, {}), expected)
+        error = _timed(result, method, merged_error)
+        if error is not None:
+            result.merge_errors[method] = error
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
 def _reason_and_place(text: str) -> tuple[str, str]:
@@ -213,13 +535,13 @@ def _table(results: list[Result]) -> list[str]:
 
 
 def _reasons_section(results: list[Result]) -> list[str]:
-    lines = ["## Fixed spaces and their reasons", "",
+    lines = ["### Fixed spaces and their reasons", "",
              "Per model (fix_outputs=True; for transformers also what stays fixed with "
              "fix_outputs=False), every fixed space's reason, grouped, with a count and the "
              "first place it happened. `inside blocks` is a heads or groups space whose blocks "
              "may move but whose order inside a block is fixed.", ""]
     for r in results:
-        lines.append(f"### {r.entry.name}")
+        lines.append(f"#### {r.entry.name}")
         lines.append("")
         for fix_outputs, spec in r.specs.items():
             if len(r.specs) > 1:
@@ -237,9 +559,11 @@ def _reasons_section(results: list[Result]) -> list[str]:
 def render(results: list[Result], repeats: int, total_s: float, load_before: float
            ) -> str:
     lines = [
-        "# Coverage of annotate-units on real architectures",
+        DISCOVERY_BEGIN,
+        "## Discovery: coverage and its cost",
         "",
-        "Generated by `python benchmarks/coverage.py` (do not edit by hand). Random weights; "
+        "Generated by `python benchmarks/coverage.py --part discovery` (do not edit by hand). "
+        "Random weights; "
         f"batch {BATCH}; CPU ({platform.machine()}, {os.cpu_count()} cores), torch on "
         f"{torch.get_num_threads()} thread(s); "
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, transformers "
@@ -271,29 +595,166 @@ def render(results: list[Result], repeats: int, total_s: float, load_before: flo
         "three parts are separate spaces and are free; only their order is fixed, as it must "
         "be.",
         "",
-        "## Summary",
+        "### Summary",
         "",
         *_table(results),
         "",
         *_reasons_section(results),
     ]
-    return "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines).rstrip() + "\n" + DISCOVERY_END
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/coverage.md"))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", nargs="*", help="names (prefixes) of the models to run")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: stable timings on a shared machine)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
+# ---------------------------------------------------------------------------------------------
+# Reporting the zoo
+# ---------------------------------------------------------------------------------------------
+ZOO_BEGIN, ZOO_END = "<!-- zoo: begin -->", "<!-- zoo: end -->"
+DISCOVERY_BEGIN, DISCOVERY_END = "<!-- discovery: begin -->", "<!-- discovery: end -->"
+STEPS = ("build", "forward", "trace", "discover", "permute", "invariant", *METHODS)
+
+
+def _error_cell(result: ZooResult, value: float | None, step: str, tolerance: float) -> str:
+    if step in result.errors:
+        return "fails"
+    if value is None:
+        return "—"
+    return f"{value:.1e}" + ("" if value <= tolerance else " ✗")
+
+
+def _seconds(result: ZooResult, step: str) -> str:
+    return f"{result.seconds[step]:.1f}" if step in result.seconds else "—"
+
+
+def _zoo_table(results: list[ZooResult], methods: tuple[str, ...]) -> list[str]:
+    header = ("| model | input | params (M) | graph nodes | free / spaces | coverage "
+              "| invariant 1 error | " + " | ".join(f"{m} merge error" for m in methods)
+              + " | trace s | discover s | permute s | "
+              + " | ".join(f"{m} s" for m in methods) + " |")
+    lines = [header, "|---|---|" + "---:|" * (9 + 2 * len(methods))]
+    for r in results:
+        spec = r.spec
+        structure = f"{len(spec.free_spaces())} / {len(spec.spaces)}" if spec else "—"
+        coverage = f"{spec.coverage():.3f}" if spec else "—"
+        nodes = str(r.nodes) if r.nodes is not None else ("fails" if "trace" in r.errors
+                                                           else "—")
+        merges = [_error_cell(r, r.merge_errors.get(m), m, MERGE_TOLERANCE) for m in methods]
+        lines.append(
+            f"| {r.entry.name} | {r.input or r.entry.input} | {r.entry.parameters / 1e6:.1f} "
+            f"| {nodes} | {structure} | {coverage} "
+            f"| {_error_cell(r, r.invariant_error, 'invariant', INVARIANT_TOLERANCE)} "
+            f"| {' | '.join(merges)} | {_seconds(r, 'trace')} | {_seconds(r, 'discover')} "
+            f"| {_seconds(r, 'permute')} | {' | '.join(_seconds(r, m) for m in methods)} |")
+    return lines
+
+
+def _pass_rates(results: list[ZooResult], methods: tuple[str, ...]) -> list[str]:
+    lines = ["| zoo | models | traced | invariant 1 exact (≤1e-4) | "
+             + " | ".join(f"{m} merge exact (≤1e-3)" for m in methods) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(methods)]
+    for family in ("torchvision", "transformers"):
+        rows = [r for r in results if r.entry.family == family]
+        if not rows:
+            continue
+        counts = [sum(r.passed(step) for r in rows) for step in ("trace", "invariant", *methods)]
+        lines.append(f"| {family} | {len(rows)} | " + " | ".join(map(str, counts)) + " |")
+    return lines
+
+
+def _failures(results: list[ZooResult]) -> list[str]:
+    lines = []
+    for r in results:
+        problems = [f"{step}: {r.errors[step]}" for step in STEPS if step in r.errors]
+        if r.invariant_error is not None and r.invariant_error > INVARIANT_TOLERANCE:
+            problems.append(f"invariant 1: permuted model's outputs differ by "
+                            f"{r.invariant_error:.1e} (relative)")
+        problems += [f"{m} merge: merged outputs differ by {e:.1e} (relative)"
+                     for m, e in r.merge_errors.items() if e > MERGE_TOLERANCE]
+        lines += [f"- **{r.entry.name}**: " + "; ".join(f"`{p}`" if ": " in p and p.split(
+            ": ")[0] in STEPS else p for p in problems)] if problems else []
+    return lines or ["- none"]
+
+
+def _zoo_reasons(results: list[ZooResult]) -> list[str]:
+    lines = []
+    for r in results:
+        if r.spec is None:
+            continue
+        reasons = _fixed_reasons(r.spec)
+        text = "; ".join(f"{count} × {reason}" + (f" (first: {place})" if place else "")
+                         for reason, count, place in reasons)
+        lines.append(f"- **{r.entry.name}**: {text or 'nothing fixed'}")
+    return lines
+
+
+def render_zoo(results: list[ZooResult], left_out: list[ZooEntry], methods: tuple[str, ...],
+               total_s: float, command: str) -> str:
+    by_family = {family: [r for r in results if r.entry.family == family]
+                 for family in ("torchvision", "transformers")}
+    lines = [
+        ZOO_BEGIN, "## The zoo: trace, invariant 1 and merging a model with its permuted copy", "",
+        f"Generated by `{command}` ({total_s / 60:.0f} min, torch on "
+        f"{torch.get_num_threads()} thread(s), a shared 2-core machine: times are noisy). "
+        "Random weights, eval mode, batch 2. For each model:",
+        "",
+        "- *input*: torchvision models at 64×64 where their forward pass works, else at "
+        "224×224 (the size is checked by the model, e.g. ViT); transformers models from small "
+        "configs (hidden 32–64, 2 layers, vocabulary 100, 32×32 images), weights drawn with "
+        "std 0.2 where the config has an initializer range (attention far from uniform).",
+        "- *free / spaces*, *coverage*: `mergec.discover(traced, fix_outputs=True)`, the spec "
+        "as loaded (a base model's hidden states pin its residual stream).",
+        "- *invariant 1 error*: `mergec.permute(model, x, seed=1)` against the model, max "
+        "|Δ| / max |output| over the output tensors; exact if ≤ 1e-4.",
+        "- *merge error*: `mergec.merge(model, permuted, x, calibration, method=..., "
+        f"repair=None)` against the model, same measure; exact if ≤ 1e-3. Calibration is "
+        f"{CALIBRATION_BATCHES} random batches like x (`permute` matches on their activation "
+        "correlations; `weight-match` does not read them). A merge of a model with its own "
+        "permuted copy must give the model back.",
+        "- ✗: above the tolerance; *fails*: the step raised (the error is under *Failures*); "
+        "—: not run because a step before it failed.",
+        "",
+        "### Pass rates", "", *_pass_rates(results, methods), "",
+    ]
+    for family, rows in by_family.items():
+        if rows:
+            lines += [f"### {family}", "", *_zoo_table(rows, methods), ""]
+    lines += ["### Failures", "", "Every step that raised (its error's first line) and every "
+              "check above its tolerance: bugs or limits of mergec to look at.", "",
+              *_failures(results), "",
+              "### Fixed spaces in the zoo", "", "Per model (fix_outputs=True), the reason "
+              "of every fixed space, grouped as above.", "", *_zoo_reasons(results), ""]
+    if left_out:
+        lines += ["### Not measured in this run", "",
+                  ", ".join(entry.name for entry in left_out), ""]
+    lines.append(ZOO_END)
+    return "\n".join(lines)
+
+
+TITLE = ("# Coverage of annotate-units on real architectures\n\n"
+         "Two parts, each generated by `python benchmarks/coverage.py` (do not edit by hand): "
+         "what discovery finds on a few models and what it costs against a forward pass "
+         "(*Discovery*), and every torchvision classification model and small transformers "
+         "architectures traced, permuted and merged with a permuted copy of themselves "
+         "(*The zoo*).\n")
+
+
+def write_doc(path: Path, begin: str, end: str, section: str) -> None:
+    """Rewrites one marked part of the document; a document of the older unmarked layout is
+    started afresh."""
+    text = path.read_text() if path.is_file() else ""
+    if DISCOVERY_BEGIN not in text and ZOO_BEGIN not in text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(TITLE)
+    write_section(path, begin, end, section)
+
+
+def _selected(name: str, only: list[str] | None) -> bool:
+    return not only or any(name.startswith(prefix) for prefix in only)
+
+
+def run_discovery(args: argparse.Namespace) -> None:
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     results = []
     for entry in entries():
-        if args.only and not any(entry.name.startswith(name) for name in args.only):
+        if not _selected(entry.name, args.only):
             continue
         result = measure(entry, args.repeats)
         spec = result.specs[True]
@@ -302,9 +763,63 @@ def main() -> None:
               f"{result.trace_s:.2f}s, annotate {result.annotate_s:.3f}s "
               f"({result.annotate_s / result.forward_s:.1f}× forward)", flush=True)
         results.append(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results, args.repeats, time.perf_counter() - start,
-                                load_before))
+    if results:
+        write_doc(args.out, DISCOVERY_BEGIN, DISCOVERY_END,
+                  render(results, args.repeats, time.perf_counter() - start, load_before))
+
+
+def _progress_line(index: int, total: int, result: ZooResult) -> str:
+    spec, errors = result.spec, result.errors
+    parts = [f"[{index}/{total}] {result.entry.name} ({result.input})"]
+    if spec is not None:
+        parts.append(f"coverage {spec.coverage():.3f}")
+    if result.invariant_error is not None:
+        parts.append(f"invariant 1 {result.invariant_error:.1e}")
+    parts += [f"{method} {error:.1e}" for method, error in result.merge_errors.items()]
+    parts += [f"{step} FAILED ({message})" for step, message in errors.items()]
+    return ", ".join(parts) + f" [{sum(result.seconds.values()):.0f}s]"
+
+
+def run_zoo(args: argparse.Namespace) -> None:
+    """Measures the selected zoo models one by one, rewriting the doc's zoo part after each
+    (an interrupted run leaves a document of what it measured, and names what it did not)."""
+    zoo = transformers_zoo() + torchvision_zoo()  # the small and quick first
+    only = QUICK if args.quick else args.only
+    selected = [entry for entry in zoo if _selected(entry.name, only)]
+    methods = tuple(args.methods)
+    command = "python benchmarks/coverage.py " + " ".join(sys.argv[1:])
+    start, results = time.perf_counter(), []
+    for index, entry in enumerate(selected, 1):
+        result = measure_zoo(entry, methods)
+        print(_progress_line(index, len(selected), result), flush=True)
+        results.append(result)
+        gc.collect()
+        write_doc(args.out, ZOO_BEGIN, ZOO_END,
+                  render_zoo(results, selected[index:], methods, time.perf_counter() - start,
+                             command.strip()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/coverage.md"))
+    parser.add_argument("--part", choices=["all", "discovery", "zoo"], default="all",
+                        help="which part of the document to measure and rewrite")
+    parser.add_argument("--repeats", type=int, default=5, help="timing repeats (discovery)")
+    parser.add_argument("--only", nargs="*", help="names (prefixes) of the models to run")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the zoo on a handful of models only ({', '.join(QUICK)})")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
+                        help="merge methods tried on each zoo model")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: stable timings on a shared machine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    if args.part in ("all", "discovery") and not args.quick:
+        run_discovery(args)
+    if args.part in ("all", "zoo"):
+        run_zoo(args)
     print(f"wrote {args.out}")
 
 
