@@ -57,16 +57,31 @@ def has_uneven_grouped_conv(model: nn.Module) -> bool:
                and m.in_channels != m.out_channels for m in model.modules())
 
 
-@budget(20)
-@given(case=archgen.cases())
-def test_weight_matching_recovers_a_permuted_twin_of_any_architecture(case: archgen.Case
-                                                                      ) -> None:
+def assert_weight_matching_recovers(case: archgen.Case) -> None:
+    """merge(A, π(A)) with weight matching computes A, for a random π of every free space."""
     assume(not has_uneven_grouped_conv(case.model))
     (example,) = case.inputs
     twin = mergec.permute(case.model, example, seed=1)
     x = random_like(example, 16, seed=2)
     error = relative_error(case.model, twin, example, [(x,)], x, "weight-match")
     assert error < EXACT, f"{case.name}: relative error {error:.3g}"
+
+
+@budget(10)
+@given(case=archgen.cases())
+def test_weight_matching_recovers_a_permuted_twin_of_any_architecture(case: archgen.Case
+                                                                      ) -> None:
+    assert_weight_matching_recovers(case)
+
+
+@budget(20)
+@given(case=archgen.conv_cases(max_blocks=6))
+def test_weight_matching_recovers_a_permuted_twin_of_deeper_conv_nets(case: archgen.Case
+                                                                      ) -> None:
+    """Up to six conv blocks (concatenations, splits, depthwise and grouped convs, GroupNorm,
+    squeeze-excitation, ...): deep enough for the descent from the identity to stop in a local
+    optimum, as it did on some of these before its first sweep propagated from the inputs."""
+    assert_weight_matching_recovers(case)
 
 
 def torchvision_model(name: str) -> nn.Module:
@@ -78,7 +93,9 @@ def torchvision_model(name: str) -> nn.Module:
 # mobilenet_v3_small, mobilenet_v2, efficientnet_b0 and regnet_x_400mf have depthwise or grouped
 # convs; squeezenet1_0 has concatenations (composite spaces); the others were recovered before
 @pytest.mark.parametrize("name", [
-    "mobilenet_v3_small", "squeezenet1_0", "resnet18", "shufflenet_v2_x0_5",
+    "mobilenet_v3_small", "squeezenet1_0",
+    pytest.param("resnet18", marks=pytest.mark.slow),
+    pytest.param("shufflenet_v2_x0_5", marks=pytest.mark.slow),
     pytest.param("mobilenet_v2", marks=pytest.mark.slow),
     pytest.param("efficientnet_b0", marks=pytest.mark.slow),
     pytest.param("regnet_x_400mf", marks=pytest.mark.slow),
@@ -92,13 +109,20 @@ def test_weight_matching_recovers_a_permuted_torchvision_model(name: str) -> Non
     assert error < EXACT
 
 
-@pytest.mark.parametrize("method", ["permute", "zip", "mudsc"])
-def test_activation_methods_recover_resnet18_with_dead_units(method: str) -> None:
-    """At random initialisation some of resnet18's units are dead on 64 random images; they
-    correlate with nothing, and their weights decide their partners."""
+@pytest.fixture(scope="module")
+def resnet18_and_twin() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """resnet18 at random initialisation, a permuted twin, and an example input."""
     model = torchvision_model("resnet18")
     example = random_like(torch.zeros(1, 3, 64, 64), 2, seed=0)
-    twin = mergec.permute(model, example).eval()
+    return model, mergec.permute(model, example).eval(), example
+
+
+@pytest.mark.parametrize("method", ["permute", "zip", "mudsc"])
+def test_activation_methods_recover_resnet18_with_dead_units(
+        method: str, resnet18_and_twin: tuple[nn.Module, nn.Module, torch.Tensor]) -> None:
+    """At random initialisation some of resnet18's units are dead on 64 random images; they
+    correlate with nothing, and their weights decide their partners (before: 7% off)."""
+    model, twin, example = resnet18_and_twin
     calibration = [(batch,) for batch in random_like(example, 64, seed=1).split(16)]
     error = relative_error(model, twin, example, calibration, example, method)
     assert error < EXACT
