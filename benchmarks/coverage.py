@@ -307,6 +307,7 @@ def transformers_zoo() -> list[ZooEntry]:
         ("FalconModel (multi-query)", _hf("FalconModel", "FalconConfig", hidden_size=64,
                                           num_hidden_layers=2, num_attention_heads=4,
                                           **TOKENS, **IDS), text),
+        ("LlamaModel (MHA)", _hf("LlamaModel", "LlamaConfig", **DECODER), text),
         ("LlamaModel (GQA 4q/2kv)", _hf("LlamaModel", "LlamaConfig", **DECODER,
                                         num_key_value_heads=2), text),
         ("MistralModel (GQA, sliding window)", _hf("MistralModel", "MistralConfig", **DECODER,
@@ -327,9 +328,9 @@ def transformers_zoo() -> list[ZooEntry]:
         ("OlmoModel (non-parametric norm)", _hf("OlmoModel", "OlmoConfig", **DECODER), text),
         ("StableLmModel", _hf("StableLmModel", "StableLmConfig", **DECODER,
                                   num_key_value_heads=4), text),
-        ("MixtralModel (mixture of experts)", _hf("MixtralModel", "MixtralConfig", **DECODER,
-                                                  num_key_value_heads=2, num_local_experts=4,
-                                                  num_experts_per_tok=2), text),
+        ("MixtralModel (mixture of experts, MHA)", _hf(
+            "MixtralModel", "MixtralConfig", **DECODER, num_key_value_heads=4,
+            num_local_experts=4, num_experts_per_tok=2), text),
         ("CLIPTextModel", _hf("CLIPTextModel", "CLIPTextConfig", **TINY, **TOKENS, **IDS), text),
         ("SiglipTextModel", _hf("SiglipTextModel", "SiglipTextConfig", **TINY, **TOKENS), text),
         ("ViTModel", _hf("ViTModel", "ViTConfig", **TINY, **VISION), image),
@@ -373,6 +374,7 @@ class ZooResult:
 
     entry: ZooEntry
     input: str = ""
+    parameters: int = 0
     nodes: int | None = None
     spec: UnitSpec | None = None
     invariant_error: float | None = None
@@ -385,7 +387,7 @@ class ZooResult:
             return self.nodes is not None
         if step == "invariant":
             return self.invariant_error is not None and self.invariant_error <= INVARIANT_TOLERANCE
-        error = self.merge_errors.get(step)
+        error = self.merge_errors.get(step.removeprefix("merge "))
         return error is not None and error <= MERGE_TOLERANCE
 
 
@@ -427,6 +429,7 @@ def _build(entry: ZooEntry, result: ZooResult) -> tuple[nn.Module, Callable[[int
     pass works, else 224×224."""
     torch.manual_seed(0)
     model = entry.build().eval()
+    result.parameters = sum(tensor.numel() for tensor in model.parameters())
     example, result.input = entry.example, entry.input
     if entry.family == "torchvision":
         try:
@@ -479,7 +482,7 @@ def measure_zoo(entry: ZooEntry, methods: tuple[str, ...]) -> ZooResult:
             merged = mergec.merge(model, twin, x, calibration, method=method, repair=None,
                                   progress=False)
             return relative_error(_forward(merged.module, x, {}), expected)
-        error = _timed(result, method, merged_error)
+        error = _timed(result, f"merge {method}", merged_error)
         if error is not None:
             result.merge_errors[method] = error
     return result
@@ -609,7 +612,8 @@ def render(results: list[Result], repeats: int, total_s: float, load_before: flo
 # ---------------------------------------------------------------------------------------------
 ZOO_BEGIN, ZOO_END = "<!-- zoo: begin -->", "<!-- zoo: end -->"
 DISCOVERY_BEGIN, DISCOVERY_END = "<!-- discovery: begin -->", "<!-- discovery: end -->"
-STEPS = ("build", "forward", "trace", "discover", "permute", "invariant", *METHODS)
+STEPS = ("build", "forward", "trace", "discover", "permute", "invariant",
+         *(f"merge {method}" for method in METHODS))
 
 
 def _error_cell(result: ZooResult, value: float | None, step: str, tolerance: float) -> str:
@@ -621,28 +625,30 @@ def _error_cell(result: ZooResult, value: float | None, step: str, tolerance: fl
 
 
 def _seconds(result: ZooResult, step: str) -> str:
-    return f"{result.seconds[step]:.1f}" if step in result.seconds else "—"
+    return f"{result.seconds[step]:.2f}" if step in result.seconds else "—"
 
 
 def _zoo_table(results: list[ZooResult], methods: tuple[str, ...]) -> list[str]:
     header = ("| model | input | params (M) | graph nodes | free / spaces | coverage "
               "| invariant 1 error | " + " | ".join(f"{m} merge error" for m in methods)
               + " | trace s | discover s | permute s | "
-              + " | ".join(f"{m} s" for m in methods) + " |")
-    lines = [header, "|---|---|" + "---:|" * (9 + 2 * len(methods))]
+              + " | ".join(f"{m} merge s" for m in methods) + " |")
+    lines = [header, "|---|---|" + "---:|" * (8 + 2 * len(methods))]
     for r in results:
         spec = r.spec
         structure = f"{len(spec.free_spaces())} / {len(spec.spaces)}" if spec else "—"
         coverage = f"{spec.coverage():.3f}" if spec else "—"
         nodes = str(r.nodes) if r.nodes is not None else ("fails" if "trace" in r.errors
                                                            else "—")
-        merges = [_error_cell(r, r.merge_errors.get(m), m, MERGE_TOLERANCE) for m in methods]
+        merges = [_error_cell(r, r.merge_errors.get(m), f"merge {m}", MERGE_TOLERANCE)
+                  for m in methods]
         lines.append(
-            f"| {r.entry.name} | {r.input or r.entry.input} | {r.entry.parameters / 1e6:.1f} "
+            f"| {r.entry.name} | {r.input or r.entry.input} | {r.parameters / 1e6:.2f} "
             f"| {nodes} | {structure} | {coverage} "
             f"| {_error_cell(r, r.invariant_error, 'invariant', INVARIANT_TOLERANCE)} "
             f"| {' | '.join(merges)} | {_seconds(r, 'trace')} | {_seconds(r, 'discover')} "
-            f"| {_seconds(r, 'permute')} | {' | '.join(_seconds(r, m) for m in methods)} |")
+            f"| {_seconds(r, 'permute')} "
+            f"| {' | '.join(_seconds(r, f'merge {m}') for m in methods)} |")
     return lines
 
 
@@ -654,7 +660,8 @@ def _pass_rates(results: list[ZooResult], methods: tuple[str, ...]) -> list[str]
         rows = [r for r in results if r.entry.family == family]
         if not rows:
             continue
-        counts = [sum(r.passed(step) for r in rows) for step in ("trace", "invariant", *methods)]
+        steps = ("trace", "invariant", *(f"merge {m}" for m in methods))
+        counts = [sum(r.passed(step) for r in rows) for step in steps]
         lines.append(f"| {family} | {len(rows)} | " + " | ".join(map(str, counts)) + " |")
     return lines
 
@@ -662,14 +669,14 @@ def _pass_rates(results: list[ZooResult], methods: tuple[str, ...]) -> list[str]
 def _failures(results: list[ZooResult]) -> list[str]:
     lines = []
     for r in results:
-        problems = [f"{step}: {r.errors[step]}" for step in STEPS if step in r.errors]
+        problems = [f"{step}: `{r.errors[step]}`" for step in STEPS if step in r.errors]
         if r.invariant_error is not None and r.invariant_error > INVARIANT_TOLERANCE:
             problems.append(f"invariant 1: permuted model's outputs differ by "
                             f"{r.invariant_error:.1e} (relative)")
         problems += [f"{m} merge: merged outputs differ by {e:.1e} (relative)"
                      for m, e in r.merge_errors.items() if e > MERGE_TOLERANCE]
-        lines += [f"- **{r.entry.name}**: " + "; ".join(f"`{p}`" if ": " in p and p.split(
-            ": ")[0] in STEPS else p for p in problems)] if problems else []
+        if problems:
+            lines.append(f"- **{r.entry.name}**: " + "; ".join(problems))
     return lines or ["- none"]
 
 
@@ -775,7 +782,7 @@ def _progress_line(index: int, total: int, result: ZooResult) -> str:
         parts.append(f"coverage {spec.coverage():.3f}")
     if result.invariant_error is not None:
         parts.append(f"invariant 1 {result.invariant_error:.1e}")
-    parts += [f"{method} {error:.1e}" for method, error in result.merge_errors.items()]
+    parts += [f"merge {method} {error:.1e}" for method, error in result.merge_errors.items()]
     parts += [f"{step} FAILED ({message})" for step, message in errors.items()]
     return ", ".join(parts) + f" [{sum(result.seconds.values()):.0f}s]"
 
