@@ -965,14 +965,17 @@ _ACTIVATIONS = {"relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsig
 
 def _choose_probe(a: Annotator, nodes: dict[str, fx.Node],
                   root: int) -> tuple[str | None, int | None, int | None]:
-    """The node where a space's features are observed, and the axis: the first activation
+    """The node where a space's features are observed, and the axis: the last activation
     output carrying the space, else the first node carrying it; else a node carrying a blocks
-    space as two axes (heads, inside heads), with the inside axis third."""
+    space as two axes (heads, inside heads), with the inside axis third. A residual stream
+    carries its space through every block: its last activation is the stage's end, the
+    features the next stage reads (and a partial zip's cut, where the tails read them)."""
     names = a.spaces.probes(root)
     if not names:
         split_probes = a.spaces.split_probes(root)
         return split_probes[0] if split_probes else (None, None, None)
-    chosen = next((name for name in names if _op_name(nodes[name]) in _ACTIVATIONS), names[0])
+    chosen = next((name for name in reversed(names) if _op_name(nodes[name]) in _ACTIVATIONS),
+                  names[0])
     labels = a.node_labels[nodes[chosen]]
     axis = next(i for i, label in enumerate(labels)
                 if isinstance(label, int) and a.spaces.find(label) == root)
