@@ -10,6 +10,7 @@ with the activation correlation (``mudsc``: MuDSC's ``β·S_weight + (1−β)·S
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -65,8 +66,7 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
                 vectors_b = b.index_select(axis, positions[chosen_b])
                 for other_axis, alignment in others:
                     vectors_b = _align(vectors_b, other_axis, alignment)
-                stacked = torch.cat([vectors_a.movedim(axis, 0).reshape(len(chosen_a), -1),
-                                     vectors_b.movedim(axis, 0).reshape(len(chosen_b), -1)])
+                stacked = torch.cat([_unit_rows(vectors_a, axis), _unit_rows(vectors_b, axis)])
                 gram += stacked @ stacked.T
     norms = gram.diagonal().clamp_min(1e-12).sqrt()
     similarity = gram / norms[:, None] / norms[None, :]
@@ -103,6 +103,12 @@ def as_permutation(matrix: Tensor) -> Tensor | None:
     if not torch.equal(perm.sort().values, torch.arange(size, device=perm.device)):
         return None
     return perm
+
+
+def _unit_rows(vectors: Tensor, axis: int) -> Tensor:
+    """One row per unit of ``axis`` holding its slice (no units: no rows)."""
+    moved = vectors.movedim(axis, 0)
+    return moved.reshape(moved.shape[0], math.prod(moved.shape[1:]))
 
 
 def _align(tensor: Tensor, axis: int, alignment: Tensor) -> Tensor:
