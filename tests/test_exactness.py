@@ -19,6 +19,7 @@ from torch import nn
 
 import archgen  # tests/ is on sys.path under pytest's default (prepend) import mode
 import mergec
+from mergec.algorithms.weight_matching import weight_similarity
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -117,7 +118,8 @@ def resnet18_and_twin() -> tuple[nn.Module, nn.Module, torch.Tensor]:
     return model, mergec.permute(model, example).eval(), example
 
 
-@pytest.mark.parametrize("method", ["permute", "zip", "mudsc"])
+@pytest.mark.parametrize("method", ["permute", "zip",
+                                    pytest.param("mudsc", marks=pytest.mark.slow)])
 def test_activation_methods_recover_resnet18_with_dead_units(
         method: str, resnet18_and_twin: tuple[nn.Module, nn.Module, torch.Tensor]) -> None:
     """At random initialisation some of resnet18's units are dead on 64 random images; they
@@ -126,3 +128,19 @@ def test_activation_methods_recover_resnet18_with_dead_units(
     calibration = [(batch,) for batch in random_like(example, 64, seed=1).split(16)]
     error = relative_error(model, twin, example, calibration, example, method)
     assert error < EXACT
+
+
+@pytest.mark.parametrize("among", [[1, 6], [0, 2], [5, 7]], ids=["across", "a", "b"])
+def test_weight_similarity_among_few_units_agrees_with_the_whole(among: list[int]) -> None:
+    """The tie step's similarity between a few units (of one model, or of both) is the whole
+    similarity's, restricted to them."""
+    generator = torch.Generator().manual_seed(0)
+    params_a, params_b = ({"fc.weight": torch.randn(4, 3, generator=generator),
+                           "fc.bias": torch.randn(4, generator=generator)} for _ in range(2))
+    axes = {"fc.weight": [(0, "h")], "fc.bias": [(0, "h")]}
+    units = {"h": [torch.arange(4)]}
+    whole = weight_similarity(params_a, params_b, axes, units, {}, 4)
+    chosen = torch.tensor(among)
+    part = weight_similarity(params_a, params_b, axes, units, {}, 4, chosen)
+    torch.testing.assert_close(part[chosen][:, chosen], whole[chosen][:, chosen])
+    assert int(part.count_nonzero()) == len(among) ** 2
