@@ -96,6 +96,10 @@ def _merge_in_group(args: argparse.Namespace, output: Path | None, rank: int,
         from mergec.pretrained import text_calibration
         calibration = text_calibration(args.calibration, args.model_a, args.tokens,
                                        args.batch_size, args.batches)
+    elif _pretrained_inputs(args) and Path(args.calibration).is_dir():
+        from mergec.pretrained import image_calibration
+        calibration = image_calibration(args.calibration, args.model_a, args.batch_size,
+                                        args.batches)
     else:
         calibration = calibration_batches(args.calibration, args.batch_size, args.batches)
     if not calibration:
@@ -327,7 +331,9 @@ def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
                                           "(e.g. another width); default: --kwargs")
     merge.add_argument("--calibration",
                        help="inputs for statistics: a .safetensors/.pt file holding a tensor of "
-                            "inputs, or 'digits' / 'fashion-mnist' (training images)")
+                            "inputs, or 'digits' / 'fashion-mnist' (training images); with "
+                            "transformers folders also a .txt file (A's tokenizer) or a folder "
+                            "of images (A's image processor)")
     merge.add_argument("--batch-size", type=int, default=128)
     merge.add_argument("--batches", type=int, default=None, help="use at most this many")
     merge.add_argument("--method", default="zip", choices=METHODS)

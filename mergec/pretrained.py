@@ -2,7 +2,8 @@
 
 ``mergec merge A_DIR B_DIR --calibration corpus.txt -o MERGED_DIR`` loads each folder with
 ``AutoModel`` (offline), tokenises the calibration text with A's tokenizer into fixed-length
-windows of one token stream (no padding, so no attention mask is needed), merges, and writes
+windows of one token stream (no padding, so no attention mask is needed) — or, for a folder
+of images, preprocesses them with A's image processor — merges, and writes
 the merged weights into a copy of model A saved with ``save_pretrained`` (its tokenizer files
 beside it): the result loads with ``AutoModel.from_pretrained`` and returns what model A
 returns. A merge whose weights do not fit model A's architecture (other widths, a partial zip)
@@ -66,6 +67,43 @@ def text_calibration(path: str | Path, tokenizer_folder: str | Path, tokens: int
     return chunks[:batches] if batches else chunks
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def image_calibration(folder: str | Path, processor_folder: str | Path, batch_size: int = 8,
+                      batches: int | None = None) -> list[tuple[torch.Tensor]]:
+    """Batches of pixel values from a folder of images (sorted by name), preprocessed by the
+    image processor saved in ``processor_folder`` (model A's): resized, normalised, as the
+    model was trained to read them."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require_extra("transformers", "models", "image calibration")
+    import transformers
+    from PIL import Image
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(str(processor_folder))
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(f"calibration {str(folder)!r}: no image processor in "
+                              f"{str(processor_folder)!r} to read images with ({error}); pass "
+                              "pixel values as a tensor file instead") from error
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise CheckpointError(f"calibration {str(folder)!r} holds no images "
+                              f"({', '.join(IMAGE_SUFFIXES)})")
+    paths = paths[: batch_size * batches] if batches else paths
+    chunks = []
+    for start in range(0, len(paths), batch_size):
+        images = []
+        for path in paths[start:start + batch_size]:
+            try:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+            except OSError as error:
+                raise CheckpointError(f"calibration image {str(path)!r} cannot be read: "
+                                      f"{error}") from error
+        chunks.append((processor(images=images, return_tensors="pt")["pixel_values"],))
+    return chunks
+
+
 def into(merged: nn.Module, model: nn.Module) -> nn.Module:
     """A copy of ``model`` holding the merged module's weights: it returns what ``model``
     returns (a transformers ``ModelOutput``, say). Needs every entry of ``model``'s state dict
@@ -92,11 +130,14 @@ def _shape(value: torch.Tensor | None) -> str:
     return "absent" if value is None else str(tuple(value.shape))
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
 def save_pretrained(merged: nn.Module, model: nn.Module, source: str | Path,
                     folder: str | Path, report: str, overwrite: bool = False) -> Path:
     """Writes the merge as a ``save_pretrained`` folder of model A (``model``, loaded from
-    ``source``), with the tokenizer files of ``source`` and mergec's report; staged and renamed
-    into place like every result."""
+    ``source``), with the other files of ``source`` that are not weights (tokenizer, image
+    processor) and mergec's report; staged and renamed into place like every result."""
     import tempfile
 
     from mergec.export import STAGING, put_in_place
@@ -112,9 +153,10 @@ def save_pretrained(merged: nn.Module, model: nn.Module, source: str | Path,
                                     dir=folder.parent))
     try:
         result.save_pretrained(str(staging))
-        for path in Path(source).iterdir():
-            if path.is_file() and ("token" in path.name or path.name in ("vocab.txt",
-                                                                         "merges.txt")):
+        for path in Path(source).iterdir():  # tokenizer, image processor: what reads inputs
+            if path.is_file() and not (staging / path.name).exists() \
+                    and path.suffix not in _WEIGHT_SUFFIXES and ".index." not in path.name \
+                    and "mergec" not in path.name:
                 shutil.copy2(path, staging / path.name)
         (staging / "mergec_report.json").write_text(report)
         put_in_place(staging, folder)

@@ -112,3 +112,31 @@ def test_a_saved_merge_at_unchanged_widths_loads_into_the_models_class(tmp_path:
     fresh.load_state_dict(load_file(str(tmp_path / "merged" / "weights.safetensors")))
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), result.module(x))
+
+
+def test_vision_folders_merge_on_a_folder_of_images(tmp_path: Path) -> None:
+    from PIL import Image
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=32, image_size=16, patch_size=8)
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    processor = transformers.ViTImageProcessor(size={"height": 16, "width": 16})
+    twin = mergec.permute(model, torch.randn(2, 3, 16, 16))
+    for name, net in (("a", model), ("b", twin)):
+        net.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+    (tmp_path / "images").mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for index in range(24):
+        pixels = torch.randint(0, 256, (20, 24, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(tmp_path / "images" / f"{index:02d}.png")
+    assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--calibration",
+                 str(tmp_path / "images"), "--batch-size", "8", "--method", "permute",
+                 "--quiet", "-o", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModel.from_pretrained(str(tmp_path / "merged")).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).last_hidden_state, model(x).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "merged" / "preprocessor_config.json").is_file()
