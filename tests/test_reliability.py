@@ -234,3 +234,24 @@ def test_modules_that_read_state_dict_versions_permute_and_load(tmp_path: Path) 
     fresh.load_state_dict(with_metadata(state, fresh))
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_loading_a_result_never_unpickles(tmp_path: Path, monkeypatch) -> None:
+    import pickle
+
+    torch.manual_seed(0)
+    model_a, model_b = zoo.digits_cnn(width=4), zoo.digits_cnn(width=4)
+    x = torch.randn(16, 1, 8, 8)
+    result = mergec.merge(model_a, model_b, x[:2], [(x,)], progress=False, repair=None)
+    result.save(tmp_path / "merged")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a result was unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    loaded = mergec.load(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.module(x))
