@@ -104,45 +104,57 @@ class Repair:
                 merged, graphs[0], graphs[1], state.plans, state.calibration, self.device)
         if self.device:
             merged.to(self.device)
-        return state.evolve(repair=result)
+        return state.evolve(repair={**state.repair, **result})
 
     def _reset(self, module: fx.GraphModule, calibration: Iterable[Any], example: tuple
               ) -> dict[str, int]:
-        norms = [n for n in module.graph.nodes if _is_batch_norm(n)]
-        if self.mode is None or not norms:
+        if self.mode is None:
             return {"batch_norms_reset": 0}
-        device = torch.device(self.device) if self.device else torch.device("cpu")
-        module.to(device)
-        observed, recorders = _observed(module, norms)
-        batches = 0
-        with torch.no_grad():
-            for index, batch in enumerate(tqdm(calibration, desc="repair", leave=False,
-                                               disable=not self.progress)):
-                observed(*(t.to(device) for t in check_batch(batch, example, index)))
-                batches += 1
-        batches = total_batches(batches, device)
-        if batches == 0:
-            raise MergeError("repair: the calibration data is empty")
-        all_reduce_sum_([tensor for recorder in recorders.values()
-                         for tensor in (recorder.mean_sum, recorder.variance_sum)])
-        _check_finite(recorders)
-        for node in norms:
-            mean_node, var_node = node.args[3], node.args[4]
-            if not (isinstance(mean_node, fx.Node) and mean_node.op == "get_attr"):
-                continue
-            recorder = recorders[node.name]
-            _set_buffer(module, mean_node.target, recorder.mean_sum / batches)
-            _set_buffer(module, var_node.target, recorder.variance_sum / batches)
-        log.info("repair: reset %d BatchNorms on %d batches", len(norms), batches)
-        return {"batch_norms_reset": len(norms)}
+        count = reset_batch_norms(module, calibration, example, self.device, self.progress)
+        return {"batch_norms_reset": count}
 
 
-def _check_finite(recorders: dict[str, _BatchStatistics]) -> None:
+def reset_batch_norms(module: fx.GraphModule, calibration: Iterable[Any], example: tuple,
+                      device: str | None = None, progress: bool = True,
+                      description: str = "repair") -> int:
+    """Sets every BatchNorm's running statistics of ``module`` to the mean over the
+    calibration batches of the batch statistics (summed over the processes of a
+    ``torch.distributed`` group); returns how many BatchNorms there were."""
+    norms = [n for n in module.graph.nodes if _is_batch_norm(n)]
+    if not norms:
+        return 0
+    device = torch.device(device) if device else torch.device("cpu")
+    module.to(device)
+    observed, recorders = _observed(module, norms)
+    batches = 0
+    with torch.no_grad():
+        for index, batch in enumerate(tqdm(calibration, desc=description, leave=False,
+                                           disable=not progress)):
+            observed(*(t.to(device) for t in check_batch(batch, example, index)))
+            batches += 1
+    batches = total_batches(batches, device)
+    if batches == 0:
+        raise MergeError(f"{description}: the calibration data is empty")
+    all_reduce_sum_([tensor for recorder in recorders.values()
+                     for tensor in (recorder.mean_sum, recorder.variance_sum)])
+    _check_finite(recorders, description)
+    for node in norms:
+        mean_node, var_node = node.args[3], node.args[4]
+        if not (isinstance(mean_node, fx.Node) and mean_node.op == "get_attr"):
+            continue
+        recorder = recorders[node.name]
+        _set_buffer(module, mean_node.target, recorder.mean_sum / batches)
+        _set_buffer(module, var_node.target, recorder.variance_sum / batches)
+    log.info("%s: reset %d BatchNorms on %d batches", description, len(norms), batches)
+    return len(norms)
+
+
+def _check_finite(recorders: dict[str, _BatchStatistics], description: str) -> None:
     for name, recorder in recorders.items():
         if not bool(recorder.mean_sum.isfinite().all() & recorder.variance_sum.isfinite().all()):
-            raise MergeError(f"repair: the merged model's activations at BatchNorm node "
-                             f"{name!r} are NaN or infinite on the calibration data; check its "
-                             "inputs (and the models' weights)")
+            raise MergeError(f"{description}: the activations at BatchNorm node {name!r} are "
+                             "NaN or infinite on the calibration data; check its inputs (and "
+                             "the models' weights)")
 
 
 def _attribute(module: torch.nn.Module, target: str) -> torch.Tensor:
