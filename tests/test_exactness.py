@@ -94,7 +94,8 @@ def torchvision_model(name: str) -> nn.Module:
 # mobilenet_v3_small, mobilenet_v2, efficientnet_b0 and regnet_x_400mf have depthwise or grouped
 # convs; squeezenet1_0 has concatenations (composite spaces); the others were recovered before
 @pytest.mark.parametrize("name", [
-    "mobilenet_v3_small", "squeezenet1_0",
+    "mobilenet_v3_small",
+    pytest.param("squeezenet1_0", marks=pytest.mark.slow),
     pytest.param("resnet18", marks=pytest.mark.slow),
     pytest.param("shufflenet_v2_x0_5", marks=pytest.mark.slow),
     pytest.param("mobilenet_v2", marks=pytest.mark.slow),
