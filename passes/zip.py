@@ -202,25 +202,39 @@ def rewrite_sizes(module: fx.GraphModule, widths: Mapping[str, int], spec: UnitS
         if name in ("layer_norm", "group_norm"):
             _rewrite_norm_sizes(node, name, widths, spec)
             continue
+        if name == "unflatten":  # (input, dim, sizes): the sizes are output axes dim...
+            rank = len(units.spaces) - len(node.args[2]) + 1
+            first = node.args[1] % rank
+            sizes = _resized(node, list(node.args[2]), units.spaces[first:], widths, spec)
+            if sizes is not None:
+                node.args = (node.args[0], node.args[1], sizes) + tuple(node.args[3:])
+            continue
         if name not in sized:
             continue
-        sizes = list(node.args[1])
-        changed = False
-        for axis, space_id in enumerate(units.spaces):
-            if space_id is not None and axis < len(sizes) and isinstance(sizes[axis], int) \
-                    and sizes[axis] == spec.spaces[space_id].size:
-                sizes[axis] = widths[space_id]
-                changed = True
-            # heads split off a blocks space: the axis after the heads is the head size
-            blocks = _split_blocks(node, space_id, spec)
-            if blocks is not None and axis + 1 < len(sizes) \
-                    and sizes[axis + 1] == blocks.block_size and blocks.id in widths:
-                sizes[axis + 1] = widths[blocks.id] // widths[space_id]
-                changed = True
-        if changed:
+        sizes = _resized(node, list(node.args[1]), units.spaces, widths, spec)
+        if sizes is not None:
             node.args = (node.args[0], sizes) + tuple(node.args[2:])
     module.graph.lint()
     module.recompile()
+
+
+def _resized(node: fx.Node, sizes: list, spaces: tuple, widths: Mapping[str, int],
+             spec: UnitSpec) -> list | None:
+    """``sizes`` (literal sizes of the axes whose spaces are ``spaces``) at the merged widths,
+    or None where none changes."""
+    changed = False
+    for axis, space_id in enumerate(spaces):
+        if space_id is not None and axis < len(sizes) and isinstance(sizes[axis], int) \
+                and sizes[axis] == spec.spaces[space_id].size:
+            sizes[axis] = widths[space_id]
+            changed = True
+        # heads split off a blocks space: the axis after the heads is the head size
+        blocks = _split_blocks(node, space_id, spec)
+        if blocks is not None and axis + 1 < len(sizes) \
+                and sizes[axis + 1] == blocks.block_size and blocks.id in widths:
+            sizes[axis + 1] = widths[blocks.id] // widths[space_id]
+            changed = True
+    return sizes if changed else None
 
 
 # the position of a convolution's ``groups`` argument

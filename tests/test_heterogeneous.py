@@ -211,6 +211,30 @@ def test_width_sum_over_heads_reproduces_the_logit_ensemble(attend):
                                    rtol=1e-4, atol=1e-5)
 
 
+class UnflattenAttender(Attender):
+    """Heads split off by ``unflatten`` with literal sizes (not ``view``)."""
+
+    def _split(self, x):
+        return x.unflatten(-1, (self.heads, x.shape[-1] // self.heads)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("width", ["sum", "max", 4])
+def test_heads_split_by_unflatten_change_count(width):
+    """zip rewrites unflatten's literal sizes at the merged head count (the merged model did
+    not run: 'Provided sizes [2, 4] don't multiply up to the size of dim 2')."""
+    torch.manual_seed(0)
+    model_a, model_b = UnflattenAttender(2).eval(), UnflattenAttender(3).eval()
+    x = torch.randn(96, 6, 5)
+    result = mergec.merge(model_a, model_b, x[:4], _calibration(x), width=width, repair=None,
+                          progress=False)
+    heads = {"sum": 5, "max": 3}.get(width, width)
+    assert result.module.state_dict()["q.weight"].shape[0] == 4 * heads
+    if width == "sum":
+        with torch.no_grad():
+            torch.testing.assert_close(result.module(x), (model_a(x) + model_b(x)) / 2,
+                                       rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("width, heads", [("max", 3), ("min", 2), ("a", 2), ("b", 3), (4, 4)])
 def test_elastic_heads_give_that_many_heads(width, heads):
     torch.manual_seed(0)
