@@ -15,7 +15,6 @@ import mergec.passes.trace as trace_module
 from mergec import MergeError
 from mergec.algorithms.solvers import average
 from mergec.ir.state import MergeOptions, PipelineState
-from mergec.memory import PeakMemory
 from mergec.merge import report_of, run_merge
 from mergec.passes import PIPELINE
 from mergec.passes.align_depth import AlignDepth
@@ -126,16 +125,31 @@ def test_every_pass_that_ran_reports_its_peak_memory() -> None:
         report.peak_memory["zip"]["host"])
 
 
+_PEAK = """
+import torch
+from mergec.memory import PeakMemory
+meter = PeakMemory()
+meter.start()
+baseline = meter.stop()["host"]
+meter.start()
+block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+del block
+peak = meter.stop()["host"]
+print("none" if baseline is None else peak - baseline)
+"""
+
+
 def test_peak_memory_sees_what_a_pass_allocates() -> None:
-    meter = PeakMemory()
-    meter.start()
-    baseline = meter.stop()["host"]
-    if baseline is None:
+    """In a fresh process: in a long-lived one the allocation may reuse pages that were freed
+    but are still resident, and the resident set need not grow."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PEAK], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    if out == "none":
         pytest.skip("this system cannot reset the peak resident set")
-    meter.start()
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    del block
-    assert meter.stop()["host"] >= baseline + 60 * 2**20
+    assert int(out) >= 60 * 2**20
 
 
 def test_methods_on_weights_alone_skip_collect_stats() -> None:
