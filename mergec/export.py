@@ -7,6 +7,7 @@ half-written result.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -14,6 +15,7 @@ import shutil
 import tempfile
 import textwrap
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -96,19 +98,28 @@ def save_module(module: fx.GraphModule, folder: Path, report: str | None = None,
     are written into a hidden staging folder beside it and renamed into place: an interrupted
     save leaves no ``folder`` (an existing one is replaced only once the new one is whole)."""
     folder = Path(folder)
-    if folder.exists() and not (overwrite and _is_saved(folder)):
-        advice = ("it is not a saved mergec model, so it is not replaced" if overwrite
+    with staged(folder, overwrite, _is_saved(folder), "a saved mergec model") as staging:
+        _write(module, staging, report)
+    return folder
+
+
+@contextlib.contextmanager
+def staged(folder: Path, overwrite: bool, replaceable: bool, kind: str) -> Iterator[Path]:
+    """A hidden staging folder beside ``folder`` to write a result into; renamed into place
+    when the block ends (:func:`put_in_place`), removed if it raises. An existing ``folder``
+    is refused unless ``overwrite`` and it is ``replaceable`` (it holds ``kind``)."""
+    if folder.exists() and not (overwrite and replaceable):
+        advice = (f"it is not {kind}, so it is not replaced" if overwrite
                   else "choose a new folder, remove it, or overwrite it")
         raise MergeError(f"save: {str(folder)!r} already exists; {advice}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=STAGING, dir=folder.parent))
     try:
-        _write(module, staging, report)
+        yield staging
         put_in_place(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return folder
 
 
 def put_in_place(staging: Path, folder: Path) -> None:

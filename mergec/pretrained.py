@@ -41,21 +41,29 @@ def load_pretrained(folder: str | Path, progress: bool = True) -> nn.Module:
                               f"{str(error).splitlines()[0]}") from error
 
 
+def _reader(auto: str, kind: str, folder: str | Path, calibration: str | Path, what: str,
+            instead: str):
+    """The ``transformers.<auto>`` saved in ``folder`` (offline), which reads the calibration
+    ``what``; an error naming the tensor file to pass ``instead`` where there is none."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require_extra("transformers", "models", f"{what} calibration")
+    import transformers
+    try:
+        return getattr(transformers, auto).from_pretrained(str(folder))
+    except Exception as error:  # noqa: BLE001 - any loading failure is reported the same way
+        raise CheckpointError(f"calibration {str(calibration)!r}: no {kind} in {str(folder)!r} "
+                              f"to read {what} with ({error}); pass {instead} as a tensor file "
+                              "instead") from error
+
+
 def text_calibration(path: str | Path, tokenizer_folder: str | Path, tokens: int = 128,
                      batch_size: int = 8, batches: int | None = None
                      ) -> list[tuple[torch.Tensor]]:
     """Batches of token ids from a text file: every line tokenised with the folder's tokenizer,
     the ids joined into one stream and cut into windows of ``tokens`` (the last, shorter one
     dropped)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    require_extra("transformers", "models", "text calibration")
-    import transformers
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_folder))
-    except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"calibration {str(path)!r}: no tokenizer in "
-                              f"{str(tokenizer_folder)!r} to read text with ({error}); pass "
-                              "token ids as a tensor file instead") from error
+    tokenizer = _reader("AutoTokenizer", "tokenizer", tokenizer_folder, path, "text",
+                        "token ids")
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     stream = [i for line in lines for i in tokenizer(line, add_special_tokens=True)["input_ids"]]
     windows = len(stream) // tokens
@@ -75,16 +83,9 @@ def image_calibration(folder: str | Path, processor_folder: str | Path, batch_si
     """Batches of pixel values from a folder of images (sorted by name), preprocessed by the
     image processor saved in ``processor_folder`` (model A's): resized, normalised, as the
     model was trained to read them."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    require_extra("transformers", "models", "image calibration")
-    import transformers
+    processor = _reader("AutoImageProcessor", "image processor", processor_folder, folder,
+                        "images", "pixel values")
     from PIL import Image
-    try:
-        processor = transformers.AutoImageProcessor.from_pretrained(str(processor_folder))
-    except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"calibration {str(folder)!r}: no image processor in "
-                              f"{str(processor_folder)!r} to read images with ({error}); pass "
-                              "pixel values as a tensor file instead") from error
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise CheckpointError(f"calibration {str(folder)!r} holds no images "
@@ -138,20 +139,12 @@ def save_pretrained(merged: nn.Module, model: nn.Module, source: str | Path,
     """Writes the merge as a ``save_pretrained`` folder of model A (``model``, loaded from
     ``source``), with the other files of ``source`` that are not weights (tokenizer, image
     processor) and mergec's report; staged and renamed into place like every result."""
-    import tempfile
-
-    from mergec.export import STAGING, put_in_place
+    from mergec.export import staged
 
     result = into(merged, model)
     folder = Path(folder)
-    if folder.exists() and not (overwrite and is_pretrained_folder(folder)):
-        advice = ("it holds no transformers model, so it is not replaced" if overwrite
-                  else "choose a new folder, or overwrite it")
-        raise MergeError(f"save: {str(folder)!r} already exists; {advice}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=STAGING,
-                                    dir=folder.parent))
-    try:
+    with staged(folder, overwrite, is_pretrained_folder(folder), "a transformers model folder"
+                ) as staging:
         result.save_pretrained(str(staging))
         for path in Path(source).iterdir():  # tokenizer, image processor: what reads inputs
             if path.is_file() and not (staging / path.name).exists() \
@@ -159,8 +152,4 @@ def save_pretrained(merged: nn.Module, model: nn.Module, source: str | Path,
                     and "mergec" not in path.name:
                 shutil.copy2(path, staging / path.name)
         (staging / "mergec_report.json").write_text(report)
-        put_in_place(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
