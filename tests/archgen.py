@@ -40,6 +40,7 @@ from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -779,6 +780,23 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
             elif bool((tensor == tensor.reshape(-1)[0]).all()):
                 tensor.add_(0.5 * torch.randn(tensor.shape, generator=generator))
     return model
+
+
+# -- settings and data for merge tests --------------------------------------------------------
+def budget(examples: int, *allowed: HealthCheck) -> settings:
+    """Few examples, no deadline (every merge exports both models), the same examples on every
+    run, and no shrinking (a shrink step costs several merges; the failing case prints whole);
+    ``allowed``: health checks to suppress besides slowness and data size."""
+    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                    phases=[Phase.explicit, Phase.generate],
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           *allowed])
+
+
+def random_like(example: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    """``rows`` samples of standard normal data shaped like ``example`` past the batch axis."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((rows, *example.shape[1:]), generator=generator)
 
 
 # -- strategies ------------------------------------------------------------------------------

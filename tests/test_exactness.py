@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import assume, given
 from torch import nn
 
 import archgen  # tests/ is on sys.path under pytest's default (prepend) import mode
@@ -26,18 +26,8 @@ torchvision = pytest.importorskip("torchvision")
 EXACT = 1e-4  # relative logit error of a recovered model: float32 rounding only
 
 
-def budget(examples: int) -> settings:
-    """Few examples, no deadline (every merge exports both models), the same examples on every
-    run, and no shrinking (the failing case prints whole)."""
-    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                    phases=[Phase.explicit, Phase.generate],
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def random_like(example: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
-    """``rows`` samples of standard normal data shaped like ``example`` past the batch axis."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn((rows, *example.shape[1:]), generator=generator)
 
 
 def relative_error(model: nn.Module, twin: nn.Module, example: torch.Tensor,
@@ -63,19 +53,19 @@ def assert_weight_matching_recovers(case: archgen.Case) -> None:
     assume(not has_uneven_grouped_conv(case.model))
     (example,) = case.inputs
     twin = mergec.permute(case.model, example, seed=1)
-    x = random_like(example, 16, seed=2)
+    x = archgen.random_like(example, 16, seed=2)
     error = relative_error(case.model, twin, example, [(x,)], x, "weight-match")
     assert error < EXACT, f"{case.name}: relative error {error:.3g}"
 
 
-@budget(10)
+@archgen.budget(10)
 @given(case=archgen.cases())
 def test_weight_matching_recovers_a_permuted_twin_of_any_architecture(case: archgen.Case
                                                                       ) -> None:
     assert_weight_matching_recovers(case)
 
 
-@budget(20)
+@archgen.budget(20)
 @given(case=archgen.conv_cases(max_blocks=6))
 def test_weight_matching_recovers_a_permuted_twin_of_deeper_conv_nets(case: archgen.Case
                                                                       ) -> None:
@@ -105,7 +95,7 @@ def torchvision_model(name: str) -> nn.Module:
 ])
 def test_weight_matching_recovers_a_permuted_torchvision_model(name: str) -> None:
     model = torchvision_model(name)
-    example = random_like(torch.zeros(1, 3, 32, 32), 2, seed=0)
+    example = archgen.random_like(torch.zeros(1, 3, 32, 32), 2, seed=0)
     twin = mergec.permute(model, example).eval()
     error = relative_error(model, twin, example, [(example,)], example, "weight-match")
     assert error < EXACT
@@ -115,7 +105,7 @@ def test_weight_matching_recovers_a_permuted_torchvision_model(name: str) -> Non
 def resnet18_and_twin() -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """resnet18 at random initialisation, a permuted twin, and an example input."""
     model = torchvision_model("resnet18")
-    example = random_like(torch.zeros(1, 3, 64, 64), 2, seed=0)
+    example = archgen.random_like(torch.zeros(1, 3, 64, 64), 2, seed=0)
     return model, mergec.permute(model, example).eval(), example
 
 
@@ -126,7 +116,7 @@ def test_activation_methods_recover_resnet18_with_dead_units(
     """At random initialisation some of resnet18's units are dead on 64 random images; they
     correlate with nothing, and their weights decide their partners (before: 7% off)."""
     model, twin, example = resnet18_and_twin
-    calibration = [(batch,) for batch in random_like(example, 64, seed=1).split(16)]
+    calibration = [(batch,) for batch in archgen.random_like(example, 64, seed=1).split(16)]
     error = relative_error(model, twin, example, calibration, example, method)
     assert error < EXACT
 

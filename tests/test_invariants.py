@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, assume, given
 from hypothesis import strategies as st
 from torch import fx, nn
 
@@ -42,13 +42,6 @@ SYMMETRIC_METHODS = [pytest.param(m, marks=MUDSC_ASYMMETRIC) if m == "mudsc" els
 seeds = st.integers(min_value=0, max_value=2**16)
 
 
-def budget(examples: int) -> settings:
-    """Few examples, no deadline (every merge exports both models), the same examples on every
-    run, and no shrinking (a shrink step costs several merges; the failing case prints whole)."""
-    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                    phases=[Phase.explicit, Phase.generate],
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])
 
 
 def outputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -121,14 +114,14 @@ def assert_symmetric(pair: archgen.Pair, seed: int, **options: Any) -> None:
 # Invariant 3: merge(A, B) and merge(B, A) compute the same function
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", SYMMETRIC_METHODS)
-@budget(2)
+@archgen.budget(2, HealthCheck.filter_too_much)
 @given(pair=archgen.pairs(same=True, per_channel=False), seed=seeds)
 def test_merge_is_symmetric(method: str, pair: archgen.Pair, seed: int) -> None:
     """Over every family (LayerNorm, attention and fused qkv included), at one width."""
     assert_symmetric(pair, seed, method=method)
 
 
-@budget(6)
+@archgen.budget(6, HealthCheck.filter_too_much)
 @given(pair=archgen.pairs(family="conv", same=True), seed=seeds,
        method=st.sampled_from([m for m in METHODS if m != "mudsc"]),
        repair=st.sampled_from(["reset", "repair"]))
@@ -139,7 +132,7 @@ def test_merge_is_symmetric_with_batch_norm_reset(pair: archgen.Pair, seed: int,
     assert_symmetric(pair, seed, method=method, repair=repair)
 
 
-@budget(6)
+@archgen.budget(6, HealthCheck.filter_too_much)
 @given(pair=archgen.pairs(per_channel=False), seed=seeds,
        width=st.sampled_from(["max", "min", "sum", 5, 0.5]))
 def test_elastic_zip_is_symmetric(pair: archgen.Pair, seed: int, width: Any) -> None:
@@ -170,7 +163,7 @@ def assert_shapes_of(module: nn.Module, expected: nn.Module) -> None:
     assert not wrong, f"entries with another shape (merged, expected): {wrong}"
 
 
-@budget(6)
+@archgen.budget(6, HealthCheck.filter_too_much)
 @given(pair=archgen.pairs(), seed=seeds)
 def test_width_sum_is_the_logit_ensemble(pair: archgen.Pair, seed: int) -> None:
     model_a, model_b = models(pair, seed)
@@ -187,7 +180,7 @@ def test_width_sum_is_the_logit_ensemble(pair: archgen.Pair, seed: int) -> None:
 def test_width_sum_is_the_logit_ensemble_for_every_block_kind(kind: str) -> None:
     family = next(f for f, kinds in archgen.PER_CHANNEL_BLOCKS.items() if kind in kinds)
 
-    @budget(1)
+    @archgen.budget(1, HealthCheck.filter_too_much)
     @given(pair=archgen.pairs(family=family, require=(kind,)), seed=seeds)
     def check(pair: archgen.Pair, seed: int) -> None:
         assert kind in pair.name
@@ -196,7 +189,7 @@ def test_width_sum_is_the_logit_ensemble_for_every_block_kind(kind: str) -> None
     check()
 
 
-@budget(8)
+@archgen.budget(8, HealthCheck.filter_too_much)
 @given(pair=archgen.pairs(per_channel=False), seed=seeds,
        width=st.sampled_from(["max", "min", "a", "b", 5, 0.6]))
 def test_elastic_width_gives_spaces_of_that_width(pair: archgen.Pair, seed: int,

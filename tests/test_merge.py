@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import fx, nn
 
@@ -35,18 +35,8 @@ RECOVERING_METHODS = ("permute", "zip", "weight-match")  # can undo a permutatio
 FAMILIES = ("mlp", "cnn", "residual", "attention", "group_norm")
 
 
-def budget(examples: int) -> settings:
-    """Few examples, no deadline (every merge exports both models), the same examples on every
-    run, and no shrinking (a shrink step costs several merges; the failing case prints whole)."""
-    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                    phases=[Phase.explicit, Phase.generate],
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def random_like(example: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
-    """``rows`` samples of standard normal data shaped like ``example`` past the batch axis."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn((rows, *example.shape[1:]), generator=generator)
 
 
 def calibration_of(x: torch.Tensor, batch: int = 64) -> list[tuple[torch.Tensor]]:
@@ -215,7 +205,7 @@ def has_uneven_grouped_conv(model: nn.Module) -> bool:
 
 
 @pytest.mark.parametrize("method", ["average", "weight-match", "mudsc"])
-@budget(5)
+@archgen.budget(5)
 @given(case=archgen.cases())
 def test_merging_any_architecture_with_itself_computes_it(method: str, case: archgen.Case
                                                           ) -> None:
@@ -223,19 +213,19 @@ def test_merging_any_architecture_with_itself_computes_it(method: str, case: arc
     need activations to tell units apart."""
     assume(not has_uneven_grouped_conv(case.model))
     (example,) = case.inputs
-    x = random_like(example, 96, seed=1)
+    x = archgen.random_like(example, 96, seed=1)
     result = merged(case.model, case.model, example, calibration_of(x), method=method)
     assert_computes(result.module, case.model, x)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@budget(2)
+@archgen.budget(2)
 @given(drawn=st.data())
 def test_merge_recovers_a_model_from_itself_and_from_a_permuted_twin(family: str,
                                                                      drawn: st.DataObject) -> None:
     model, example, seed = drawn.draw(distinct_unit_models(family))
-    x = random_like(example, 128, seed=seed)
-    x_test = random_like(example, 32, seed=seed + 1)
+    x = archgen.random_like(example, 128, seed=seed)
+    x_test = archgen.random_like(example, 32, seed=seed + 1)
     for method in ALL_METHODS:
         result = merged(model, model, example, calibration_of(x), method=method)
         assert_computes(result.module, model, x_test)
@@ -264,8 +254,8 @@ def test_merge_is_symmetric(architecture: str, method: str) -> None:
         model_a, model_b, example = mlp(seed=0), mlp(seed=1), torch.zeros(2, 6)
     else:
         model_a, model_b, example = cnn(seed=0), cnn(seed=1), torch.zeros(2, 1, 8, 8)
-    x = random_like(example, 256, seed=2)
-    x_test = random_like(example, 64, seed=3)
+    x = archgen.random_like(example, 256, seed=2)
+    x_test = archgen.random_like(example, 64, seed=3)
     forward = merged(model_a, model_b, example, calibration_of(x), method=method)
     backward = merged(model_b, model_a, example, calibration_of(x), method=method)
     torch.testing.assert_close(outputs(forward.module, x_test), outputs(backward.module, x_test),
@@ -276,7 +266,7 @@ def test_merge_is_symmetric(architecture: str, method: str) -> None:
 
 def test_symmetric_with_batch_norm_reset() -> None:
     model_a, model_b, example = cnn(seed=0), cnn(seed=1), torch.zeros(2, 1, 8, 8)
-    x = random_like(example, 256, seed=2)
+    x = archgen.random_like(example, 256, seed=2)
     forward = merged(model_a, model_b, example, calibration_of(x), method="zip", repair="reset")
     backward = merged(model_b, model_a, example, calibration_of(x), method="zip", repair="reset")
     torch.testing.assert_close(outputs(forward.module, x), outputs(backward.module, x),
@@ -287,12 +277,12 @@ def test_symmetric_with_batch_norm_reset() -> None:
 # Invariant 4: the emitted graph lints, saves, loads and runs without mergec
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
-@budget(1)
+@archgen.budget(1)
 @given(drawn=st.data())
 def test_save_load_round_trip(family: str, drawn: st.DataObject, tmp_path_factory) -> None:
     model_a, example, seed = drawn.draw(distinct_unit_models(family))
     model_b = perturbed(model_a, seed)
-    x = random_like(example, 64, seed=seed)
+    x = archgen.random_like(example, 64, seed=seed)
     result = merged(model_a, model_b, example, calibration_of(x), method="zip", repair="reset")
     folder = result.save(tmp_path_factory.mktemp(family) / "merged")
     assert {p.name for p in folder.iterdir()} >= {"model.py", "weights.safetensors"}
@@ -318,7 +308,7 @@ def perturbed(model: nn.Module, seed: int) -> nn.Module:
 def saved_cnn(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor]:
     """A merged BN CNN saved to disk, with inputs and the merged module's outputs."""
     model_a, model_b, example = cnn(seed=0), cnn(seed=1), torch.zeros(2, 1, 8, 8)
-    x = random_like(example, 128, seed=4)
+    x = archgen.random_like(example, 128, seed=4)
     result = merged(model_a, model_b, example, calibration_of(x), method="zip", repair="reset")
     folder = result.save(tmp_path_factory.mktemp("saved") / "merged")
     return folder, x, outputs(result.module, x)
@@ -362,7 +352,7 @@ def test_loaded_model_is_a_plain_module(saved_cnn) -> None:
 
 def test_merged_module_runs_under_torch_compile() -> None:
     model_a, model_b, example = cnn(seed=0), cnn(seed=1), torch.zeros(2, 1, 8, 8)
-    x = random_like(example, 64, seed=5)
+    x = archgen.random_like(example, 64, seed=5)
     result = merged(model_a, model_b, example, calibration_of(x), method="zip")
     compiled = torch.compile(result.module, backend="aot_eager")
     torch.testing.assert_close(outputs(compiled, x), outputs(result.module, x))
@@ -371,7 +361,7 @@ def test_merged_module_runs_under_torch_compile() -> None:
 @pytest.mark.slow
 def test_merged_module_runs_under_torch_compile_inductor() -> None:
     model_a, model_b, example = cnn(seed=0), cnn(seed=1), torch.zeros(2, 1, 8, 8)
-    x = random_like(example, 64, seed=5)
+    x = archgen.random_like(example, 64, seed=5)
     result = merged(model_a, model_b, example, calibration_of(x), method="zip")
     compiled = torch.compile(result.module)
     torch.testing.assert_close(outputs(compiled, x), outputs(result.module, x),
@@ -380,7 +370,7 @@ def test_merged_module_runs_under_torch_compile_inductor() -> None:
 
 def test_report_describes_the_merge(tmp_path: Path) -> None:
     model_a, model_b, example = cnn(seed=0), cnn(seed=1), torch.zeros(2, 1, 8, 8)
-    x = random_like(example, 64, seed=6)
+    x = archgen.random_like(example, 64, seed=6)
     result = merged(model_a, model_b, example, calibration_of(x), method="permute")
     report = json.loads(result.report.to_json())
     assert report["method"] == "permute"
@@ -400,7 +390,7 @@ def test_batch_norm_reset_gives_the_merged_models_batch_statistics() -> None:
     BatchNorm with momentum=None (a plain average over batches) records for the merged weights
     on the calibration data."""
     model_a, model_b, example = cnn(seed=0), cnn(seed=1), torch.zeros(2, 1, 8, 8)
-    x = random_like(example, 192, seed=7)
+    x = archgen.random_like(example, 192, seed=7)
     calibration = calibration_of(x, batch=64)
     result = merged(model_a, model_b, example, calibration, method="zip", repair="reset")
     state = result.module.state_dict()
@@ -434,7 +424,7 @@ def test_batch_norm_reset_gives_the_merged_models_batch_statistics() -> None:
 @pytest.fixture(scope="module")
 def pair() -> tuple[nn.Module, nn.Module, torch.Tensor, list[tuple[torch.Tensor]]]:
     model_a, model_b, example = cnn(seed=0), cnn(seed=1), torch.zeros(2, 1, 8, 8)
-    return model_a, model_b, example, calibration_of(random_like(example, 64, seed=8))
+    return model_a, model_b, example, calibration_of(archgen.random_like(example, 64, seed=8))
 
 
 @pytest.mark.parametrize(("calibration", "message"), [
@@ -498,7 +488,7 @@ def test_saving_into_an_existing_folder_is_refused(saved_cnn) -> None:
     folder, _, _ = saved_cnn
     before = sorted(p.name for p in folder.iterdir())
     model_a, model_b, example = cnn(seed=0), cnn(seed=1), torch.zeros(2, 1, 8, 8)
-    result = merged(model_a, model_b, example, [(random_like(example, 16, seed=9),)],
+    result = merged(model_a, model_b, example, [(archgen.random_like(example, 16, seed=9),)],
                     method="average")
     with pytest.raises(MergeError, match=r"already exists"):
         result.save(folder)
@@ -635,7 +625,7 @@ def test_a_plan_too_large_to_be_dense_merges_as_the_dense_one(method: str, monke
                                       nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 12),
                                       nn.ReLU(), nn.Linear(12, 4)).eval() for _ in range(2))
     example = torch.zeros(2, 1, 8, 8)
-    x = random_like(example, 64, seed=3)
+    x = archgen.random_like(example, 64, seed=3)
     dense = merged(model_a, model_b, example, calibration_of(x), method=method, repair=None)
     monkeypatch.setattr(algorithm_blocks, "SPARSE_PLAN_ENTRIES", 100)
     sparse = merged(model_a, model_b, example, calibration_of(x), method=method, repair=None)
@@ -649,7 +639,7 @@ def test_a_plan_too_large_to_be_dense_merges_as_the_dense_one(method: str, monke
 def test_the_batch_norm_reset_follows_the_merged_width(width: str) -> None:
     model_a, model_b = cnn(width=4, seed=0), cnn(width=8, seed=1)
     example = torch.zeros(2, 1, 8, 8)
-    x = random_like(example, 128, seed=5)
+    x = archgen.random_like(example, 128, seed=5)
     result = mergec.merge(model_a, model_b, example, calibration_of(x), method="zip",
                           width=width, repair="reset", progress=False)
     expected = {"min": 4, "max": 8, "sum": 12}[width]
