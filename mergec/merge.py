@@ -3,7 +3,8 @@
 ``merge`` validates its options (:class:`~mergec.ir.state.MergeOptions`), puts the models in a
 :class:`~mergec.ir.state.PipelineState` and runs the pipeline (:mod:`mergec.pipeline`):
 
-    trace → annotate-units → segment → align-depth → collect-stats → match → zip → repair
+    trace → fold-norms → annotate-units → segment → align-depth → collect-stats → match
+    → zip → repair
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class MergeReport:
     versions: dict[str, str] = field(default_factory=dict)  # mergec, torch, python, ...
     notes: list[str] = field(default_factory=list)  # what the user should know of the inputs
     inputs: dict[str, Any] = field(default_factory=dict)  # the CLI's models, data and hashes
+    folds: list[dict[str, str]] = field(default_factory=list)  # fold-norms, per model
 
     def to_dict(self) -> dict:
         spaces = self.spec.spaces.values() if self.spec is not None else ()
@@ -59,10 +61,12 @@ class MergeReport:
             "coverage": self.spec.coverage() if self.spec is not None else None,
             "spaces": {
                 space.id: {"size": space.size, "kind": space.kind, "fixed": space.fixed,
-                           "probe": space.probe, **self.matches.get(space.id, {})}
+                           "group": space.group, "probe": space.probe,
+                           **self.matches.get(space.id, {})}
                 for space in spaces
             },
             "repair": self.repair,
+            "fold_norms": self.folds,
             "depth": self.depth.to_dict() if self.depth is not None else None,
         }
 
@@ -109,7 +113,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
           repair: str | None = "reset", device: str | None = None, seed: int = 0,
           progress: bool = True, depth_variant: str = "segment-wise",
           unaligned: str = "average", samples_per_batch: int | None = None,
-          callback: Callback | None = None) -> MergeResult:
+          symmetry: str = "auto", callback: Callback | None = None) -> MergeResult:
     """Merges two trained models of the same architecture without training.
 
     ``calibration`` is an iterable of batches, each the tuple of positional inputs of
@@ -135,8 +139,13 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     calibration batch contributes at most that many pixels or tokens (the same ones in both
     models, drawn with ``seed``) to each space's moments. Under ``torch.distributed``, pass
     each process its shard of the calibration data: statistics are summed over the processes
-    and every process gets the same merge. The input models are not modified.
-    ``callback(pass_name, state)`` is
+    and every process gets the same merge. ``symmetry="auto"`` (default) merges every space
+    under the largest group the graph allows: after fold-norms has moved the LayerNorms'
+    gains into the layers that read them, a pre-norm transformer's residual stream is aligned
+    by a rotation (orthogonal Procrustes on the activations' second moments, or on the weights
+    for weight-match) and averaged, the other spaces by the method; ``"permutation"`` merges
+    every space under permutations only (the papers' methods as published). The input models
+    are not modified. ``callback(pass_name, state)`` is
     called after each pass with the pipeline state (:class:`~mergec.ir.state.PipelineState`).
 
     Example::
@@ -148,7 +157,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
                            heads=heads, stop_at=stop_at, width=width, repair=repair,
                            device=device, seed=seed, progress=progress,
                            depth_variant=depth_variant, unaligned=unaligned,
-                           samples_per_batch=samples_per_batch)
+                           samples_per_batch=samples_per_batch, symmetry=symmetry)
     state = run_merge(options, (model_a, model_b), example_inputs, calibration,
                       callback=callback)
     return MergeResult(module=state.merged, report=report_of(state))
@@ -188,6 +197,7 @@ def report_of(state: PipelineState) -> MergeReport:
         timings=dict(state.timings), peak_memory={k: dict(v) for k, v in state.peak_memory.items()},
         repair=dict(state.repair), similarities=similarities,
         depth=state.depth, passes=state.completed, versions=versions(),
+        folds=[dict(fold) for fold in state.folds],
         notes=_notes(state.models),
         options={**options.to_dict(), "widths": {s: p.width for s, p in state.plans.items()}})
 

@@ -1,4 +1,5 @@
-"""Applying permutations of spaces to a state dict (invariant 1 of the design).
+"""Applying permutations of spaces to a state dict (invariant 1 of the design), and random
+elements of the larger groups some spaces admit (rotations of a folded residual stream).
 
 A permutation is an index tensor ``perm`` with ``new = old.index_select(axis, perm)``. Structured
 spaces compose the permutations of their parts: blocks move as wholes and are permuted inside,
@@ -12,7 +13,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from mergec.algorithms.tensors import block_diagonal, diagonal_blocks
+from mergec.algorithms.tensors import apply_along, block_diagonal, diagonal_blocks
 from mergec.checkpoints import with_metadata
 from mergec.errors import SpecError
 from mergec.ir.spec import Binding, UnitSpec
@@ -124,5 +125,91 @@ def permute_model(model: nn.Module, spec: UnitSpec, seed: int = 0) -> nn.Module:
     perms = random_permutations(spec, seed)
     clone = copy.deepcopy(model)
     state = permute_state_dict(clone.state_dict(), spec, perms)
+    clone.load_state_dict(with_metadata(state, clone))
+    return clone
+
+
+# ---------------------------------------------------------------------------------------------
+# Random elements of the spaces' groups: rotations where a space admits them
+# ---------------------------------------------------------------------------------------------
+def random_orthogonal(size: int, generator: torch.Generator, ones_fixed: bool = False
+                      ) -> torch.Tensor:
+    """A Haar-random orthogonal matrix (float64); with ``ones_fixed`` one that keeps the
+    all-ones direction (a random rotation of the vectors whose entries sum to zero)."""
+    if ones_fixed and size > 1:
+        inner = random_orthogonal(size - 1, generator)
+        seed = torch.cat([torch.ones(size, 1, dtype=torch.float64),
+                          torch.eye(size, dtype=torch.float64)[:, :size - 1]], dim=1)
+        basis = torch.linalg.qr(seed)[0][:, 1:]
+        return basis @ inner @ basis.T + torch.full((size, size), 1.0 / size,
+                                                   dtype=torch.float64)
+    gaussian = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def random_group_elements(spec: UnitSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random element of every space's group, as a matrix ``T`` (a unit's new coordinates
+    are ``T x``): a random orthogonal matrix on each rotation space, a random allowed
+    permutation elsewhere (structured spaces composed as :func:`full_permutations` does)."""
+    generator = torch.Generator().manual_seed(seed)
+    perms = full_permutations(spec, lambda _, size: torch.randperm(size, generator=generator))
+    matrices: dict[str, torch.Tensor] = {}
+
+    def of(space_id: str) -> torch.Tensor:
+        if space_id in matrices:
+            return matrices[space_id]
+        space = spec.spaces[space_id]
+        if space.group == "orthogonal" and spec.is_free(space_id):
+            matrix = random_orthogonal(space.size, generator, space.ones_fixed)
+        elif space.kind == "composite" and space.fixed is None:
+            matrix = torch.block_diag(*(of(part) for part in space.parts))
+        elif space.kind == "tiled" and space.fixed is None:
+            matrix = torch.ones(1, 1, dtype=torch.float64)
+            for factor, size in space.factors:
+                inner = torch.eye(size, dtype=torch.float64) if factor is None else of(factor)
+                matrix = torch.kron(matrix, inner)
+        else:
+            matrix = torch.eye(space.size, dtype=torch.float64)[perms[space_id]]
+        matrices[space_id] = matrix
+        return matrix
+
+    for space_id in spec.spaces:
+        of(space_id)
+    return matrices
+
+
+def transform_state_dict(state: Mapping[str, torch.Tensor], spec: UnitSpec,
+                         matrices: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Applies each space's orthogonal matrix ``T`` to every axis bound to it: an axis that
+    produces or scales units becomes ``T x``, one that consumes them ``W Tᵀ`` (for an
+    orthogonal ``T`` both are ``T`` applied along the axis)."""
+    out = dict(state)
+    by_key: dict[str, list[Binding]] = {}
+    for binding in spec.bindings:
+        by_key.setdefault(binding.key, []).append(binding)
+    for key, bindings in by_key.items():
+        if key not in out:
+            raise SpecError(f"transform: the spec binds {key!r}, which the model does not have")
+        tensor = out[key]
+        if not tensor.is_floating_point():
+            continue
+        groups = next((b.groups for b in bindings if b.groups > 1), 1)
+        work = tensor.to(torch.float64)
+        work = block_diagonal(work, groups) if groups > 1 else work
+        for binding in bindings:
+            work = apply_along(work, binding.axis, matrices[binding.space].to(work.device))
+        work = diagonal_blocks(work, groups) if groups > 1 else work
+        out[key] = work.to(tensor.dtype)
+    return out
+
+
+def transform_model(model: nn.Module, spec: UnitSpec, seed: int = 0) -> nn.Module:
+    """A deep copy of ``model`` with a random element of every free space's group applied
+    (:func:`random_group_elements`): the sibling of :func:`permute_model` for spaces that
+    admit rotations. It computes the same function (invariant 1 of the design)."""
+    matrices = random_group_elements(spec, seed)
+    clone = copy.deepcopy(model)
+    state = transform_state_dict(clone.state_dict(), spec, matrices)
     clone.load_state_dict(with_metadata(state, clone))
     return clone

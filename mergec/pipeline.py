@@ -1,6 +1,7 @@
 """The pipeline driver: the registered passes run in order over one state.
 
-    trace → annotate-units → segment → align-depth → collect-stats → match → zip → repair
+    trace → fold-norms → annotate-units → segment → align-depth → collect-stats → match
+    → zip → repair
 
 Every pass takes a :class:`~mergec.ir.state.PipelineState` and returns the next one. A pass
 with an ``applies(state)`` method that answers False is skipped (align-depth for models of one
@@ -22,6 +23,7 @@ from mergec.passes import PIPELINE, REGISTRY
 from mergec.passes.align_depth import AlignDepth
 from mergec.passes.annotate_units import AnnotateUnits
 from mergec.passes.collect_stats import CollectStats
+from mergec.passes.fold_norms import FoldNorms
 from mergec.passes.match import Match
 from mergec.passes.repair import Repair
 from mergec.passes.segment import Segment
@@ -48,6 +50,7 @@ def build_passes(options: MergeOptions) -> list[Pass]:
     """The pipeline's passes, in order, configured from the merge options."""
     passes: list[Pass] = [
         Trace(),
+        FoldNorms(enabled=options.symmetry == "auto"),
         AnnotateUnits(),
         Segment(),
         AlignDepth(variant=options.depth_variant, unaligned=options.unaligned,
@@ -56,7 +59,8 @@ def build_passes(options: MergeOptions) -> list[Pass]:
                      needed=options.method in STATISTICS_METHODS,
                      samples_per_batch=options.samples_per_batch, seed=options.seed),
         Match(method=options.method, alpha=options.alpha, beta=options.beta,
-              weight_beta=options.weight_beta, seed=options.seed, width=options.width),
+              weight_beta=options.weight_beta, seed=options.seed, width=options.width,
+              symmetry=options.symmetry),
         Zip(stop_at=options.stop_at, heads=options.heads),
         Repair(mode=options.repair, device=options.device, progress=options.progress),
     ]

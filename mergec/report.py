@@ -18,6 +18,8 @@ def describe_structure(space: Space) -> str:
         return f"composite {'+'.join(space.parts)}"
     if space.kind == "tiled":
         return "tiled " + "x".join(f"{f or '·'}[{n}]" for f, n in space.factors)
+    if space.group == "orthogonal":
+        return "flat, rotations" + (" keeping 1" if space.ones_fixed else "")
     return "flat"
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import fx
 
 from mergec.ir.fx import STATE_KEYS, aten_name, call_arguments, module_path
+from mergec.ir.groups import with_groups
 from mergec.ir.labels import (
     Blocks,
     Composite,
@@ -1085,7 +1086,7 @@ def annotate_units(graph_module: fx.GraphModule, state_keys: Iterable[str] | Non
     if annotator.fallbacks:
         log.info("annotate-units: %d ops without a rule fixed their spaces",
                  len(annotator.fallbacks))
-    return build_spec(annotator, model_name)
+    return with_groups(graph_module, build_spec(annotator, model_name))
 
 
 @dataclass(frozen=True)

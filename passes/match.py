@@ -49,6 +49,7 @@ from mergec.algorithms.solvers import BlockSolver, MergePlan
 from mergec.algorithms.weight_matching import as_permutation, weight_similarity
 from mergec.errors import MergeError
 from mergec.ir.fx import aten_name
+from mergec.ir.groups import ORTHOGONAL
 from mergec.ir.spec import UnitSpec
 from mergec.ir.state import METHODS, PipelineState
 
@@ -424,6 +425,7 @@ class Match:
     width: Any = "max"  # merged widths, see target_widths
     max_iter: int = 30
     seed: int = 0
+    symmetry: str = "auto"  # "auto": rotation spaces are rotated; "permutation": permuted
     name: ClassVar[str] = "match"
 
     def __post_init__(self) -> None:
@@ -516,7 +518,8 @@ class Match:
         (:func:`~mergec.algorithms.covariance.activation_similarity`'s ``tie_break``), until
         no plan changes. merge(A, π(A)) then recovers A wherever the weights identify π."""
         tied = dict.fromkeys(_members(spec, leaf, groups)[0] for leaf in leaves
-                             if leaf in moments and len(_constant_units(moments[leaf])))
+                             if leaf in moments and not self.rotates(spec, leaf)
+                             and len(_constant_units(moments[leaf])))
         if not tied:
             return
         weights = WeightSimilarities(spec, *params, plans)
@@ -558,15 +561,43 @@ class Match:
                 update(leaf, *solved)
         weights.unknown = set()
 
+    def rotates(self, spec: UnitSpec, leaf: str) -> bool:
+        """Whether ``leaf`` is merged under rotations: its group is orthogonal, the symmetry
+        option allows it and the method matches (``average`` keeps unit i with unit i)."""
+        return self.symmetry == "auto" and self.method != "average" \
+            and spec.spaces[leaf].group == ORTHOGONAL
+
+    def _rotation_similarity(self, observed: JointMoments | None,
+                             weights: torch.Tensor | None) -> torch.Tensor | None:
+        """What a rotation space is aligned on: the joint second moment ``E[x xᵀ]`` of the
+        activations (the least-squares map ``x_a ≈ Q x_b`` reads its cross block), the weight
+        similarity for weight-match, and for mudsc both, each scaled to a unit cross block."""
+        moment = None if observed is None else (observed.sum_outer / observed.count).cpu()
+        if self.method == "weight-match" or moment is None:
+            return weights
+        if weights is None:
+            return moment
+        d = moment.shape[0] // 2
+
+        def unit(matrix: torch.Tensor) -> torch.Tensor:
+            return matrix / matrix[:d, d:].norm().clamp(min=1e-30)
+
+        return self.weight_beta * unit(weights) + (1 - self.weight_beta) * unit(moment)
+
     def _similarity(self, moments: Mapping[str, JointMoments],
                     weight_similarities: WeightSimilarities | None, leaf: str, spec: UnitSpec,
-                    ties: WeightSimilarities | None = None) -> torch.Tensor | None:
+                    ties: WeightSimilarities | None = None, rotation: bool = False
+                    ) -> torch.Tensor | None:
         """The joint similarity ``leaf`` is solved on, under the current leaf plans (those
         ``weight_similarities`` reads, for the methods that use weights; those ``ties`` reads,
         whose weight similarity breaks the ties of constant units for the methods that use
         activations only); None where nothing is known of the leaf: it is then averaged, unit
-        i with i."""
+        i with i. ``rotation``: the similarity of a rotation space
+        (:meth:`_rotation_similarity`)."""
         observed = moments.get(leaf)
+        if rotation:
+            weights = weight_similarities(leaf) if weight_similarities is not None else None
+            return self._rotation_similarity(observed, weights)
         if weight_similarities is not None:
             weights = weight_similarities(leaf)
             if self.method == "weight-match" or observed is None:
@@ -589,7 +620,11 @@ class Match:
         if not spec.is_free(leaf) or leaf in groups["order_of"]:
             return None
         if space.kind != "blocks":
-            joint = similarity(leaf)
+            if self.rotates(spec, leaf):
+                joint = similarity(leaf, rotation=True)
+                solve = functools.partial(solvers.procrustes, ones_fixed=space.ones_fixed)
+            else:
+                joint = similarity(leaf)
             return None if joint is None else ({leaf: solve(joint, space.size, space.size)}, joint)
         members = groups["members"][space.block_space]
         if leaf != members[0]:
@@ -824,11 +859,26 @@ def _summary(plan: MergePlan, joint: torch.Tensor | None) -> dict:
     """What the report keeps of a plan: width, how many A–B pairs, mean matched correlation."""
     together = (plan.unmerge_a.detach().to(torch.float64)
                 @ plan.unmerge_b.detach().T.to(torch.float64))
+    if not plan.unmerge_b.is_sparse and not bool(((together == 0) | (together == 1)).all()):
+        return _rotation_summary(plan, joint)
     result = {"width": plan.width, "cross_pairs": int((together > 0).sum())}
     if joint is not None:
         size = plan.dim_a
         cross = joint[:size, size:]
         pairs = together > 0
         result["matched_similarity"] = float(cross[pairs].mean()) if pairs.any() else 0.0
+        result["identity_similarity"] = float(cross.diagonal().mean())
+    return result
+
+
+def _rotation_summary(plan: MergePlan, joint: torch.Tensor | None) -> dict:
+    """The report of a rotation space: the mean similarity along the rotation (``tr(Qᵀ C) /
+    d`` for the cross block ``C``, what a permutation's matched pairs average) and without it."""
+    result: dict[str, Any] = {"width": plan.width, "group": ORTHOGONAL}
+    if joint is not None:
+        size = plan.dim_a
+        cross = joint[:size, size:].to(torch.float64)
+        rotation = 2.0 * plan.merge_b.detach().to("cpu", torch.float64)
+        result["matched_similarity"] = float((cross * rotation).sum() / size)
         result["identity_similarity"] = float(cross.diagonal().mean())
     return result

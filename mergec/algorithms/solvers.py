@@ -174,6 +174,60 @@ def permute_joint(similarity: Tensor, d_a: int, d_b: int) -> MergePlan:
     return permute(similarity[:d_a, d_a:])
 
 
+def orthogonal_alignment(cross: Tensor, ones_fixed: bool = False) -> Tensor:
+    """The orthogonal ``Q`` with the largest ``tr(Qᵀ cross)`` (orthogonal Procrustes: ``U Vᵀ``
+    from the SVD of ``cross``). For ``cross = E[x_a x_bᵀ]`` it is the rotation that best maps
+    B's features onto A's, ``x_a ≈ Q x_b``. With ``ones_fixed`` the maximum is over the maps
+    that keep the all-ones direction (``Q 1 = 1``): the rotation is solved on the orthogonal
+    complement of 1. Directions no data reaches (``cross`` rank-deficient) are kept: a bonus
+    of 1e-6 of the largest singular value on the identity breaks those ties, as the
+    permutation solvers give ties to the unit of the same index.
+
+    >>> q = orthogonal_alignment(torch.tensor([[0.0, 2.0], [1.0, 0.0]]))
+    >>> q
+    tensor([[0., 1.],
+            [1., 0.]], dtype=torch.float64)
+    """
+    if cross.dim() != 2 or cross.shape[0] != cross.shape[1]:
+        raise MergeError(f"orthogonal_alignment: needs a square cross-similarity, got "
+                         f"{tuple(cross.shape)}")
+    cross = cross.detach().to(torch.float64)
+    d = cross.shape[0]
+    # directions the data does not see (a rank-deficient second moment) stay where they are:
+    # a bonus of 1e-6 of the largest singular value on the identity breaks those ties
+    scale = torch.linalg.matrix_norm(cross, ord=2) if d else cross.new_zeros(())
+    cross = cross + 1e-6 * scale * torch.eye(d, dtype=torch.float64, device=cross.device)
+    if not ones_fixed or d < 2:
+        u, _, vh = torch.linalg.svd(cross)
+        return u @ vh
+    basis = _complement_of_ones(d, cross.device)
+    u, _, vh = torch.linalg.svd(basis.T @ cross @ basis)
+    ones = torch.full((d, d), 1.0 / d, dtype=torch.float64, device=cross.device)
+    return basis @ (u @ vh) @ basis.T + ones
+
+
+def _complement_of_ones(d: int, device: torch.device) -> Tensor:
+    """An orthonormal basis (d × (d - 1)) of the vectors whose entries sum to zero."""
+    seed = torch.cat([torch.ones(d, 1, dtype=torch.float64, device=device),
+                      torch.eye(d, dtype=torch.float64, device=device)[:, :d - 1]], dim=1)
+    q, _ = torch.linalg.qr(seed)
+    return q[:, 1:]
+
+
+def procrustes(similarity: Tensor, d_a: int, d_b: int, ones_fixed: bool = False) -> MergePlan:
+    """The merge of a rotation space: B's features rotated onto A's by
+    :func:`orthogonal_alignment` of the cross-model block, then averaged: ``merge_a = I/2``,
+    ``merge_b = Q/2``, ``unmerge_a = I``, ``unmerge_b = Qᵀ``. ``similarity`` is a joint
+    ``(d_a + d_b)`` square second moment or weight similarity (:data:`BlockSolver` signature,
+    with ``ones_fixed`` bound)."""
+    _check_joint(similarity, d_a, d_b, "procrustes")
+    if d_a != d_b:
+        raise MergeError(f"procrustes: rotates spaces of one width, got d_a={d_a}, d_b={d_b}")
+    q = orthogonal_alignment(similarity[:d_a, d_a:], ones_fixed)
+    identity = torch.eye(d_a, dtype=torch.float64, device=q.device)
+    return MergePlan(identity / 2, q / 2, identity.clone(), q.T.contiguous())
+
+
 def _check_joint(similarity: Tensor, d_a: int, d_b: int, solver: str) -> None:
     """Refuses a joint similarity of the wrong shape, or with NaN or +inf."""
     if d_a < 1 or d_b < 1:

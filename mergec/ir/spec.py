@@ -19,6 +19,14 @@ Structures (``Space.kind``):
 
 ``fixed`` says why a space admits only the identity; ``within_fixed`` why a blocks space admits
 no permutation inside its blocks (rotary embeddings pin the q/k within-head order).
+
+Symmetry groups (``Space.group``): every free space admits the permutations of its structure; a
+flat space that only linear maps, sums and norms whose statistics are rotation-invariant touch
+(a pre-norm transformer's residual stream once ``fold-norms`` has moved the norms' gains into the
+layers that read them) admits every orthogonal map, ``"orthogonal"``. ``ones_fixed``: a
+LayerNorm reads the space, whose centring commutes only with the orthogonal maps that keep the
+all-ones direction. ``group_reason`` says which node restricts a flat free space to
+permutations.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from mergec.errors import SpecError
 
 Role = Literal["produces", "consumes", "elementwise"]
 Kind = Literal["flat", "blocks", "composite", "tiled"]
+Group = Literal["permutation", "orthogonal"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,9 @@ class Space:
     probe_axis: int | None = None
     probe_within_axis: int | None = None  # set when the probe carries blocks and their insides
     origin: str = ""
+    group: Group = "permutation"
+    ones_fixed: bool = False
+    group_reason: str | None = None
 
     @property
     def block_size(self) -> int | None:

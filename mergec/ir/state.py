@@ -29,6 +29,7 @@ REPAIR_MODES = ("reset", "repair", None)
 HEADS = ("average", "separate")
 DEPTH_VARIANTS = ("segment-wise", "layer-wise")
 UNALIGNED = ("average", "keep")
+SYMMETRIES = ("auto", "permutation")
 NAMED_WIDTHS = ("max", "min", "a", "b", "sum")
 
 
@@ -56,6 +57,7 @@ class MergeOptions:
     depth_variant: str = "segment-wise"
     unaligned: str = "average"
     samples_per_batch: int | None = None
+    symmetry: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -89,6 +91,7 @@ class MergeOptions:
                              f"an int >= 2, got {self.samples_per_batch!r}")
         _choose("depth_variant", self.depth_variant, DEPTH_VARIANTS)
         _choose("unaligned", self.unaligned, UNALIGNED)
+        _choose("symmetry", self.symmetry, SYMMETRIES)
         if self.repair == "repair" and self.partial:
             raise MergeError("merge: repair='repair' rescales a fully merged model; with stop_at "
                              "or heads='separate' use repair='reset'")
@@ -125,6 +128,8 @@ class PipelineState:
     ``models[1]``). Fields a pass has not produced yet are empty.
 
     - ``graphs``, ``specs``: trace's graph module and annotate-units' spec of each model;
+      ``folds``: fold-norms' record, per model, of each LayerNorm (folded into which layers,
+      or why it was left);
       align-depth replaces them by the padded shallow model's and the deep model's.
     - ``stages``: segment's blocks of each model, when the models differ in depth.
     - ``depth``: align-depth's plan; ``only_b``: state-dict keys that come from B alone (blocks
@@ -143,6 +148,7 @@ class PipelineState:
     calibration: Iterable[Any] = ()  # re-iterable: each pass that needs data reads it once
     graphs: tuple[fx.GraphModule, ...] = ()
     specs: tuple[UnitSpec, ...] = ()
+    folds: tuple[Mapping[str, str], ...] = ()
     stages: tuple[Stages, ...] = ()
     depth: DepthPlan | None = None
     only_b: Mapping[str, float] = field(default_factory=dict)

@@ -1,0 +1,257 @@
+"""The largest symmetry group of each space, read from the graph.
+
+annotate-units finds spaces whose units can be *permuted*. Some of them admit more: a flat space
+whose tensors only pass through maps that commute with every orthogonal map (linear layers that
+produce or consume it, sums, moves of other axes, scalar scales, norms whose statistics are
+rotation-invariant) admits any orthogonal ``Q``: the layers that produce it multiplied by ``Q``,
+those that consume it by ``Qᵀ``, the function unchanged (SliceGPT's computational invariance).
+A pre-norm transformer's residual stream is such a space once ``fold-norms`` has moved the
+LayerNorms' gains and shifts into the layers that read them.
+
+Rules, per node that reads or writes the space (anything else restricts it to permutations, and
+the first such node is the space's ``group_reason``):
+
+* ``linear``, ``addmm``, ``conv`` (one group), ``embedding``, products with a parameter:
+  linear in the activation; the space is an input or output feature axis;
+* ``add``/``sub`` of tensors that all carry the space on the same axis;
+* ``mul``/``div`` by a scalar or by a tensor that is constant along the space's axis;
+* moves that keep the space whole on one axis: views, transposes, selects and slices of other
+  axes, ``cat`` of tensors that all carry it, means and sums over other axes, dropout, copies;
+* ``layer_norm`` with unit gain and zero shift: its centring commutes with the orthogonal maps
+  that keep the all-ones direction (``ones_fixed``); ``rms_norm`` without a gain with all.
+
+A space that reaches a model output keeps permutations (an output must keep its basis).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import torch
+from torch import fx
+
+from mergec.ir.fx import aten_name, call_arguments, module_path
+from mergec.ir.spec import UnitSpec
+
+LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "bmm", "conv1d", "conv2d", "conv3d",
+              "convolution", "conv_transpose1d", "conv_transpose2d", "embedding"}
+ADDITIVE_OPS = {"add", "sub"}
+SCALING_OPS = {"mul", "div"}
+MOVES = {"select", "slice", "index", "index_select", "expand", "clone", "alias", "detach",
+         "contiguous", "dropout", "transpose", "permute", "view", "reshape", "_unsafe_view",
+         "flatten", "unflatten", "unsqueeze", "squeeze", "t", "cat", "stack", "_to_copy", "to",
+         "type_as", "mean", "sum", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
+         "adaptive_avg_pool2d", "repeat", "lift_fresh_copy", "narrow", "split", "getitem"}
+ORTHOGONAL = "orthogonal"
+
+
+def with_groups(graph_module: fx.GraphModule, spec: UnitSpec) -> UnitSpec:
+    """``spec`` with the group of every flat free space: orthogonal where every node that
+    reads or writes it allows it (the graph's nodes carry annotate-units' space ids)."""
+    candidates = {s.id for s in spec.spaces.values() if s.kind == "flat" and spec.is_free(s.id)}
+    if not candidates:
+        return spec
+    dynamic = _dynamic_nodes(graph_module.graph)
+    reasons = _inside_structures(spec, candidates)
+    centred: set[str] = set()
+    seen: set[str] = set()
+    for node in graph_module.graph.nodes:
+        for space in _touched(node) & candidates:
+            seen.add(space)
+            if space in reasons:
+                continue
+            verdict = _verdict(graph_module, node, space, dynamic)
+            if verdict == "centred":
+                centred.add(space)
+            elif verdict is not None:
+                reasons[space] = verdict
+    for space in candidates - seen:
+        reasons.setdefault(space, "no node carries it as a feature axis")
+    spaces = dict(spec.spaces)
+    for space in candidates:
+        if space in reasons:
+            spaces[space] = dataclasses.replace(spaces[space], group_reason=reasons[space])
+        else:
+            spaces[space] = dataclasses.replace(spaces[space], group=ORTHOGONAL,
+                                                ones_fixed=space in centred,
+                                                **_stream_probe(graph_module, space, dynamic))
+    return dataclasses.replace(spec, spaces=spaces)
+
+
+def _stream_probe(graph_module: fx.GraphModule, space: str, dynamic: set[fx.Node]
+                  ) -> dict[str, Any]:
+    """Where a rotation space is observed: its last residual sum, which holds every layer's
+    contribution (the first node carrying a stream, a patch embedding, spans only as many
+    directions as a patch has pixels, and a rotation needs them all); no change without one."""
+    for node in reversed(graph_module.graph.nodes):
+        if aten_name(node) == "add" and node in dynamic:
+            axes = [i for i, s in enumerate(_spaces(node)) if s == space]
+            if len(axes) == 1:
+                return {"probe": node.name, "probe_axis": axes[0]}
+    return {}
+
+
+def _inside_structures(spec: UnitSpec, candidates: set[str]) -> dict[str, str]:
+    """Flat spaces that are a part, factor or block order of a structured space: the nodes
+    that carry the structured space act on them too, so they keep permutations."""
+    reasons = {}
+    for space in spec.spaces.values():
+        inner = set(space.parts) | {f for f, _ in space.factors if f} | (
+            {space.block_space} if space.block_space else set())
+        for part in inner & candidates:
+            reasons.setdefault(part, f"part of the {space.kind} space {space.id}")
+    return reasons
+
+
+def _spaces(node: Any) -> tuple:
+    """The space id of each axis of a node's value (annotate-units' record), () if none."""
+    units = node.meta.get("mergec") if isinstance(node, fx.Node) else None
+    return tuple(units.spaces or ()) if units is not None else ()
+
+
+def _touched(node: fx.Node) -> set[str]:
+    """The spaces a node writes (on its value's axes) or reads (on its inputs' axes)."""
+    found = {s for s in _spaces(node) if s is not None}
+    for argument in node.all_input_nodes:
+        found.update(s for s in _spaces(argument) if s is not None)
+    return found
+
+
+def _dynamic_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes computed from a model input (the others are parameters and constants)."""
+    dynamic: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in dynamic for a in node.all_input_nodes):
+            dynamic.add(node)
+    return dynamic
+
+
+def _verdict(graph_module: fx.GraphModule, node: fx.Node, space: str,
+             dynamic: set[fx.Node]) -> str | None:
+    """None where ``node`` commutes with every orthogonal map of ``space``; "centred" where
+    with those that keep the all-ones direction; else why not."""
+    path = module_path(node)
+    where = f"node {node.name}" + (f" (module {path})" if path else "")
+    if node.op in ("get_attr", "placeholder"):
+        return None  # the nodes that use it decide
+    if node.op == "output":
+        return f"reaches a model output: {where}"
+    op = aten_name(node) or ("getitem" if node.op == "call_function" else node.op)
+    if op in LINEAR_OPS:
+        return _linear(node, dynamic, where)
+    if op in ADDITIVE_OPS:
+        return _additive(node, space, where)
+    if op in SCALING_OPS:
+        return _scaling(node, space, where)
+    if op in MOVES:
+        kept = sum(1 for s in _spaces(node) if s == space)
+        if op in ("split", "getitem") and not _spaces(node):
+            return f"{op} of a tuple: {where}"
+        if kept != 1:
+            return f"{op} does not keep the space whole on one axis: {where}"
+        return _moved_inputs(node, space, where)
+    if op == "layer_norm":
+        return _layer_norm(graph_module, node, where)
+    if op == "rms_norm":
+        weight = call_arguments(node).get("weight")
+        return None if _is_constant(graph_module, weight, 1.0) else f"rms_norm gain: {where}"
+    return f"{op or node.op} admits permutations only: {where}"
+
+
+def _linear(node: fx.Node, dynamic: set[fx.Node], where: str) -> str | None:
+    """A linear layer: one operand is a parameter, and a convolution has one group."""
+    operands = [a for a in node.args[:3] if isinstance(a, fx.Node)]
+    if sum(1 for a in operands if a in dynamic) > 1:
+        return f"a product of two activations: {where}"
+    groups = call_arguments(node).get("groups", 1)
+    if isinstance(groups, int) and groups > 1:
+        return f"a grouped convolution: {where}"
+    return None
+
+
+def _axis_from_right(node: fx.Node, space: str) -> int | None:
+    spaces = _spaces(node)
+    positions = [i for i, s in enumerate(spaces) if s == space]
+    return len(spaces) - positions[0] if len(positions) == 1 else None
+
+
+def _additive(node: fx.Node, space: str, where: str) -> str | None:
+    """Sums: every operand carries the space on the output's axis."""
+    axis = _axis_from_right(node, space)
+    if axis is None:
+        return f"a sum that does not keep the space on one axis: {where}"
+    for operand in node.args[:2]:
+        if not isinstance(operand, fx.Node):
+            return f"a scalar added to the space's units: {where}"
+        spaces = _spaces(operand)
+        if len(spaces) < axis or spaces[len(spaces) - axis] != space:
+            return f"a term without the space's units: {where}"
+    return None
+
+
+def _scaling(node: fx.Node, space: str, where: str) -> str | None:
+    """Products and quotients by a scalar or by a tensor constant along the space."""
+    axis = _axis_from_right(node, space)
+    if axis is None:
+        return f"a product that does not keep the space on one axis: {where}"
+    carriers = 0
+    for operand in node.args[:2]:
+        if not isinstance(operand, fx.Node):
+            continue
+        spaces = _spaces(operand)
+        value = operand.meta.get("val")
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+        if len(spaces) >= axis and spaces[len(spaces) - axis] == space:
+            carriers += 1
+        elif len(shape) >= axis and shape[len(shape) - axis] != 1:
+            return f"a scale per unit: {where}"
+    return None if carriers == 1 else f"a product of the space with itself: {where}"
+
+
+def _moved_inputs(node: fx.Node, space: str, where: str) -> str | None:
+    """A move (cat, stack) whose tensor inputs all carry the space."""
+    if aten_name(node) not in ("cat", "stack"):
+        return None
+    parts = node.args[0] if node.args else ()
+    for part in parts if isinstance(parts, (list, tuple)) else ():
+        if not isinstance(part, fx.Node) or space not in _spaces(part):
+            return f"{aten_name(node)} with a part without the space's units: {where}"
+    return None
+
+
+def _layer_norm(graph_module: fx.GraphModule, node: fx.Node, where: str) -> str | None:
+    """A LayerNorm over the space alone, without gain or shift (or unit and zero ones)."""
+    arguments = call_arguments(node)
+    shape = arguments.get("normalized_shape", ())
+    if len(shape) != 1:
+        return f"layer_norm over more than the space: {where}"
+    if not _is_constant(graph_module, arguments.get("weight"), 1.0):
+        return f"layer_norm with a gain (fold-norms did not fold it): {where}"
+    if not _is_constant(graph_module, arguments.get("bias"), 0.0):
+        return f"layer_norm with a shift (fold-norms did not fold it): {where}"
+    return "centred"
+
+
+def _is_constant(graph_module: fx.GraphModule, argument: Any, value: float) -> bool:
+    """Whether a norm's affine argument is absent or a parameter equal to ``value``."""
+    if argument is None:
+        return True
+    if not isinstance(argument, fx.Node) or argument.op != "get_attr":
+        return False
+    tensor = _attribute(graph_module, argument.target)
+    return tensor is not None and bool(torch.all(tensor == value))
+
+
+def _attribute(graph_module: fx.GraphModule, target: str) -> torch.Tensor | None:
+    try:
+        return graph_module.get_parameter(target)
+    except AttributeError:
+        try:
+            return graph_module.get_buffer(target)
+        except AttributeError:
+            return None
+
+
+def orthogonal_spaces(spec: UnitSpec) -> Iterator[str]:
+    """The ids of the spaces whose group is orthogonal."""
+    return (s.id for s in spec.spaces.values() if s.group == ORTHOGONAL)
