@@ -1,5 +1,8 @@
 """collect-stats: joint feature statistics of the two models at every space's probe node.
 
+A rotation space (a residual stream) is observed at each of its ``sites``, every residual sum,
+pooled into one accumulator: one rotation serves the stream at every depth.
+
 Calibration batches run once through both models on the chosen device, as generated code that
 returns the probe nodes' values (:class:`~mergec.ir.fx.Probes`). For every free space with a
 probe node, the features of A and B at that node (every other axis a sample: each pixel of a
@@ -26,10 +29,12 @@ from mergec.ir.state import PipelineState
 log = logging.getLogger(__name__)
 
 
-def probe_features(value: torch.Tensor, space) -> torch.Tensor:
-    """The units of ``space`` at its probe as ``[samples, units, positions]`` (see
-    :func:`~mergec.algorithms.covariance.feature_view`). A space seen as (blocks, inside
-    blocks) axes is flattened block-major, which is its unit order."""
+def probe_features(value: torch.Tensor, space, axis: int | None = None) -> torch.Tensor:
+    """The units of ``space`` at its probe (or on ``axis`` of another site) as ``[samples,
+    units, positions]`` (see :func:`~mergec.algorithms.covariance.feature_view`). A space
+    seen as (blocks, inside blocks) axes is flattened block-major, which is its unit order."""
+    if axis is not None:
+        return feature_view(value, axis)
     if space.probe_within_axis is None:
         return feature_view(value, space.probe_axis)
     moved = value.movedim((space.probe_axis, space.probe_within_axis), (-2, -1))
@@ -82,6 +87,7 @@ def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: Unit
     wanted = [s for s in spec.spaces
               if spec.spaces[s].probe is not None and spec.is_free(s) and s not in orders]
     probes = {spec.spaces[s].probe for s in wanted}
+    probes |= {node for s in wanted for node, _ in spec.spaces[s].sites}
     moments = {s: JointMoments(spec.spaces[s].size, spec_b.spaces[s].size, device=device)
                for s in wanted}
     module_a, module_b = module_a.to(device), module_b.to(device)
@@ -95,12 +101,13 @@ def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: Unit
             draw = torch.Generator().manual_seed(seed * 1_000_003 + index)
             for space_id in wanted:
                 space = spec.spaces[space_id]
-                features_a = probe_features(values_a[space.probe], space)
-                features_b = probe_features(values_b[space.probe], space)
-                if samples_per_batch is not None:
-                    features_a, features_b = _subsample(features_a, features_b,
-                                                        samples_per_batch, draw)
-                moments[space_id].update(features_a, features_b)
+                for node, axis in space.sites or ((space.probe, None),):
+                    features_a = probe_features(values_a[node], space, axis)
+                    features_b = probe_features(values_b[node], space, axis)
+                    if samples_per_batch is not None:
+                        features_a, features_b = _subsample(features_a, features_b,
+                                                            samples_per_batch, draw)
+                    moments[space_id].update(features_a, features_b)
             _check_finite(moments, wanted, spec, index)
             batches += 1
     if total_batches(batches, device) == 0:

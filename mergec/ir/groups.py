@@ -80,15 +80,20 @@ def with_groups(graph_module: fx.GraphModule, spec: UnitSpec) -> UnitSpec:
 
 def _stream_probe(graph_module: fx.GraphModule, space: str, dynamic: set[fx.Node]
                   ) -> dict[str, Any]:
-    """Where a rotation space is observed: its last residual sum, which holds every layer's
-    contribution (the first node carrying a stream, a patch embedding, spans only as many
-    directions as a patch has pixels, and a rotation needs them all); no change without one."""
-    for node in reversed(graph_module.graph.nodes):
+    """Where a rotation space is observed: at every residual sum (``sites``; one rotation
+    serves the stream at every depth, so its alignment pools them all) and, as its probe, at
+    the last one, which holds every layer's contribution. The first node carrying a stream (a
+    patch embedding) spans only as many directions as a patch has pixels. No change without
+    a residual sum."""
+    sites = []
+    for node in graph_module.graph.nodes:
         if aten_name(node) == "add" and node in dynamic:
             axes = [i for i, s in enumerate(_spaces(node)) if s == space]
             if len(axes) == 1:
-                return {"probe": node.name, "probe_axis": axes[0]}
-    return {}
+                sites.append((node.name, axes[0]))
+    if not sites:
+        return {}
+    return {"probe": sites[-1][0], "probe_axis": sites[-1][1], "sites": tuple(sites)}
 
 
 def _inside_structures(spec: UnitSpec, candidates: set[str]) -> dict[str, str]:

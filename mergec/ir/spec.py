@@ -26,7 +26,8 @@ flat space that only linear maps, sums and norms whose statistics are rotation-i
 layers that read them) admits every orthogonal map, ``"orthogonal"``. ``ones_fixed``: a
 LayerNorm reads the space, whose centring commutes only with the orthogonal maps that keep the
 all-ones direction. ``group_reason`` says which node restricts a flat free space to
-permutations.
+permutations. ``sites`` are the (node, axis) pairs where a rotation space is observed: every
+residual sum of a stream, since one rotation serves the stream at every depth.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class Space:
     group: Group = "permutation"
     ones_fixed: bool = False
     group_reason: str | None = None
+    sites: tuple[tuple[str, int], ...] = ()  # (node, axis): where a rotation space is observed
 
     @property
     def block_size(self) -> int | None:
@@ -157,6 +159,7 @@ class UnitSpec:
             for raw in data["spaces"]:
                 raw["parts"] = tuple(raw["parts"])
                 raw["factors"] = tuple((f, int(n)) for f, n in raw["factors"])
+                raw["sites"] = tuple((node, int(axis)) for node, axis in raw.get("sites", ()))
                 spaces[raw["id"]] = Space(**raw)
             bindings = tuple(Binding(**raw) for raw in data["bindings"])
             shapes = {key: tuple(shape) for key, shape in data["shapes"].items()}
