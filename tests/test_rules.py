@@ -686,3 +686,17 @@ def _sum_over_heads(h: torch.Tensor) -> torch.Tensor:
 def test_sum_over_heads_ties_the_permutations_inside_heads() -> None:
     model = randomized(Reduced(_sum_over_heads))
     assert_permutations_keep_outputs(model, TOKENS)
+
+
+def _rotate_all_pass_none(h: torch.Tensor) -> torch.Tensor:
+    """Phi-3's partial rotary with the rotary width the whole width: the pass-through slice
+    ``h[..., 8:]`` is empty and is concatenated back."""
+    rotated, passed = h[..., :8], h[..., 8:]
+    return torch.cat([rotated * 2.0, passed], dim=-1)
+
+
+def test_an_empty_slice_holds_no_units() -> None:
+    model = randomized(Reduced(_rotate_all_pass_none))
+    spec = mergec.discover(model, TOKENS)
+    assert spec.is_free(space(spec, "fc.weight").id)
+    assert_permutations_keep_outputs(model, TOKENS, spec)
