@@ -771,6 +771,9 @@ def slice_axis(a: Annotator, node: fx.Node) -> Any:
     out = list(x)
     if label is None or as_expr(shape[dim]) == as_expr(_shape(node)[dim]):
         return tuple(out)
+    if as_expr(_shape(node)[dim]) == 0:
+        out[dim] = None  # an empty slice (Phi-3's pass-through of a full rotary) holds no units
+        return tuple(out)
     start, end, step = (_arg(node, i, n, d) for i, n, d in
                         ((2, "start", 0), (3, "end", None), (4, "step", 1)))
     size = static_size(shape[dim])

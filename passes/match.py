@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
@@ -64,15 +65,23 @@ def is_leaf(spec: UnitSpec, space_id: str) -> bool:
         or space.fixed is not None
 
 
-def occurrences(spec: UnitSpec, space_id: str) -> list[Occurrence]:
-    """Where the units of each leaf sit inside ``space_id``."""
+def occurrences(spec: UnitSpec, space_id: str,
+                pairing: Callable[[str], torch.Tensor] | None = None) -> list[Occurrence]:
+    """Where the units of each leaf sit inside ``space_id``. The parts of a blocks space are
+    the insides of its blocks and move with them (see :mod:`mergec.permute`): ``pairing``
+    (B's side of a plan) gives, for a block order, the block each part sits at."""
     space = spec.spaces[space_id]
     if is_leaf(spec, space_id):
         return [(space_id, torch.arange(space.size))]
     if space.kind in ("composite", "blocks"):
         result, offset = [], 0
-        for part in space.parts:
-            result += [(leaf, positions + offset) for leaf, positions in occurrences(spec, part)]
+        blocks_at = pairing(space.block_space) if pairing is not None and space.kind == "blocks" \
+            and space.block_space else None
+        for index, part in enumerate(space.parts):
+            if blocks_at is not None:
+                offset = int(blocks_at[index]) * spec.spaces[part].size
+            result += [(leaf, positions + offset)
+                       for leaf, positions in occurrences(spec, part, pairing)]
             offset += spec.spaces[part].size
         return result
     # tiled: row-major factors; non-space factors repeat the space factors' occurrences
@@ -99,12 +108,32 @@ def full_plan(spec: UnitSpec, space_id: str, leaf_plans: Mapping[str, MergePlan]
     plans. ``spec_b`` and ``merged`` give B's and the merged model's sizes where they differ
     from ``spec``'s (models of different width)."""
     spec_b, merged = spec_b or spec, merged or spec
-    layouts = zip(occurrences(spec, space_id), occurrences(spec_b, space_id),
+    pairing = functools.partial(_block_pairing, spec, leaf_plans)
+    layouts = zip(occurrences(spec, space_id), occurrences(spec_b, space_id, pairing),
                   occurrences(merged, space_id))
     placements = [Placement(leaf_plans[leaf], out, in_a, in_b)
                   for (leaf, in_a), (_, in_b), (_, out) in layouts]
     return place(placements, merged.spaces[space_id].size, spec.spaces[space_id].size,
                  spec_b.spaces[space_id].size)
+
+
+def _block_pairing(spec: UnitSpec, leaf_plans: Mapping[str, MergePlan], order: str
+                   ) -> torch.Tensor:
+    """B's block merged into each merged block of block order ``order``, from its plan: a
+    permutation wherever blocks whose insides are separated parts move (grouped-query
+    attention), the identity elsewhere."""
+    plan = full_plan(spec, order, leaf_plans)
+    size = spec.spaces[order].size
+    if plan.width == size == plan.dim_b:
+        index = as_permutation(2.0 * plan.merge_b.to_dense().to(torch.float64))
+        if index is not None:
+            return index
+    if torch.equal(plan.merge_b.to_dense().to(torch.float64),
+                   torch.eye(plan.width, plan.dim_b, dtype=torch.float64) / 2):
+        return torch.arange(plan.width)
+    raise MergeError(f"match: the blocks of {order} ({spec.spaces[order].origin}) hold "
+                     "separated parts and are merged otherwise than paired; mergec cannot "
+                     "place their parts")
 
 
 def resized(spec: UnitSpec, widths: Mapping[str, int]) -> UnitSpec:
@@ -284,8 +313,11 @@ class WeightSimilarities:
     """
 
     def __init__(self, spec: UnitSpec, params_a: Mapping[str, torch.Tensor],
-                 params_b: Mapping[str, torch.Tensor], plans: Mapping[str, MergePlan]) -> None:
-        """Reads the spec; converts the parameters it binds to float64 on the CPU."""
+                 params_b: Mapping[str, torch.Tensor], plans: Mapping[str, MergePlan],
+                 repeated: Mapping[str, dict] | None = None) -> None:
+        """Reads the spec; converts the parameters it binds to float64 on the CPU.
+        ``repeated`` holds the grouped-query attention groups whose separated parts follow
+        their block order (:func:`_free_repeated`)."""
         self.spec, self.plans = spec, plans
         self.axes = _weight_axes(spec, params_a)
         self.params_a = {key: params_a[key].detach().to("cpu", torch.float64)
@@ -306,6 +338,25 @@ class WeightSimilarities:
         self.layouts: dict[str, tuple[dict, dict, tuple[str, ...]]] = {}
         self.similarities: dict[str, tuple[tuple, torch.Tensor]] = {}
         self.unknown: set[str] = set()
+        self._follow_block_orders(repeated or {})
+
+    def _follow_block_orders(self, repeated: Mapping[str, dict]) -> None:
+        """For every group of ``repeated``: its parents (value heads, whose parts are solved
+        together as one similarity over all their units) and the spaces holding its parts,
+        whose B alignment follows the block order's plan (:attr:`paired`, built from the full
+        plan) and changes with it (:attr:`dependents`)."""
+        self.parents: dict[str, tuple[str, ...]] = {}
+        self.paired: set[str] = set()
+        self.dependents: dict[str, list[str]] = {}
+        for order, group in repeated.items():
+            parts = {part for parent in group["parents"] for part in self.spec.spaces[parent].parts}
+            self.parents.update({parent: self.spec.spaces[parent].parts
+                                 for parent in group["parents"]})
+            for space, found in self.occurrences.items():
+                if parts & {leaf for leaf, _ in found}:
+                    self.paired.add(space)
+                    self.leaves_of[space].add(order)
+                    self.dependents.setdefault(order, []).append(space)
 
     def __call__(self, leaf: str, among: torch.Tensor | None = None) -> torch.Tensor:
         """The joint ``(2 d × 2 d)`` weight similarity of ``leaf`` under the current plans;
@@ -350,7 +401,7 @@ class WeightSimilarities:
                 and torch.equal(old.merge_b.detach().to("cpu", torch.float64), new):
             return
         self.permutations.pop(leaf, None)
-        for space in self.spaces_of.get(leaf, ()):
+        for space in self.spaces_of.get(leaf, []) + self.dependents.get(leaf, []):
             self.alignments.pop(space, None)
             self.versions[space] += 1
 
@@ -359,9 +410,12 @@ class WeightSimilarities:
         places of its units in each such space, and the spaces whose alignments it reads: the
         other bound axes of those parameters."""
         if leaf not in self.layouts:
-            units = {space: [positions for found, positions in self.occurrences[space]
-                             if found == leaf]
-                     for space in self.spaces_of.get(leaf, ())}
+            if leaf in self.parents:
+                units = _parent_units(self.parents[leaf], self.spaces_of, self.occurrences)
+            else:
+                units = {space: [positions for found, positions in self.occurrences[space]
+                                 if found == leaf]
+                         for space in self.spaces_of.get(leaf, ())}
             axes = {key: bound for key, bound in self.axes.items()
                     if any(space in units for _, space in bound)}
             aligned = {other_space: None for bound in axes.values()
@@ -381,6 +435,8 @@ class WeightSimilarities:
     def _permutation(self, space: str) -> torch.Tensor | None:
         """The index of twice the full merge matrix of ``space``, where every leaf's is a
         permutation and the leaves' occurrences tile the space; else None."""
+        if space in self.paired:
+            return None  # B's units of the parts sit where the block order's plan puts them
         size, found = self.spec.spaces[space].size, self.occurrences[space]
         placed = torch.cat([positions for _, positions in found])
         if not torch.equal(placed.sort().values, torch.arange(size)):
@@ -395,6 +451,20 @@ class WeightSimilarities:
                 return None
             index[positions] = positions[perm]
         return index
+
+
+def _parent_units(parts: tuple[str, ...], spaces_of: Mapping[str, list[str]],
+                  occurrences_of: Mapping[str, list[Occurrence]]) -> dict[str, list[torch.Tensor]]:
+    """Where the units of a blocks space made of ``parts`` (block i's inside is part i) sit in
+    every space holding its parts: the k-th place takes the k-th occurrence of every part (the
+    output projection's input holds each value head once per query head it serves)."""
+    units: dict[str, list[torch.Tensor]] = {}
+    for space in dict.fromkeys(s for part in parts for s in spaces_of.get(part, [])):
+        found = [[positions for leaf, positions in occurrences_of[space] if leaf == part]
+                 for part in parts]
+        places = min(len(positions) for positions in found)
+        units[space] = [torch.cat([positions[k] for positions in found]) for k in range(places)]
+    return units
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,9 +552,9 @@ class Match:
         plans: dict[str, MergePlan] = {s: solvers.average(spec.spaces[s].size)
                                        for s in all_leaves}
         summary: dict[str, dict] = {}
-        groups = _block_groups(spec, all_leaves)
+        groups = _block_groups(spec, all_leaves, free_repeated=True)
         solve = _solver(self.method, self.alpha, self.beta)
-        weights = WeightSimilarities(spec, params_a, params_b, plans) \
+        weights = WeightSimilarities(spec, params_a, params_b, plans, groups["repeated"]) \
             if self.method in ("weight-match", "mudsc") else None
         similarity = functools.partial(self._similarity, moments, weights, spec=spec)
         update = functools.partial(_update, plans, weights, summary)
@@ -522,7 +592,7 @@ class Match:
                              and len(_constant_units(moments[leaf])))
         if not tied:
             return
-        weights = WeightSimilarities(spec, *params, plans)
+        weights = WeightSimilarities(spec, *params, plans, groups["repeated"])
         similarity = functools.partial(self._similarity, moments, None, spec=spec,
                                        ties=weights)
         update = functools.partial(_update, plans, weights, summary)
@@ -617,7 +687,7 @@ class Match:
         first member) and the similarity of ``leaf`` they came from; None where the leaf is not
         solved: fixed, a block order (solved with its group), or without statistics."""
         space = spec.spaces[leaf]
-        if not spec.is_free(leaf) or leaf in groups["order_of"]:
+        if not spec.is_free(leaf) or leaf in groups["order_of"] or leaf in groups["parts"]:
             return None
         if space.kind != "blocks":
             if self.rotates(spec, leaf):
@@ -626,14 +696,56 @@ class Match:
             else:
                 joint = similarity(leaf)
             return None if joint is None else ({leaf: solve(joint, space.size, space.size)}, joint)
-        members = groups["members"][space.block_space]
+        order = groups["key"].get(leaf, space.block_space)
+        members = groups["members"][order]
         if leaf != members[0]:
             return None
-        joints = [similarity(member) for member in members]
+        repeated = groups["repeated"].get(order)
+        joints = [similarity(member) for member in members + (repeated or {}).get("parents", [])]
         if any(joint is None for joint in joints):
             return None  # no statistics for a member: the group stays averaged
-        plans = self._solve_group(spec, space.block_space, members, joints, groups, solve)
+        if repeated is not None:
+            return self._solve_repeated(spec, order, members, joints, repeated, solve), joints[0]
+        plans = self._solve_group(spec, order, members, joints, groups, solve)
         return plans, joints[0]
+
+    def _solve_repeated(self, spec: UnitSpec, order: str, members: list[str],
+                        joints: list[torch.Tensor], repeated: dict, solve: BlockSolver
+                        ) -> dict[str, MergePlan]:
+        """Two-level matching of grouped-query attention over the key/value head order
+        ``order``: key/value head i of A and j of B score their keys' and values' best
+        within-head matches and those of the n query heads each serves (query head i·n + r
+        with j·n + r); the Hungarian pairs the key/value heads, query heads follow their
+        group, and each value part (the inside of key/value head i) is its pair's plan."""
+        count = spec.spaces[order].size
+        spaces = list(members) + repeated["parents"]
+        layouts = []  # (space, blocks of the space per key/value head, its block solver)
+        scores = torch.zeros(count, count, dtype=torch.float64)
+        for space_id, joint in zip(spaces, joints):
+            space = spec.spaces[space_id]
+            times = repeated["times"].get(space_id, 1)
+            pinned = space.within_fixed is not None if not space.parts else \
+                any(not spec.is_free(part) for part in space.parts)
+            within = _keep_order if pinned else solve
+            width = space.size // space.block_count
+            block_space = blocks.BlockSpace(joint, width, width, within, blocks.plan_score(within))
+            layouts.append((space, times, block_space))
+            for a, b, r in itertools.product(range(count), range(count), range(times)):
+                pair = block_space.pair(a * times + r, b * times + r, count * times)
+                scores[a, b] += block_space.score(pair, width, width)
+        pairing = solvers.hungarian(scores)[1] if self.method != "average" \
+            else torch.arange(count)
+        plans = {order: solvers.pairing_plan(pairing)}
+        for space, times, block_space in layouts:
+            if not space.parts:
+                repeat = (pairing[:, None] * times + torch.arange(times)).reshape(-1)
+                plans[space.id] = blocks.paired_plan(block_space, repeat)
+                continue
+            for index, part in enumerate(space.parts):
+                solver = solve if spec.is_free(part) else _keep_order
+                pair = block_space.pair(index, int(pairing[index]), count)
+                plans[part] = solver(pair, block_space.width_a, block_space.width_b)
+        return plans
 
     def _solve_group(self, spec: UnitSpec, order: str, members: list[str],
                      joints: list[torch.Tensor], groups: dict, solve: BlockSolver
@@ -793,11 +905,14 @@ class Match:
         return plans, summary
 
 
-def _block_groups(spec: UnitSpec, leaves: list[str]) -> dict:
+def _block_groups(spec: UnitSpec, leaves: list[str], free_repeated: bool = False) -> dict:
     """Blocks spaces grouped by their shared block order. ``orders`` holds every space that is
     some space's block order: those are never matched on their own. ``fixed_order`` holds the
     orders that must stay the identity because a space with separated parts or a repeated
-    order (grouped-query attention) also depends on them."""
+    order (grouped-query attention) also depends on them; ``free_repeated`` (same-width
+    merges) frees those of grouped-query attention (:func:`_free_repeated`): ``key`` then
+    names the group of each leaf whose order is repeated, ``repeated`` describes the group and
+    ``parts`` holds the parts it solves."""
     members: dict[str, list[str]] = {}
     orders: set[str] = set()
     fixed_order: set[str] = set()
@@ -813,7 +928,90 @@ def _block_groups(spec: UnitSpec, leaves: list[str]) -> dict:
         space = spec.spaces[leaf]
         if space.kind == "blocks" and spec.is_free(leaf):
             members.setdefault(space.block_space, []).append(leaf)
-    return {"members": members, "order_of": orders, "fixed_order": fixed_order}
+    groups = {"members": members, "order_of": orders, "fixed_order": fixed_order, "key": {},
+              "repeated": {}, "parts": set()}
+    if free_repeated:
+        for order in sorted(fixed_order):
+            _free_repeated(spec, order, groups)
+    return groups
+
+
+def _repeated_order(spec: UnitSpec, order_id: str) -> tuple[str, int] | None:
+    """``(order, n)`` when block order ``order_id`` is the flat ``order`` with every block
+    repeated ``n`` times (query heads over grouped key/value heads: a tiled ``((order, c),
+    (None, n))``; n = 1 for ``order`` itself), else None."""
+    space = spec.spaces[order_id]
+    if space.kind == "flat":
+        return order_id, 1
+    if space.kind == "tiled" and len(space.factors) == 2 and space.factors[1][0] is None:
+        base = space.factors[0][0]
+        if base is not None and spec.spaces[base].kind == "flat":
+            return base, space.factors[1][1]
+    return None
+
+
+def _free_repeated(spec: UnitSpec, order: str, groups: dict) -> None:
+    """Frees the fixed block order ``order`` of ``groups`` for grouped-query attention, when
+    every space over it (or over its blocks repeated) is a blocks leaf or holds separated
+    parts that are the insides of its blocks (values, and the output projection's input, whose
+    query head h reads the parts of key/value head h // n) and those parts appear nowhere
+    else: the group is then matched in two levels over ``order`` (:meth:`Match._solve_repeated`)
+    and each part is placed at the block its pair sits at (:func:`occurrences`)."""
+    if spec.spaces[order].kind != "flat" or not spec.is_free(order):
+        return
+    leaves, parents, repeats, tiled = {}, [], [], set()
+    for space in spec.spaces.values():
+        if space.kind != "blocks" or space.block_space is None:
+            continue
+        found = _repeated_order(spec, space.block_space)
+        if found is None:
+            if order in _flat_factors(spec, space.block_space):
+                return  # the order is used in a way this does not describe
+            continue
+        if found[0] != order:
+            continue
+        if found[1] > 1:
+            tiled.add(space.block_space)
+        if not space.parts:
+            if spec.is_free(space.id):
+                leaves[space.id] = found[1]
+        elif found[1] == 1:
+            parents.append(space)
+        else:
+            repeats.append((space, found[1]))
+    parts = [part for parent in parents for part in parent.parts]
+    if not leaves or not _parts_only_inside(spec, parts, parents, repeats):
+        return
+    groups["fixed_order"] -= {order} | tiled
+    groups["members"][order] = [leaf for leaf in groups["members"].get(order, [])]
+    for tiled_order in tiled:
+        groups["members"].pop(tiled_order, None)
+    groups["members"][order] += [leaf for leaf, n in leaves.items() if n > 1]
+    groups["key"].update(dict.fromkeys(leaves, order))
+    groups["repeated"][order] = {"times": leaves, "parents": [p.id for p in parents]}
+    groups["parts"].update(parts)
+
+
+def _flat_factors(spec: UnitSpec, space_id: str) -> set[str]:
+    """The spaces a tiled space is made of (nothing for another kind)."""
+    return {f for f, _ in spec.spaces[space_id].factors if f is not None}
+
+
+def _parts_only_inside(spec: UnitSpec, parts: list[str], parents: list[Any],
+                       repeats: list[tuple[Any, int]]) -> bool:
+    """Whether the parts of ``parents`` (one blocks space each, over the order) are distinct,
+    bound to no parameter and nested in no other space than their parents and ``repeats``
+    (blocks spaces whose block h holds the part of block h // n of a parent)."""
+    if len(set(parts)) != len(parts) or any(b.space in parts for b in spec.bindings):
+        return False
+    repeated = {tuple(parent.parts[h // n] for h in range(len(parent.parts) * n))
+                for parent in parents for _, n in repeats}
+    for space, _ in repeats:
+        if tuple(space.parts) not in repeated:
+            return False
+    holders = {p.id for p in parents} | {space.id for space, _ in repeats}
+    return not any(set(parts) & (set(other.parts) | _flat_factors(spec, other.id))
+                   for other in spec.spaces.values() if other.id not in holders)
 
 
 def _constant_units(moments: JointMoments) -> torch.Tensor:
@@ -829,7 +1027,7 @@ def _members(spec: UnitSpec, leaf: str, groups: dict) -> list[str]:
     """The leaves solved together with ``leaf``: its group of blocks spaces, or itself."""
     space = spec.spaces[leaf]
     if space.kind == "blocks":
-        return groups["members"].get(space.block_space, [leaf])
+        return groups["members"].get(groups["key"].get(leaf, space.block_space), [leaf])
     return [leaf]
 
 

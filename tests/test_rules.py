@@ -347,7 +347,10 @@ class FusedQKV(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
         batch, tokens, width = x.shape
-        if self.how in ("index", "unbind"):
+        if self.how == "inside heads":  # Bloom: per head [q_h, k_h, v_h]
+            qkv = self.qkv(x).reshape(batch, tokens, self.count, 3, width // self.count)
+            q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
+        elif self.how in ("index", "unbind"):
             qkv = self.qkv(x).reshape(batch, tokens, 3, self.count, width // self.count)
             qkv = qkv.permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0) if self.how == "unbind" else (qkv[0], qkv[1], qkv[2])
@@ -385,6 +388,20 @@ def test_fused_qkv_indexed_by_position_separates_the_blocks() -> None:
     assert q == k != v and q.block_space == v.block_space and spec.is_free(q.block_space)
     assert space(spec, "out.weight", 1) == v
     assert_permutations_keep_outputs(model, TOKENS, spec)
+
+
+def test_fused_qkv_selected_inside_heads_is_fixed_and_merges() -> None:
+    """Bloom's layout: the q/k/v selector inside every head is picked by position before the
+    heads are split off, so the output projection reads unpicked parts; its input is fixed
+    (it once was a tiled space without a space factor, on which match failed)."""
+    model = randomized(FusedQKV("inside heads"))
+    spec = mergec.discover(model, TOKENS, fix_outputs=False)
+    assert space(spec, "out.weight", 1).fixed is not None
+    twin = mergec.permute(model, TOKENS, seed=1, spec=mergec.discover(model, TOKENS))
+    for method in ("permute", "weight-match"):
+        result = mergec.merge(model, twin, TOKENS, [(TOKENS,)], method=method, repair=None,
+                              progress=False)
+        torch.testing.assert_close(result.module(TOKENS), model(TOKENS), rtol=1e-4, atol=1e-5)
 
 
 def test_fused_qkv_unbound_separates_the_blocks() -> None:
@@ -686,3 +703,17 @@ def _sum_over_heads(h: torch.Tensor) -> torch.Tensor:
 def test_sum_over_heads_ties_the_permutations_inside_heads() -> None:
     model = randomized(Reduced(_sum_over_heads))
     assert_permutations_keep_outputs(model, TOKENS)
+
+
+def _rotate_all_pass_none(h: torch.Tensor) -> torch.Tensor:
+    """Phi-3's partial rotary with the rotary width the whole width: the pass-through slice
+    ``h[..., 8:]`` is empty and is concatenated back."""
+    rotated, passed = h[..., :8], h[..., 8:]
+    return torch.cat([rotated * 2.0, passed], dim=-1)
+
+
+def test_an_empty_slice_holds_no_units() -> None:
+    model = randomized(Reduced(_rotate_all_pass_none))
+    spec = mergec.discover(model, TOKENS)
+    assert spec.is_free(space(spec, "fc.weight").id)
+    assert_permutations_keep_outputs(model, TOKENS, spec)

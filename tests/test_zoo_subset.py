@@ -67,10 +67,6 @@ def _albert() -> nn.Module:
     return transformers.AlbertModel(transformers.AlbertConfig(**TEXT, embedding_size=32))
 
 
-GQA_BUG = ("mergec bug: weight-match merge of a GQA Llama (4 query / 2 key-value heads) with "
-           "its permuted copy does not undo the permutation: q/k/v/o projections differ from "
-           "the model's, relative output error ~1.5 (MHA Llama merges exactly)")
-
 tv = torchvision.models
 #: name -> (constructor, example inputs with a seed, marks)
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple], list]] = {
@@ -83,7 +79,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple], list]] 
     "llama_gqa (GQA, rotary, RMSNorm)": (_llama_gqa, _tokens, []),
     "albert (shared layers)": (_albert, _tokens, []),
 }
-XFAIL_MERGE = {"llama_gqa (GQA, rotary, RMSNorm)": GQA_BUG}
 
 
 def _params(xfail: dict[str, str] | None = None) -> list:
@@ -151,7 +146,7 @@ def test_permuted_copy_computes_the_same_function(name: str) -> None:
     assert relative_error(outputs(twin, c.example(0)), c.expected) <= INVARIANT_TOLERANCE
 
 
-@pytest.mark.parametrize("name", _params(XFAIL_MERGE))
+@pytest.mark.parametrize("name", _params())
 def test_weight_match_merge_with_permuted_copy_gives_the_model_back(name: str) -> None:
     c = case(name)
     calibration: list[Any] = [c.example(seed) for seed in (1, 2)]

@@ -183,11 +183,12 @@ def match_blocks(spaces: Sequence[BlockSpace], count: int, pair: bool = True
                              f"{space.width_b} need a ({size}, {size}) joint similarity, got "
                              f"{tuple(space.joint.shape)}")
     pairing = solvers.hungarian(block_scores(spaces, count))[1] if pair else torch.arange(count)
-    return pairing, [_paired_plan(space, pairing) for space in spaces]
+    return pairing, [paired_plan(space, pairing) for space in spaces]
 
 
-def _paired_plan(space: BlockSpace, pairing: Tensor) -> MergePlan:
-    """The plan of one space: the solver's plan of every block pair, side by side."""
+def paired_plan(space: BlockSpace, pairing: Tensor) -> MergePlan:
+    """The plan of one space: the solver's plan of every block pair (A's block k with B's
+    block ``pairing[k]``), side by side."""
     count, placements, start = len(pairing), [], 0
     for block_a in range(count):
         block_b = int(pairing[block_a])

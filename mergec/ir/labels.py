@@ -417,7 +417,7 @@ class Spaces:
         factors = []
         for label, size in product.factors:
             static = static_size(size)
-            if static is None or isinstance(label, (Within, Product)):
+            if static is None or isinstance(label, (Within, Product, PartLevel)):
                 return False
             factors.append((label, static))
         record = self._record(element)
