@@ -16,7 +16,7 @@ from torch import nn
 from mergec.algorithms.tensors import apply_along, block_diagonal, diagonal_blocks
 from mergec.checkpoints import with_metadata
 from mergec.errors import SpecError
-from mergec.ir.spec import Binding, UnitSpec
+from mergec.ir.spec import Binding, Space, UnitSpec
 
 
 def _identity(size: int) -> torch.Tensor:
@@ -150,7 +150,8 @@ def random_orthogonal(size: int, generator: torch.Generator, ones_fixed: bool = 
 
 def random_group_elements(spec: UnitSpec, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random element of every space's group, as a matrix ``T`` (a unit's new coordinates
-    are ``T x``): a random orthogonal matrix on each rotation space, a random allowed
+    are ``T x``): a random orthogonal matrix on each rotation space (inside each head, for heads,
+    whose order is permuted), a random allowed
     permutation elsewhere (structured spaces composed as :func:`full_permutations` does)."""
     generator = torch.Generator().manual_seed(seed)
     perms = full_permutations(spec, lambda _, size: torch.randperm(size, generator=generator))
@@ -160,7 +161,9 @@ def random_group_elements(spec: UnitSpec, seed: int = 0) -> dict[str, torch.Tens
         if space_id in matrices:
             return matrices[space_id]
         space = spec.spaces[space_id]
-        if space.group == "orthogonal" and spec.is_free(space_id):
+        if space.group == "orthogonal" and space.kind == "blocks":
+            matrix = _rotated_blocks(space, perms, generator)
+        elif space.group == "orthogonal" and spec.is_free(space_id):
             matrix = random_orthogonal(space.size, generator, space.ones_fixed)
         elif space.kind == "composite" and space.fixed is None:
             matrix = torch.block_diag(*(of(part) for part in space.parts))
@@ -177,6 +180,20 @@ def random_group_elements(spec: UnitSpec, seed: int = 0) -> dict[str, torch.Tens
     for space_id in spec.spaces:
         of(space_id)
     return matrices
+
+
+def _rotated_blocks(space: Space, perms: Mapping[str, torch.Tensor],
+                    generator: torch.Generator) -> torch.Tensor:
+    """Heads rotated inside: new block h is a random rotation of old block ``order[h]``, the
+    block order being that of ``perms`` (shared by every space of the attention)."""
+    count, size = space.block_count, space.block_size
+    order = perms[space.block_space] if space.block_space else torch.arange(count)
+    matrix = torch.zeros(space.size, space.size, dtype=torch.float64)
+    for block in range(count):
+        source = int(order[block])
+        matrix[block * size:(block + 1) * size, source * size:(source + 1) * size] = \
+            random_orthogonal(size, generator)
+    return matrix
 
 
 def transform_state_dict(state: Mapping[str, torch.Tensor], spec: UnitSpec,

@@ -1062,7 +1062,9 @@ def build_spec(a: Annotator, model_name: str = "") -> UnitSpec:
     for node, labels in a.node_labels.items():
         if isinstance(labels, tuple) and "mergec" in node.meta:
             node.meta["mergec"] = node.meta["mergec"]._replace(
-                spaces=tuple(label_id(label) for label in labels))
+                spaces=tuple(label_id(label) for label in labels),
+                within=tuple(label_id(label.space) if isinstance(label, Within) else None
+                             for label in labels))
     return UnitSpec(spaces=spaces, bindings=_bindings(a, bound, label_id), shapes=shapes,
                     model=model_name, outputs=outputs)
 

@@ -701,7 +701,8 @@ class Match:
         if leaf != members[0]:
             return None
         repeated = groups["repeated"].get(order)
-        joints = [similarity(member) for member in members + (repeated or {}).get("parents", [])]
+        joints = [similarity(member, rotation=self.rotates(spec, member))
+                  for member in members + (repeated or {}).get("parents", [])]
         if any(joint is None for joint in joints):
             return None  # no statistics for a member: the group stays averaged
         if repeated is not None:
@@ -753,14 +754,18 @@ class Match:
         """Two-level matching of the blocks spaces sharing the block order ``order`` (their
         blocks may differ in width: a grouped convolution's input and output). A pair of
         blocks scores the similarity its within-block plan merges; a space whose order inside
-        blocks is pinned keeps it. A fixed block order keeps block i with block i, and
-        ``average`` pairs nothing."""
+        blocks is pinned keeps it; a space whose heads rotate inside is aligned per block pair by
+        Procrustes, the pair scored by the energy the rotation aligns. A fixed block order keeps
+        block i with block i, and ``average`` pairs nothing."""
         count = spec.spaces[members[0]].block_count
         spaces = []
         for member, joint in zip(members, joints):
             within = _keep_order if spec.spaces[member].within_fixed is not None else solve
+            score = blocks.plan_score(within)
+            if self.rotates(spec, member):  # heads rotated inside, paired by aligned energy
+                within, score = solvers.procrustes, blocks.rotation_score
             width = spec.spaces[member].size // count
-            spaces.append(blocks.BlockSpace(joint, width, width, within, blocks.plan_score(within)))
+            spaces.append(blocks.BlockSpace(joint, width, width, within, score))
         pair = order not in groups["fixed_order"]
         pairing, plans = blocks.match_blocks(spaces, count, pair=pair and self.method != "average")
         new = dict(zip(members, plans))

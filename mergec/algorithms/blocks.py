@@ -127,6 +127,17 @@ def plan_score(solve: BlockSolver) -> PairScore:
     return score
 
 
+def rotation_score(joint: Tensor, d_a: int, d_b: int) -> float:
+    """A :data:`PairScore` for blocks aligned by a rotation (``joint`` a second moment): the
+    share of the two blocks' energy the best rotation aligns, ``tr(Qᵀ C_ab) / sqrt(tr C_aa ·
+    tr C_bb)`` (the nuclear norm of the cross block over the traces), in [-1, 1], so that
+    spaces of different scales add comparably."""
+    cross = joint[:d_a, d_a:].to(torch.float64)
+    energy = (joint[:d_a, :d_a].diagonal().sum() * joint[d_a:, d_a:].diagonal().sum()).sqrt()
+    aligned = torch.linalg.svdvals(cross).sum()
+    return float(aligned / energy) if energy > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class BlockSpace:
     """One space of a group whose blocks move together (q·k and v of one attention, the input

@@ -180,7 +180,7 @@ def orthogonal_alignment(cross: Tensor, ones_fixed: bool = False) -> Tensor:
     B's features onto A's, ``x_a ≈ Q x_b``. With ``ones_fixed`` the maximum is over the maps
     that keep the all-ones direction (``Q 1 = 1``): the rotation is solved on the orthogonal
     complement of 1. Directions no data reaches (``cross`` rank-deficient) are kept: a bonus
-    of 1e-6 of the largest singular value on the identity breaks those ties, as the
+    of 1e-10 of the largest singular value on the identity breaks those ties, as the
     permutation solvers give ties to the unit of the same index.
 
     >>> q = orthogonal_alignment(torch.tensor([[0.0, 2.0], [1.0, 0.0]]))
@@ -194,9 +194,9 @@ def orthogonal_alignment(cross: Tensor, ones_fixed: bool = False) -> Tensor:
     cross = cross.detach().to(torch.float64)
     d = cross.shape[0]
     # directions the data does not see (a rank-deficient second moment) stay where they are:
-    # a bonus of 1e-6 of the largest singular value on the identity breaks those ties
+    # a bonus of 1e-10 of the largest singular value on the identity breaks those ties
     scale = torch.linalg.matrix_norm(cross, ord=2) if d else cross.new_zeros(())
-    cross = cross + 1e-6 * scale * torch.eye(d, dtype=torch.float64, device=cross.device)
+    cross = cross + 1e-10 * scale * torch.eye(d, dtype=torch.float64, device=cross.device)
     if not ones_fixed or d < 2:
         u, _, vh = torch.linalg.svd(cross)
         return u @ vh

@@ -1,6 +1,7 @@
 """The largest symmetry group of each space, read from the graph.
 
 annotate-units finds spaces whose units can be *permuted*. Some of them admit more: a flat space
+(or the inside of the heads of an attention)
 whose tensors only pass through maps that commute with every orthogonal map (linear layers that
 produce or consume it, sums, moves of other axes, scalar scales, norms whose statistics are
 rotation-invariant) admits any orthogonal ``Q``: the layers that produce it multiplied by ``Q``,
@@ -17,6 +18,8 @@ the first such node is the space's ``group_reason``):
 * ``mul``/``div`` by a scalar or by a tensor that is constant along the space's axis;
 * moves that keep the space whole on one axis: views, transposes, selects and slices of other
   axes, ``cat`` of tensors that all carry it, means and sums over other axes, dropout, copies;
+* ``scaled_dot_product_attention``: a head's queries and keys rotated alike (their dot
+  products stay), or its values (the output carries the rotation on to the output projection);
 * ``layer_norm`` with unit gain and zero shift: its centring commutes with the orthogonal maps
   that keep the all-ones direction (``ones_fixed``); ``rms_norm`` without a gain with all.
 
@@ -46,9 +49,12 @@ ORTHOGONAL = "orthogonal"
 
 
 def with_groups(graph_module: fx.GraphModule, spec: UnitSpec) -> UnitSpec:
-    """``spec`` with the group of every flat free space: orthogonal where every node that
-    reads or writes it allows it (the graph's nodes carry annotate-units' space ids)."""
-    candidates = {s.id for s in spec.spaces.values() if s.kind == "flat" and spec.is_free(s.id)}
+    """``spec`` with the group of every flat free space and every blocks space (heads) that
+    permutes freely inside its blocks: orthogonal (inside each block, for heads) where every
+    node that reads or writes it allows it (the graph's nodes carry annotate-units' space
+    ids)."""
+    candidates = {s.id for s in spec.spaces.values() if spec.is_free(s.id) and (
+        s.kind == "flat" or (s.kind == "blocks" and not s.parts and s.within_fixed is None))}
     if not candidates:
         return spec
     dynamic = _dynamic_nodes(graph_module.graph)
@@ -72,28 +78,32 @@ def with_groups(graph_module: fx.GraphModule, spec: UnitSpec) -> UnitSpec:
         if space in reasons:
             spaces[space] = dataclasses.replace(spaces[space], group_reason=reasons[space])
         else:
+            blocks = spaces[space].kind == "blocks"
             spaces[space] = dataclasses.replace(spaces[space], group=ORTHOGONAL,
                                                 ones_fixed=space in centred,
-                                                **_stream_probe(graph_module, space, dynamic))
+                                                **_sites(graph_module, space, dynamic, blocks))
     return dataclasses.replace(spec, spaces=spaces)
 
 
-def _stream_probe(graph_module: fx.GraphModule, space: str, dynamic: set[fx.Node]
-                  ) -> dict[str, Any]:
-    """Where a rotation space is observed: at every residual sum (``sites``; one rotation
-    serves the stream at every depth, so its alignment pools them all) and, as its probe, at
-    the last one, which holds every layer's contribution. The first node carrying a stream (a
-    patch embedding) spans only as many directions as a patch has pixels. No change without
-    a residual sum."""
+def _sites(graph_module: fx.GraphModule, space: str, dynamic: set[fx.Node], blocks: bool
+           ) -> dict[str, Any]:
+    """Where a rotation space is observed (``sites``), pooled: a stream at every residual sum
+    (one rotation serves it at every depth), with the last as its probe, which holds every
+    layer's contribution (the first node carrying a stream, a patch embedding, spans only as
+    many directions as a patch has pixels); heads at every projection that writes them (the
+    queries and the keys of one rotation). No change without such a node."""
+    wanted = LINEAR_OPS if blocks else {"add"}
     sites = []
     for node in graph_module.graph.nodes:
-        if aten_name(node) == "add" and node in dynamic:
+        if aten_name(node) in wanted and node in dynamic:
             axes = [i for i, s in enumerate(_spaces(node)) if s == space]
             if len(axes) == 1:
                 sites.append((node.name, axes[0]))
     if not sites:
         return {}
-    return {"probe": sites[-1][0], "probe_axis": sites[-1][1], "sites": tuple(sites)}
+    probe = sites[0] if blocks else sites[-1]
+    return {"probe": probe[0], "probe_axis": probe[1], "probe_within_axis": None,
+            "sites": tuple(sites)}
 
 
 def _inside_structures(spec: UnitSpec, candidates: set[str]) -> dict[str, str]:
@@ -109,9 +119,14 @@ def _inside_structures(spec: UnitSpec, candidates: set[str]) -> dict[str, str]:
 
 
 def _spaces(node: Any) -> tuple:
-    """The space id of each axis of a node's value (annotate-units' record), () if none."""
+    """The space id of each axis of a node's value (annotate-units' record), () if none: a
+    plain feature axis's space, or for an axis inside the blocks of a blocks space (a head's
+    units, split off) that space."""
     units = node.meta.get("mergec") if isinstance(node, fx.Node) else None
-    return tuple(units.spaces or ()) if units is not None else ()
+    if units is None or units.spaces is None:
+        return ()
+    within = units.within or (None,) * len(units.spaces)
+    return tuple(plain or inner for plain, inner in zip(units.spaces, within))
 
 
 def _touched(node: fx.Node) -> set[str]:
@@ -155,6 +170,8 @@ def _verdict(graph_module: fx.GraphModule, node: fx.Node, space: str,
         if kept != 1:
             return f"{op} does not keep the space whole on one axis: {where}"
         return _moved_inputs(node, space, where)
+    if op == "scaled_dot_product_attention":
+        return _attention(node, space, where)
     if op == "layer_norm":
         return _layer_norm(graph_module, node, where)
     if op == "rms_norm":
@@ -172,6 +189,16 @@ def _linear(node: fx.Node, dynamic: set[fx.Node], where: str) -> str | None:
     if isinstance(groups, int) and groups > 1:
         return f"a grouped convolution: {where}"
     return None
+
+
+def _attention(node: fx.Node, space: str, where: str) -> str | None:
+    """Attention keeps the logits ``q·k`` under one rotation of the queries' and the keys'
+    units inside each head, and carries a rotation of the values' units to its output."""
+    last = [(_spaces(a) or (None,))[-1] for a in node.args[:3]]
+    if space == last[0] == last[1] != last[2] or space == last[2] not in last[:2]:
+        return None
+    return f"attention reads the space otherwise than as one head's queries and keys or " \
+        f"values: {where}"
 
 
 def _axis_from_right(node: fx.Node, space: str) -> int | None:

@@ -97,13 +97,15 @@ class NodeUnits(NamedTuple):
     """What annotate-units recorded on a node (``node.meta["mergec"]``): the axis labels, the
     op they were derived for, the rule that fired, the reason when that rule took the sound
     fallback (identity for every space the op touches), and, once the spec is built, the space
-    id of each axis (None: not a plain feature axis)."""
+    id of each axis (None: not a plain feature axis) and, for an axis inside the blocks of a
+    blocks space (heads split off), that space's id (``within``)."""
 
     labels: Any
     op: str
     rule: str
     fallback: str | None = None
     spaces: tuple | None = None
+    within: tuple | None = None
 
 
 class SpaceInfo(NamedTuple):
