@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from mergec.algorithms.distributed import all_reduce_sum_, total_batches
 from mergec.errors import MergeError
 from mergec.ir.fx import GraphRunner, aten_name, check_batch, module_device, runnable_copy
+from mergec.ir.groups import ORTHOGONAL
+from mergec.ir.spec import UnitSpec
 from mergec.ir.state import PipelineState
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,8 @@ class Repair:
         if self.mode == "repair":
             graphs = state.require("graphs", self.name)
             result["normalisations_repaired"] = repair_statistics(
-                merged, graphs[0], graphs[1], state.plans, state.calibration, self.device)
+                merged, graphs[0], graphs[1], state.plans, state.calibration, self.device,
+                state.specs[0] if state.specs else None)
         if self.device:
             merged.to(self.device)
         return state.evolve(repair={**state.repair, **result})
@@ -169,6 +172,7 @@ def _set_buffer(module: torch.nn.Module, target: str, value: torch.Tensor) -> No
 
 
 _NORMS = _BATCH_NORMS | {"layer_norm", "group_norm", "native_layer_norm", "native_group_norm"}
+_ACTIVATIONS = {"relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "mish", "elu"}
 
 
 class _Reached(Exception):
@@ -222,53 +226,125 @@ def _mean_std(sums: list) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, variance.sqrt()
 
 
-def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
-                      module_b: fx.GraphModule, plans: dict, calibration: Iterable[Any],
-                      device: str | None) -> int:
-    """REPAIR: rescales each merged channel after every normalisation (BatchNorm, LayerNorm,
-    GroupNorm) with affine parameters so that its mean and std match the interpolation of the
-    parents' (M_a·stat_a + M_b·stat_b), folding the correction into the affine parameters.
-    Returns the number of normalisations repaired."""
-    targets: dict[str, tuple[int, str, fx.Node, fx.Node]] = {}
+class Target(NamedTuple):
+    """One place REPAIR corrects: a node, the axis and space of its units, the parameters the
+    correction is folded into (an affine's gain and shift, or a linear layer's weight rows and
+    bias) and how: ``units`` (each unit's mean and std, after a normalisation or before an
+    MLP's nonlinearity) or ``heads`` (each head's energy, for heads that rotate inside: a
+    rotation keeps a head's energy, not its units' statistics)."""
+
+    axis: int
+    space: str
+    weight: fx.Node
+    bias: fx.Node | None
+    kind: str
+
+
+def repair_targets(merged: fx.GraphModule, spec: UnitSpec | None = None) -> dict[str, Target]:
+    """REPAIR's targets in graph order: every normalisation with affine parameters over a
+    space that permutes; and, where ``spec`` has rotation spaces (a transformer merged under
+    ``symmetry="auto"``), the linear layers writing the heads' queries, keys and values and
+    those feeding an MLP's nonlinearity (averaged q·k products shrink and flatten the
+    attention; an averaged MLP's pre-activations lose variance)."""
+    rotations = spec is not None and any(s.group == ORTHOGONAL for s in spec.spaces.values())
+    targets: dict[str, Target] = {}
     for node in merged.graph.nodes:
         name = aten_name(node)
         units = node.meta.get("mergec")
-        if name not in _NORMS or units is None or units.spaces is None:
+        if units is None or units.spaces is None:
             continue
-        weight, bias = node.args[1:3] if name in _BATCH_NORMS else node.args[2:4]
         spaced = [(axis, space) for axis, space in enumerate(units.spaces) if space is not None]
-        if len(spaced) == 1 and isinstance(weight, fx.Node) and isinstance(bias, fx.Node):
-            targets[node.name] = (spaced[0][0], spaced[0][1], weight, bias)
+        if len(spaced) != 1:
+            continue
+        axis, space = spaced[0]
+        group = spec.spaces[space].group if spec is not None and space in spec.spaces else None
+        if name in _NORMS and group != ORTHOGONAL:
+            weight, bias = node.args[1:3] if name in _BATCH_NORMS else node.args[2:4]
+            if isinstance(weight, fx.Node) and isinstance(bias, fx.Node):
+                targets[node.name] = Target(axis, space, weight, bias, "units")
+        elif name == "linear" and rotations and isinstance(node.args[1], fx.Node):
+            bias = node.args[2] if len(node.args) > 2 else None
+            if spec.spaces[space].kind == "blocks" and group == ORTHOGONAL:
+                targets[node.name] = Target(axis, space, node.args[1], bias, "heads")
+            elif group != ORTHOGONAL and isinstance(bias, fx.Node) \
+                    and any(aten_name(user) in _ACTIVATIONS for user in node.users):
+                targets[node.name] = Target(axis, space, node.args[1], bias, "units")
+    return targets
+
+
+def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
+                      module_b: fx.GraphModule, plans: dict, calibration: Iterable[Any],
+                      device: str | None, spec: UnitSpec | None = None) -> int:
+    """REPAIR: rescales the merged units at every target (:func:`repair_targets`) so that their
+    statistics match the interpolation of the parents' (M_a·stat_a + M_b·stat_b), folding the
+    correction into the target's parameters; each target is measured after the ones before it
+    are repaired. Returns the number of targets repaired."""
+    targets = repair_targets(merged, spec)
     if not targets:
         return 0
-    axes = {name: axis for name, (axis, _, _, _) in targets.items()}
+    axes = {name: target.axis for name, target in targets.items()}
     device = torch.device(device) if device else torch.device("cpu")
-    parameters = dict(merged.named_parameters())
     with torch.no_grad():
         parents = [_ChannelStats(module.to(device), axes).collect(calibration, device)
                    for module in (module_a, module_b)]
         merged.to(device)
-        # in graph order, each measured after the ones before it are repaired
-        for name, (axis, space, weight, bias) in targets.items():
-            measured = _ChannelStats(merged, {name: axis}, stop_early=True).collect(
+        for name, target in targets.items():
+            measured = _ChannelStats(merged, {name: target.axis}, stop_early=True).collect(
                 calibration, device)
-            plan = plans[space]
-            mean_a, std_a = _mean_std(parents[0][name])
-            mean_b, std_b = _mean_std(parents[1][name])
-            mean_z, std_z = _mean_std(measured[name])
-            merge_a, merge_b = plan.merge_a.to(mean_a), plan.merge_b.to(mean_b)
-            target_mean = merge_a @ mean_a + merge_b @ mean_b
-            target_std = merge_a @ std_a + merge_b @ std_b
-            scale = torch.where(std_z > 1e-8, target_std / std_z.clamp_min(1e-8),
-                                torch.ones_like(std_z))
-            shift = target_mean - scale * mean_z
-            gamma = parameters.get(weight.target, None)
-            gamma = gamma if gamma is not None else merged.get_buffer(weight.target)
-            beta = parameters.get(bias.target, None)
-            beta = beta if beta is not None else merged.get_buffer(bias.target)
-            new_gamma = gamma.to(torch.float64) * scale
-            new_beta = beta.to(torch.float64) * scale + shift
-            gamma.copy_(new_gamma.to(gamma.dtype))
-            beta.copy_(new_beta.to(beta.dtype))
-    log.info("repair: rescaled %d normalisations (REPAIR)", len(targets))
+            plan = plans[target.space]
+            stats = (parents[0][name], parents[1][name], measured[name])
+            if target.kind == "heads":
+                block = spec.spaces[target.space].block_size
+                scale, shift = _head_scale(plan, *stats, block), None
+            else:
+                scale, shift = _unit_correction(plan, *stats)
+            _fold_correction(merged, target, scale, shift)
+    log.info("repair: rescaled %d targets (REPAIR)", len(targets))
     return len(targets)
+
+
+def _unit_correction(plan: Any, sums_a: list, sums_b: list, sums_z: list
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per merged unit, the scale and shift that give it the interpolated parents' mean and
+    std."""
+    mean_a, std_a = _mean_std(sums_a)
+    mean_b, std_b = _mean_std(sums_b)
+    mean_z, std_z = _mean_std(sums_z)
+    merge_a, merge_b = plan.merge_a.to(mean_a), plan.merge_b.to(mean_b)
+    target_mean = merge_a @ mean_a + merge_b @ mean_b
+    target_std = merge_a @ std_a + merge_b @ std_b
+    scale = torch.where(std_z > 1e-8, target_std / std_z.clamp_min(1e-8),
+                        torch.ones_like(std_z))
+    return scale, target_mean - scale * mean_z
+
+
+def _head_scale(plan: Any, sums_a: list, sums_b: list, sums_z: list, block: int
+                ) -> torch.Tensor:
+    """Per merged unit, the scale of its head that gives the head the mean of the parents'
+    energies (mean square norm) of the heads merged into it. The energy that a unit of B
+    brings to merged unit k is ``(2 M_b)²`` of it: a rotation's columns have unit norm, so a
+    head keeps its energy."""
+    energy_a, energy_b, energy_z = (sums[1] / sums[2] for sums in (sums_a, sums_b, sums_z))
+    share_a = (2 * plan.merge_a.to(energy_a)) ** 2 @ energy_a
+    share_b = (2 * plan.merge_b.to(energy_b)) ** 2 @ energy_b
+    target = ((share_a + share_b) / 2).reshape(-1, block).sum(1)
+    current = energy_z.reshape(-1, block).sum(1)
+    scale = torch.where(current > 1e-12, (target / current.clamp_min(1e-12)).sqrt(),
+                        torch.ones_like(current))
+    return scale.repeat_interleave(block)
+
+
+def _fold_correction(merged: fx.GraphModule, target: Target, scale: torch.Tensor,
+                     shift: torch.Tensor | None) -> None:
+    """``x -> scale·x + shift`` per unit, folded into the target's parameters: an affine's
+    gain and shift, or a linear layer's weight rows and bias."""
+    weight = _attribute(merged, target.weight.target)
+    view = (-1,) + (1,) * (weight.dim() - 1)
+    weight.copy_((weight.to(torch.float64) * scale.view(view)).to(weight.dtype))
+    if target.bias is None:
+        return
+    bias = _attribute(merged, target.bias.target)
+    new_bias = bias.to(torch.float64) * scale
+    if shift is not None:
+        new_bias = new_bias + shift
+    bias.copy_(new_bias.to(bias.dtype))
