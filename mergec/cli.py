@@ -90,7 +90,8 @@ def _merge_in_group(args: argparse.Namespace, output: Path | None, rank: int,
                            unaligned=args.unaligned,
                            repair=None if args.repair == "none" else args.repair,
                            device=args.device, progress=not args.quiet,
-                           samples_per_batch=args.samples_per_batch, seed=args.seed)
+                           samples_per_batch=args.samples_per_batch, seed=args.seed,
+                           symmetry=args.symmetry)
     models = _load_models(args)
     if _pretrained_inputs(args) and args.calibration.endswith(".txt"):
         from mergec.pretrained import text_calibration
@@ -189,8 +190,10 @@ def _process_group(args: argparse.Namespace) -> Iterator[tuple[int, int]]:
 RECORDED = ("model_a", "model_b", "model", "kwargs", "kwargs_b", "calibration", "tokens",
             "batch_size",
             "batches", "method", "alpha", "beta", "width", "depth_variant", "unaligned",
-            "repair", "samples_per_batch", "seed", "device", "stop_after")
+            "repair", "samples_per_batch", "seed", "device", "stop_after", "symmetry")
 FILES = ("model_a", "model_b", "calibration")
+#: What a merge did before an argument was recorded: merges were under permutations only.
+BEFORE_RECORDED = {"symmetry": "permutation"}
 
 
 def _sha256(path: str) -> str | None:
@@ -246,7 +249,8 @@ def _rerun_args(args: argparse.Namespace) -> argparse.Namespace:
                               "be the recorded merge")
     rerun = argparse.Namespace(**vars(args))
     for name in RECORDED:
-        setattr(rerun, name, recorded[name])
+        # a report written before an argument existed ran what the argument now selects
+        setattr(rerun, name, recorded.get(name, BEFORE_RECORDED.get(name, defaults[name])))
     return rerun
 
 
@@ -351,6 +355,10 @@ def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
                        help="blocks only the deeper model has: averaged with the identity or "
                             "kept")
     merge.add_argument("--repair", default="reset", choices=["reset", "repair", "none"])
+    merge.add_argument("--symmetry", default="auto", choices=["auto", "permutation"],
+                       help="auto: every space under the largest group the graph allows "
+                            "(rotations of a pre-norm transformer's residual stream and "
+                            "heads); permutation: permutations only")
     merge.add_argument("--samples-per-batch", type=int, default=None, metavar="N",
                        help="statistics: at most N pixels or tokens of each batch per space "
                             "(drawn with a fixed seed); default: all")

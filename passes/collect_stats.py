@@ -1,7 +1,8 @@
 """collect-stats: joint feature statistics of the two models at every space's probe node.
 
 A rotation space (a residual stream) is observed at each of its ``sites``, every residual sum,
-pooled into one accumulator: one rotation serves the stream at every depth.
+pooled into one accumulator with each site's features scaled to unit mean square per batch:
+one rotation serves the stream at every depth, and every depth weighs alike.
 
 Calibration batches run once through both models on the chosen device, as generated code that
 returns the probe nodes' values (:class:`~mergec.ir.fx.Probes`). For every free space with a
@@ -39,6 +40,14 @@ def probe_features(value: torch.Tensor, space, axis: int | None = None) -> torch
         return feature_view(value, space.probe_axis)
     moved = value.movedim((space.probe_axis, space.probe_within_axis), (-2, -1))
     return moved.reshape(-1, moved.shape[-2] * moved.shape[-1])
+
+
+def _unit_energy(features: torch.Tensor) -> torch.Tensor:
+    """A site's features divided by their root mean square over the batch: a stream grows with
+    depth, and each site should weigh alike in the one rotation that serves them all (a
+    rotation keeps the norm, so a rotated copy is still recovered exactly)."""
+    return features / features.detach().double().pow(2).mean().sqrt().clamp_min(1e-30).to(
+        features.dtype)
 
 
 def _subsample(features_a: torch.Tensor, features_b: torch.Tensor, count: int,
@@ -104,6 +113,9 @@ def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: Unit
                 for node, axis in space.sites or ((space.probe, None),):
                     features_a = probe_features(values_a[node], space, axis)
                     features_b = probe_features(values_b[node], space, axis)
+                    if space.sites:
+                        features_a, features_b = _unit_energy(features_a), \
+                            _unit_energy(features_b)
                     if samples_per_batch is not None:
                         features_a, features_b = _subsample(features_a, features_b,
                                                             samples_per_batch, draw)

@@ -1,14 +1,21 @@
-"""fold-norms: moves every LayerNorm's gain and shift into the layers that read it.
+"""fold-norms: moves every LayerNorm's (and RMSNorm's) gain and shift into the layers that
+read it.
 
 ``LayerNorm(x) = g ⊙ n(x) + β`` with ``n`` the centring and scaling to unit RMS. When every
 reader of the norm's output is a linear layer ``W y + c`` (through moves that keep the feature
 axis last: selects of a token, transposes and views of other axes, dropout), the function is
 unchanged with ``W' = W diag(g)``, ``c' = c + W β`` and the norm's gain set to ones, its shift
-to zeros. What remains on the residual stream is ``n``, which commutes with every orthogonal map
-that keeps the all-ones direction, so the stream admits rotations (annotate-units records the
-group, :mod:`mergec.ir.groups`) and the merged model is still of the model's architecture.
+to zeros (a reader without a bias is given one, ``<layer>.bias``, where the shift is not
+zero: the merged model then has that one more entry). What remains on the residual stream is
+``n``, which commutes with every orthogonal map that keeps the all-ones direction, so the
+stream admits rotations (annotate-units records the group, :mod:`mergec.ir.groups`) and the
+merged model is still of the model's architecture. An RMSNorm (``g ⊙ x / rms(x)``, as
+transformers writes Llama's) folds its gain alike; what remains commutes with every rotation.
 
-A norm whose output feeds anything else (a post-norm block's residual add, a model output, a
+A norm with unit gain and zero shift needs no fold, wherever it sits: a post-norm block's norm
+(its output feeds the next residual sum) commutes with those rotations too.
+
+A norm whose output feeds anything else (a post-norm block's residual sum, a model output, a
 nonlinearity) is left as it is, with the reason recorded per node in ``state.folds``; its
 stream then admits permutations only. The pass works on the pipeline's own graph modules
 (trace's export): the user's models keep their weights.
@@ -22,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from mergec.ir.fx import aten_name, call_arguments, module_path
+from mergec.ir.fx import STATE_KEYS, aten_name, attach, call_arguments, module_path
 from mergec.ir.state import PipelineState
 
 log = logging.getLogger(__name__)
@@ -46,25 +53,21 @@ class Reader:
 
 
 def fold_norms(graph_module: fx.GraphModule) -> dict[str, str]:
-    """Folds every LayerNorm of ``graph_module`` whose readers allow it, in place; returns,
-    per norm node, what was done or why not."""
+    """Folds every LayerNorm and RMSNorm of ``graph_module`` whose readers allow it, in place;
+    returns, per norm (module path, else node), what was done or why not."""
     report: dict[str, str] = {}
     for node in list(graph_module.graph.nodes):
-        if aten_name(node) != "layer_norm":
+        affine = _norm_affine(node)
+        if affine is None:
             continue
         name = module_path(node) or node.name
-        arguments = call_arguments(node)
-        weight, bias = arguments.get("weight"), arguments.get("bias")
-        if len(arguments.get("normalized_shape", ())) != 1:
-            report[name] = "left: normalises more than the feature axis"
+        if isinstance(affine, str):
+            report[name] = f"left: {affine}"
             continue
-        if not all(a is None or (isinstance(a, fx.Node) and a.op == "get_attr")
-                   for a in (weight, bias)):
-            report[name] = "left: its gain or shift is computed, not a parameter"
-            continue
-        readers, why = _readers(graph_module, node)
+        output, weight, bias = affine
+        readers, why = _readers(graph_module, output)
         if why is None:
-            why = _check_readers(graph_module, readers, bias)
+            why = _check_readers(readers)
         if why is not None:
             report[name] = f"left: {why}"
             continue
@@ -72,6 +75,63 @@ def fold_norms(graph_module: fx.GraphModule) -> dict[str, str]:
         report[name] = "folded into " + ", ".join(
             module_path(r.node) or r.node.name for r in readers)
     return report
+
+
+def _norm_affine(node: fx.Node) -> tuple[fx.Node, fx.Node | None, fx.Node | None] | str | None:
+    """For a norm over the feature axis, (its output node, gain, shift); why it cannot be
+    folded; or None for any other node. A LayerNorm is ``aten.layer_norm``; an RMSNorm as
+    transformers writes it (Llama, Mistral, Qwen2) is ``gain * (x * rsqrt(mean(x², -1) +
+    eps))``, casts allowed, whose output is the gain's product."""
+    if aten_name(node) == "layer_norm":
+        arguments = call_arguments(node)
+        weight, bias = arguments.get("weight"), arguments.get("bias")
+        if len(arguments.get("normalized_shape", ())) != 1:
+            return "normalises more than the feature axis"
+        if not all(a is None or _is_parameter(a) for a in (weight, bias)):
+            return "its gain or shift is computed, not a parameter"
+        return node, weight, bias
+    if aten_name(node) != "mul" or len(node.args) != 2:
+        return None
+    gains = [a for a in node.args if _is_parameter(a)]
+    others = [a for a in node.args if isinstance(a, fx.Node) and not _is_parameter(a)]
+    if len(gains) != 1 or len(others) != 1 or not is_rms_normalised(others[0]):
+        return None
+    value = gains[0].meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.dim() != 1:
+        return None
+    return node, gains[0], None
+
+
+def _skip_casts(node: Any) -> Any:
+    while isinstance(node, fx.Node) and aten_name(node) in ("to", "_to_copy", "type_as"):
+        node = node.args[0]
+    return node
+
+
+def is_rms_normalised(node: fx.Node) -> bool:
+    """Whether ``node`` is ``x * rsqrt(mean(x ** 2, -1, keepdim) + eps)`` (casts allowed)."""
+    node = _skip_casts(node)
+    if aten_name(node) != "mul" or len(node.args) != 2:
+        return False
+    for x, scale in (node.args, node.args[::-1]):
+        scale = _skip_casts(scale)
+        if aten_name(scale) != "rsqrt":
+            continue
+        total = _skip_casts(scale.args[0])
+        if aten_name(total) == "add":
+            total = _skip_casts(next((a for a in total.args if isinstance(a, fx.Node)), None))
+        if aten_name(total) != "mean" or list(total.args[1]) not in ([-1], [_last(total)]):
+            continue
+        square = _skip_casts(total.args[0])
+        if aten_name(square) == "pow" and square.args[1] == 2 \
+                and _skip_casts(square.args[0]) is _skip_casts(x):
+            return True
+    return False
+
+
+def _last(node: fx.Node) -> int:
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    return value.dim() - 1 if isinstance(value, torch.Tensor) else -1
 
 
 def _readers(graph_module: fx.GraphModule, norm: fx.Node
@@ -133,10 +193,9 @@ def _keeps_features(user: fx.Node, value: fx.Node) -> bool:
     return True
 
 
-def _check_readers(graph_module: fx.GraphModule, readers: list[Reader],
-                   bias: fx.Node | None) -> str | None:
-    """Why the readers cannot take the norm's affine: none, a weight shared with other uses,
-    or a shift and a reader without a bias to take it."""
+def _check_readers(readers: list[Reader]) -> str | None:
+    """Why the readers cannot take the norm's affine: there are none, or a weight has other
+    uses."""
     if not readers:
         return "no linear layer reads it"
     nodes = {r.node for r in readers}
@@ -144,9 +203,6 @@ def _check_readers(graph_module: fx.GraphModule, readers: list[Reader],
         weight_node = reader.node.args[2 if reader.transposed else 1]
         if any(user not in nodes for user in weight_node.users):
             return f"the weight {reader.weight} has other uses"
-        if bias is not None and reader.bias is None \
-                and bool(torch.any(_tensor(graph_module, bias.target) != 0)):
-            return f"{reader.weight} has no bias to take the norm's shift"
     return None
 
 
@@ -169,6 +225,8 @@ def _fold(graph_module: fx.GraphModule, readers: list[Reader], weight: fx.Node |
                 c = c + matrix @ shift.to(torch.float64)
             if reader.bias is not None:
                 _replace(graph_module, reader.bias, c.to(w.dtype))
+            elif shift is not None and bool(torch.any(c != 0)):
+                _add_bias(graph_module, reader, c.to(w.dtype))
         if gain is not None:
             matrix = matrix * gain.to(torch.float64)[None, :]
         _replace(graph_module, reader.weight, (matrix.T if reader.transposed else matrix)
@@ -177,6 +235,26 @@ def _fold(graph_module: fx.GraphModule, readers: list[Reader], weight: fx.Node |
         _replace(graph_module, weight.target, torch.ones_like(gain))
     if shift is not None:
         _replace(graph_module, bias.target, torch.zeros_like(shift))
+
+
+def _add_bias(graph_module: fx.GraphModule, reader: Reader, value: torch.Tensor) -> None:
+    """Gives a linear layer without a bias one (``<layer>.bias``) to take a norm's shift; the
+    key joins the graph's state keys, so annotate-units binds it to the layer's outputs."""
+    prefix = reader.weight.rsplit(".", 1)[0] if "." in reader.weight else ""
+    key = f"{prefix}.bias" if prefix else "bias"
+    state = graph_module.state_dict()
+    while key in state:
+        key = key + "_folded"
+    attach(graph_module, key, value, parameter=True)
+    with graph_module.graph.inserting_before(reader.node):
+        node = graph_module.graph.get_attr(key)
+    node.meta["val"] = reader.node.args[1].meta.get("val").new_empty(value.shape) \
+        if "val" in reader.node.args[1].meta else None
+    reader.node.args = (reader.node.args[0], reader.node.args[1], node)
+    keys = graph_module.meta.get(STATE_KEYS)
+    if keys is not None:
+        graph_module.meta[STATE_KEYS] = tuple(keys) + (key,)
+    graph_module.recompile()
 
 
 def _tensor(graph_module: fx.GraphModule, key: str) -> torch.Tensor:

@@ -184,9 +184,9 @@ class _ChannelStats(GraphRunner):
     ``stop_early`` the run ends at the last of them."""
 
     def __init__(self, graph_module: fx.GraphModule, axes: dict[str, int],
-                 stop_early: bool = False):
+                 stop_early: bool = False, outer: frozenset[str] = frozenset()):
         super().__init__(graph_module)
-        self.axes = axes
+        self.axes, self.outer = axes, outer
         self.sums: dict[str, list[torch.Tensor]] = {}
         self.stop_early = stop_early
         self.seen: set[str] = set()
@@ -214,6 +214,10 @@ class _ChannelStats(GraphRunner):
             stats[0] += rows.sum(0)
             stats[1] += (rows * rows).sum(0)
             stats[2] += rows.shape[0]
+            if node.name in self.outer:
+                if len(stats) == 3:
+                    stats.append(0)
+                stats[3] += rows.T @ rows
             self.seen.add(node.name)
             if self.stop_early and len(self.seen) == len(self.axes):
                 raise _Reached
@@ -230,8 +234,9 @@ class Target(NamedTuple):
     """One place REPAIR corrects: a node, the axis and space of its units, the parameters the
     correction is folded into (an affine's gain and shift, or a linear layer's weight rows and
     bias) and how: ``units`` (each unit's mean and std, after a normalisation or before an
-    MLP's nonlinearity) or ``heads`` (each head's energy, for heads that rotate inside: a
-    rotation keeps a head's energy, not its units' statistics)."""
+    MLP's nonlinearity) or ``rotated`` (heads that rotate inside: each merged unit's mean and
+    std against those of the parents' features mapped into the merged basis, which need the
+    parents' covariances: a rotation mixes units, so their own statistics do not interpolate)."""
 
     axis: int
     space: str
@@ -265,7 +270,7 @@ def repair_targets(merged: fx.GraphModule, spec: UnitSpec | None = None) -> dict
         elif name == "linear" and rotations and isinstance(node.args[1], fx.Node):
             bias = node.args[2] if len(node.args) > 2 else None
             if spec.spaces[space].kind == "blocks" and group == ORTHOGONAL:
-                targets[node.name] = Target(axis, space, node.args[1], bias, "heads")
+                targets[node.name] = Target(axis, space, node.args[1], bias, "rotated")
             elif group != ORTHOGONAL and isinstance(bias, fx.Node) \
                     and any(aten_name(user) in _ACTIVATIONS for user in node.users):
                 targets[node.name] = Target(axis, space, node.args[1], bias, "units")
@@ -285,7 +290,9 @@ def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
     axes = {name: target.axis for name, target in targets.items()}
     device = torch.device(device) if device else torch.device("cpu")
     with torch.no_grad():
-        parents = [_ChannelStats(module.to(device), axes).collect(calibration, device)
+        outer = frozenset(name for name, t in targets.items() if t.kind == "rotated")
+        parents = [_ChannelStats(module.to(device), axes, outer=outer).collect(calibration,
+                                                                               device)
                    for module in (module_a, module_b)]
         merged.to(device)
         for name, target in targets.items():
@@ -293,11 +300,8 @@ def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
                 calibration, device)
             plan = plans[target.space]
             stats = (parents[0][name], parents[1][name], measured[name])
-            if target.kind == "heads":
-                block = spec.spaces[target.space].block_size
-                scale, shift = _head_scale(plan, *stats, block), None
-            else:
-                scale, shift = _unit_correction(plan, *stats)
+            correct = _rotated_correction if target.kind == "rotated" else _unit_correction
+            scale, shift = correct(plan, *stats)
             _fold_correction(merged, target, scale, shift)
     log.info("repair: rescaled %d targets (REPAIR)", len(targets))
     return len(targets)
@@ -318,20 +322,24 @@ def _unit_correction(plan: Any, sums_a: list, sums_b: list, sums_z: list
     return scale, target_mean - scale * mean_z
 
 
-def _head_scale(plan: Any, sums_a: list, sums_b: list, sums_z: list, block: int
-                ) -> torch.Tensor:
-    """Per merged unit, the scale of its head that gives the head the mean of the parents'
-    energies (mean square norm) of the heads merged into it. The energy that a unit of B
-    brings to merged unit k is ``(2 M_b)²`` of it: a rotation's columns have unit norm, so a
-    head keeps its energy."""
-    energy_a, energy_b, energy_z = (sums[1] / sums[2] for sums in (sums_a, sums_b, sums_z))
-    share_a = (2 * plan.merge_a.to(energy_a)) ** 2 @ energy_a
-    share_b = (2 * plan.merge_b.to(energy_b)) ** 2 @ energy_b
-    target = ((share_a + share_b) / 2).reshape(-1, block).sum(1)
-    current = energy_z.reshape(-1, block).sum(1)
-    scale = torch.where(current > 1e-12, (target / current.clamp_min(1e-12)).sqrt(),
-                        torch.ones_like(current))
-    return scale.repeat_interleave(block)
+def _rotated_correction(plan: Any, sums_a: list, sums_b: list, sums_z: list
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """REPAIR in the merged basis of a rotation space: each parent's features mapped there
+    (``2 M x``: A's as they are, B's rotated), the target per merged unit the mean of the two
+    mapped features' means and stds (from the parents' covariances)."""
+    targets = []
+    for sums, merge in ((sums_a, plan.merge_a), (sums_b, plan.merge_b)):
+        mean = sums[0] / sums[2]
+        covariance = sums[3] / sums[2] - torch.outer(mean, mean)
+        mapped = 2 * merge.to(mean)
+        targets.append((mapped @ mean, torch.einsum("ij,jk,ik->i", mapped, covariance, mapped)
+                        .clamp_min(0).sqrt()))
+    target_mean = (targets[0][0] + targets[1][0]) / 2
+    target_std = (targets[0][1] + targets[1][1]) / 2
+    mean_z, std_z = _mean_std(sums_z)
+    scale = torch.where(std_z > 1e-8, target_std / std_z.clamp_min(1e-8),
+                        torch.ones_like(std_z))
+    return scale, target_mean - scale * mean_z
 
 
 def _fold_correction(merged: fx.GraphModule, target: Target, scale: torch.Tensor,

@@ -201,8 +201,9 @@ def with_heads_swapped(model: Heads) -> Heads:
     return twin
 
 
+@pytest.mark.parametrize("symmetry", ["permutation", "auto"])
 @pytest.mark.parametrize("method", ["permute", "zip"])
-def test_the_pass_pairs_swapped_heads_by_two_level_matching(method: str) -> None:
+def test_the_pass_pairs_swapped_heads_by_two_level_matching(method: str, symmetry: str) -> None:
     torch.manual_seed(0)
     model = Heads().eval()
     twin = with_heads_swapped(model)
@@ -211,12 +212,18 @@ def test_the_pass_pairs_swapped_heads_by_two_level_matching(method: str) -> None
     state = PipelineState(options=MergeOptions(progress=False), models=(model, twin),
                           example=(x[:2],), calibration=[(x,)], graphs=graphs,
                           specs=tuple(annotate_units(g) for g in graphs))
-    state = Match(method=method).run(CollectStats().run(state))
+    state = Match(method=method, symmetry=symmetry).run(CollectStats().run(state))
     heads = state.spec.spaces[space_of(state.spec, "q.weight", 0)]
     order = state.plans[heads.block_space]
     assert torch.equal(order.merge_b, torch.tensor([[0.0, 0.5], [0.5, 0.0]], dtype=torch.float64))
     q = state.plans[space_of(state.spec, "q.weight", 0)]
-    assert torch.equal(q.merge_b[:4, 4:] != 0, torch.eye(4, dtype=torch.bool))  # head 0 ← B's 1
+    if symmetry == "permutation":
+        assert torch.equal(q.merge_b[:4, 4:] != 0, torch.eye(4, dtype=torch.bool))  # 0 ← B's 1
+    else:  # heads rotate inside: head 0 ← B's head 1 by the rotation that undoes the swap
+        assert heads.group == "orthogonal"
+        eye = torch.eye(4, dtype=torch.float64)
+        assert torch.allclose(2 * q.merge_b[:4, 4:].to(torch.float64), eye, atol=1e-6)
+        assert torch.allclose(q.merge_b[:4, :4].to(torch.float64), 0 * eye, atol=1e-6)
 
 
 def test_merged_widths_of_flat_spaces_and_of_heads() -> None:

@@ -15,7 +15,9 @@ the first such node is the space's ``group_reason``):
 * ``linear``, ``addmm``, ``conv`` (one group), ``embedding``, products with a parameter:
   linear in the activation; the space is an input or output feature axis;
 * ``add``/``sub`` of tensors that all carry the space on the same axis;
-* ``mul``/``div`` by a scalar or by a tensor that is constant along the space's axis;
+* ``mul``/``div`` by a scalar or by a tensor that is constant along the space's axis; by a
+  gain of ones (bound to the space, so the maps must keep the all-ones direction);
+* ``x ** 2`` averaged or summed over the space's axis alone (an RMSNorm's mean square);
 * moves that keep the space whole on one axis: views, transposes, selects and slices of other
   axes, ``cat`` of tensors that all carry it, means and sums over other axes, dropout, copies;
 * ``scaled_dot_product_attention``: a head's queries and keys rotated alike (their dot
@@ -45,6 +47,8 @@ MOVES = {"select", "slice", "index", "index_select", "expand", "clone", "alias",
          "flatten", "unflatten", "unsqueeze", "squeeze", "t", "cat", "stack", "_to_copy", "to",
          "type_as", "mean", "sum", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
          "adaptive_avg_pool2d", "repeat", "lift_fresh_copy", "narrow", "split", "getitem"}
+#: Ops that read a tensor's metadata, not its values.
+CHECKS = {"_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride", "_assert_scalar"}
 ORTHOGONAL = "orthogonal"
 
 
@@ -157,12 +161,16 @@ def _verdict(graph_module: fx.GraphModule, node: fx.Node, space: str,
     if node.op == "output":
         return f"reaches a model output: {where}"
     op = aten_name(node) or ("getitem" if node.op == "call_function" else node.op)
+    if op in CHECKS:
+        return None
     if op in LINEAR_OPS:
         return _linear(node, dynamic, where)
     if op in ADDITIVE_OPS:
         return _additive(node, space, where)
     if op in SCALING_OPS:
-        return _scaling(node, space, where)
+        return _scaling(graph_module, node, space, where)
+    if op == "pow" or (op in ("mean", "sum") and aten_name(node.args[0]) == "pow"):
+        return _squared_norm(node, space, where)
     if op in MOVES:
         kept = sum(1 for s in _spaces(node) if s == space)
         if op in ("split", "getitem") and not _spaces(node):
@@ -221,14 +229,38 @@ def _additive(node: fx.Node, space: str, where: str) -> str | None:
     return None
 
 
-def _scaling(node: fx.Node, space: str, where: str) -> str | None:
-    """Products and quotients by a scalar or by a tensor constant along the space."""
+def _squared_norm(node: fx.Node, space: str, where: str) -> str | None:
+    """``x ** 2`` summed or averaged over the space's axis (an RMSNorm's statistic) is a
+    squared norm, which rotations keep; every other use of a power admits permutations only."""
+    square = node if aten_name(node) == "pow" else node.args[0]
+    users = list(square.users)
+    if square.args[1] != 2 or not users:
+        return f"a power of the units: {where}"
+    source = _spaces(square.args[0])
+    axis = [i for i, s in enumerate(source) if s == space]
+    for user in users:
+        dims = user.args[1] if len(user.args) > 1 else None
+        if aten_name(user) not in ("mean", "sum") or len(axis) != 1 or not isinstance(
+                dims, (list, tuple)) or [d % len(source) for d in dims] != axis:
+            return f"a power of the units not reduced over them alone: {where}"
+    return None
+
+
+def _scaling(graph_module: fx.GraphModule, node: fx.Node, space: str, where: str
+             ) -> str | None:
+    """Products and quotients by a scalar or by a tensor constant along the space. A gain of
+    ones (what fold-norms leaves of an RMSNorm's) is the identity, but a parameter bound to the
+    space: the maps that keep it ones keep the all-ones direction ("centred")."""
     axis = _axis_from_right(node, space)
     if axis is None:
         return f"a product that does not keep the space on one axis: {where}"
-    carriers = 0
+    carriers, ones = 0, False
     for operand in node.args[:2]:
         if not isinstance(operand, fx.Node):
+            continue
+        if aten_name(node) == "mul" and operand.op == "get_attr" \
+                and _is_constant(graph_module, operand, 1.0):
+            ones = True  # bound to the space: a merge must keep it ones, so Q 1 = 1
             continue
         spaces = _spaces(operand)
         value = operand.meta.get("val")
@@ -237,7 +269,9 @@ def _scaling(node: fx.Node, space: str, where: str) -> str | None:
             carriers += 1
         elif len(shape) >= axis and shape[len(shape) - axis] != 1:
             return f"a scale per unit: {where}"
-    return None if carriers == 1 else f"a product of the space with itself: {where}"
+    if carriers != 1:
+        return f"a product of the space with itself: {where}"
+    return "centred" if ones else None
 
 
 def _moved_inputs(node: fx.Node, space: str, where: str) -> str | None:
