@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import time
@@ -101,9 +102,10 @@ def scores(logits: torch.Tensor, labels: torch.Tensor, disjoint: bool
 
 
 def run_merges(title: str, model_a: nn.Module, model_b: nn.Module, data: Any,
-               disjoint: bool) -> tuple[list[Result], dict[str, float]]:
-    """Every merge of ``MERGES`` under both symmetries, and the parents' (and on disjoint
-    tasks the ensemble's) scores."""
+               disjoint: bool, labels: tuple[str, ...] | None = None
+               ) -> tuple[list[Result], dict[str, float]]:
+    """Every merge of ``MERGES`` (those of ``labels`` where given) under both symmetries, and
+    the parents' (and on disjoint tasks the ensemble's) scores."""
     logits_a = predict_logits(model_a, data.x_test, device="cpu")
     logits_b = predict_logits(model_b, data.x_test, device="cpu")
     parent_a, parent_b = (scores(z, data.y_test, disjoint) for z in (logits_a, logits_b))
@@ -118,6 +120,8 @@ def run_merges(title: str, model_a: nn.Module, model_b: nn.Module, data: Any,
                          task_b=task_b, loss=(loss_a + loss_b) / 2)
     results = []
     for label, options in MERGES:
+        if labels is not None and label not in labels:
+            continue
         for symmetry in SYMMETRIES:
             start = time.perf_counter()
             try:
@@ -181,12 +185,50 @@ def reference_line(reference: dict[str, float], disjoint: bool) -> str:
             f"{reference['loss']:.3f}.")
 
 
-PAIRINGS = [  # (title, disjoint, A's architecture, B's architecture)
-    ("Same task, different seeds: ViT-4 with ViT-4", False, "vit4", "vit4"),
-    ("Disjoint tasks 5+5: ViT-4 with ViT-4", True, "vit4", "vit4"),
-    ("Depth, same task: ViT-4 with ViT-6", False, "vit4", "vit6"),
-    ("Width and heads, same task: ViT dim 64, 4 heads with dim 96, 6 heads (width \"max\")",
-     False, "vit4", "vit4x1.5"),
+#: the ViT's parameters by component, for the ablation
+COMPONENTS = {
+    "attention queries and keys": lambda key: ".attn.q." in key or ".attn.k." in key,
+    "attention values and output": lambda key: ".attn.v." in key or ".attn.proj." in key,
+    "MLP": lambda key: ".mlp." in key,
+    "embeddings (patches, class token, positions)":
+        lambda key: key.startswith(("patch_embed", "cls_token", "pos_embed")),
+    "head": lambda key: key.startswith("head"),
+}
+
+
+def ablation(model_a: nn.Module, model_b: nn.Module, data: Any, reference: float) -> str:
+    """Which component's averaging costs the merge: ``permute`` under ``symmetry="auto"``,
+    then the merged model with only one component's parameters merged (the rest model A's,
+    folded: with same-width plans the merged units are in A's basis) and with all but it."""
+    captured: dict[str, Any] = {}
+    result = merge(model_a, model_b, data.example, data.calibration, method="permute",
+                   repair=None, progress=False,
+                   callback=lambda name, state: captured.update(state=state))
+    merged = result.module.state_dict()
+    own = captured["state"].graphs[0].state_dict()  # A after fold-norms
+
+    def accuracy(state: dict[str, torch.Tensor]) -> float:
+        module = copy.deepcopy(result.module)
+        module.load_state_dict(state)
+        logits = predict_logits(module, data.x_test, device="cpu")
+        return float((logits.argmax(-1) == data.y_test).float().mean()) / reference
+
+    rows = [f"| all (the merge) | {accuracy(merged):.3f} | — |"]
+    for name, chosen in COMPONENTS.items():
+        only = {key: merged[key] if chosen(key) else own[key] for key in own}
+        but = {key: own[key] if chosen(key) else merged[key] for key in own}
+        rows.append(f"| {name} | {accuracy(only):.3f} | {accuracy(but):.3f} |")
+    return ("| merged component | accuracy ÷ parents, only it merged | all but it merged |\n"
+            "|---|---|---|\n" + "\n".join(rows))
+
+
+PAIRINGS = [  # (title, disjoint, A's architecture, B's architecture, merges: None for all)
+    ("Same task, different seeds: ViT-4 with ViT-4", False, "vit4", "vit4", None),
+    ("Disjoint tasks 5+5: ViT-4 with ViT-4", True, "vit4", "vit4", None),
+    ("Depth, same task: ViT-4 with ViT-6", False, "vit4", "vit6", None),
+    ("Width and heads, same task: ViT dim 64, 4 heads with dim 96, 6 heads (width \"max\"; "
+     "elastic zip, the one method for models of different widths)", False, "vit4", "vit4x1.5",
+     ("zip", "zip, REPAIR")),
 ]
 
 
@@ -209,13 +251,18 @@ def main(argv: list[str] | None = None) -> None:
     data = load_data(config)
     start = time.perf_counter()
     sections = []
-    for title, disjoint, arch_a, arch_b in PAIRINGS:
+    for title, disjoint, arch_a, arch_b, labels in PAIRINGS:
         roles_ = roles(config, data, same_task=not disjoint)
         model_a = hetero_parent(config, 0, arch_a, roles_)
         model_b = hetero_parent(config, 1, arch_b, roles_)
-        results, reference = run_merges(title, model_a, model_b, data, disjoint)
+        results, reference = run_merges(title, model_a, model_b, data, disjoint, labels)
         text = f"#### {title}\n\n{reference_line(reference, disjoint)}\n\n" \
             f"{table(results, reference, disjoint)}\n"
+        if not disjoint and arch_a == arch_b:
+            text += ("\nWhat holds the merge back: `permute` with `symmetry=\"auto\"`, one "
+                     "component's parameters merged and the others model A's, and the "
+                     "reverse.\n\n" + ablation(model_a, model_b, data, reference["accuracy"])
+                     + "\n")
         print(text)
         sections.append(text)
     minutes = (time.perf_counter() - start) / 60
