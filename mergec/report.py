@@ -13,6 +13,8 @@ def describe_structure(space: Space) -> str:
         text = f"blocks {space.block_count}x{space.block_size} (order {space.block_space})"
         if space.parts:
             text += f" parts {','.join(space.parts)}"
+        if space.group == "orthogonal":
+            text += ", rotations inside"
         return text
     if space.kind == "composite":
         return f"composite {'+'.join(space.parts)}"
