@@ -90,6 +90,7 @@ class Repair:
     mode: str | None = "reset"
     device: str | None = None
     progress: bool = True
+    symmetry: str = "auto"  # "permutation": REPAIR as published, at the normalisations only
     name: ClassVar[str] = "repair"
 
     def __post_init__(self) -> None:
@@ -104,7 +105,7 @@ class Repair:
             graphs = state.require("graphs", self.name)
             result["normalisations_repaired"] = repair_statistics(
                 merged, graphs[0], graphs[1], state.plans, state.calibration, self.device,
-                state.specs[0] if state.specs else None)
+                state.specs[0] if state.specs and self.symmetry == "auto" else None)
         if self.device:
             merged.to(self.device)
         return state.evolve(repair={**state.repair, **result})
