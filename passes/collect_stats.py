@@ -83,20 +83,22 @@ def _check_finite(moments: dict[str, JointMoments], wanted: list[str], spec: Uni
 def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
                   spec_b: UnitSpec, calibration: Iterable[Any], example: tuple,
                   device: str | None = None, progress: bool = True,
-                  samples_per_batch: int | None = None, seed: int = 0
-                  ) -> dict[str, JointMoments]:
+                  samples_per_batch: int | None = None, seed: int = 0,
+                  rotations: bool = True) -> dict[str, JointMoments]:
     """Joint moments of A's and B's features in every free space with a probe (``spec_b``:
     B's widths, where they differ from A's), over one pass of the calibration data. With
     ``samples_per_batch``, each batch contributes at most that many samples (pixels, tokens)
     to each space, drawn with ``seed``: the cost of a wide space's statistics is then bounded
-    by the number of batches, not by their size."""
+    by the number of batches, not by their size. With ``rotations`` (``symmetry="auto"``), a
+    rotation space is observed at its ``sites``."""
     device = torch.device(device) if device else torch.device("cpu")
     # a block order (the heads of an attention) is matched through its blocks' units
     orders = {space.block_space for space in spec.spaces.values() if space.block_space}
     wanted = [s for s in spec.spaces
               if spec.spaces[s].probe is not None and spec.is_free(s) and s not in orders]
     probes = {spec.spaces[s].probe for s in wanted}
-    probes |= {node for s in wanted for node, _ in spec.spaces[s].sites}
+    if rotations:
+        probes |= {node for s in wanted for node, _ in spec.spaces[s].sites}
     moments = {s: JointMoments(spec.spaces[s].size, spec_b.spaces[s].size, device=device)
                for s in wanted}
     module_a, module_b = module_a.to(device), module_b.to(device)
@@ -110,10 +112,11 @@ def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: Unit
             draw = torch.Generator().manual_seed(seed * 1_000_003 + index)
             for space_id in wanted:
                 space = spec.spaces[space_id]
-                for node, axis in space.sites or ((space.probe, None),):
+                sites = space.sites if rotations else ()
+                for node, axis in sites or ((space.probe, None),):
                     features_a = probe_features(values_a[node], space, axis)
                     features_b = probe_features(values_b[node], space, axis)
-                    if space.sites:
+                    if sites:
                         features_a, features_b = _unit_energy(features_a), \
                             _unit_energy(features_b)
                     if samples_per_batch is not None:
@@ -140,6 +143,7 @@ class CollectStats:
     needed: bool = True  # only the methods that match on activations need statistics
     samples_per_batch: int | None = None
     seed: int = 0
+    symmetry: str = "auto"  # "permutation": every space at its probe alone
     name: ClassVar[str] = "collect-stats"
 
     def applies(self, state: PipelineState) -> bool:
@@ -149,5 +153,6 @@ class CollectStats:
         graphs, specs = state.require("graphs", self.name), state.require("specs", self.name)
         moments = joint_moments(graphs[0], graphs[1], specs[0], specs[1], state.calibration,
                                 state.example, self.device, self.progress,
-                                self.samples_per_batch, self.seed)
+                                self.samples_per_batch, self.seed,
+                                rotations=self.symmetry == "auto")
         return state.evolve(moments=moments)

@@ -91,11 +91,11 @@ def with_groups(graph_module: fx.GraphModule, spec: UnitSpec) -> UnitSpec:
 
 def _sites(graph_module: fx.GraphModule, space: str, dynamic: set[fx.Node], blocks: bool
            ) -> dict[str, Any]:
-    """Where a rotation space is observed (``sites``), pooled: a stream at every residual sum
-    (one rotation serves it at every depth), with the last as its probe, which holds every
-    layer's contribution (the first node carrying a stream, a patch embedding, spans only as
-    many directions as a patch has pixels); heads at every projection that writes them (the
-    queries and the keys of one rotation). No change without such a node."""
+    """Where a rotation space is observed when it is aligned by a rotation (``sites``, pooled
+    by collect-stats): a stream at every residual sum (one rotation serves it at every depth;
+    its probe, the first node carrying it, a patch embedding, spans only as many directions as
+    a patch has pixels), heads at every projection that writes them (the queries and the keys
+    of one rotation)."""
     wanted = LINEAR_OPS if blocks else {"add"}
     sites = []
     for node in graph_module.graph.nodes:
@@ -103,11 +103,7 @@ def _sites(graph_module: fx.GraphModule, space: str, dynamic: set[fx.Node], bloc
             axes = [i for i, s in enumerate(_spaces(node)) if s == space]
             if len(axes) == 1:
                 sites.append((node.name, axes[0]))
-    if not sites:
-        return {}
-    probe = sites[0] if blocks else sites[-1]
-    return {"probe": probe[0], "probe_axis": probe[1], "probe_within_axis": None,
-            "sites": tuple(sites)}
+    return {"sites": tuple(sites)}
 
 
 def _inside_structures(spec: UnitSpec, candidates: set[str]) -> dict[str, str]:
