@@ -63,8 +63,7 @@ def build_passes(options: MergeOptions) -> list[Pass]:
               weight_beta=options.weight_beta, seed=options.seed, width=options.width,
               symmetry=options.symmetry),
         Zip(stop_at=options.stop_at, heads=options.heads),
-        Repair(mode=options.repair, device=options.device, progress=options.progress,
-               symmetry=options.symmetry),
+        Repair(mode=options.repair, device=options.device, progress=options.progress),
     ]
     assert tuple(p.name for p in passes) == PIPELINE, "build_passes out of step with PIPELINE"
     return passes

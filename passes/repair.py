@@ -82,6 +82,12 @@ def _observed(module: fx.GraphModule, norms: list[fx.Node]
     return observed, recorders
 
 
+def _rotated(state: PipelineState) -> frozenset[str]:
+    """The spaces match aligned by a rotation (their summaries say so)."""
+    return frozenset(space for space, summary in state.summaries.items()
+                     if summary.get("group") == ORTHOGONAL)
+
+
 @dataclass(frozen=True)
 class Repair:
     """The repair pass: ``mode`` is "reset" (BatchNorm statistics), "repair" (reset, then
@@ -90,7 +96,6 @@ class Repair:
     mode: str | None = "reset"
     device: str | None = None
     progress: bool = True
-    symmetry: str = "auto"  # "permutation": REPAIR as published, at the normalisations only
     name: ClassVar[str] = "repair"
 
     def __post_init__(self) -> None:
@@ -105,7 +110,7 @@ class Repair:
             graphs = state.require("graphs", self.name)
             result["normalisations_repaired"] = repair_statistics(
                 merged, graphs[0], graphs[1], state.plans, state.calibration, self.device,
-                state.specs[0] if state.specs and self.symmetry == "auto" else None)
+                state.specs[0] if state.specs else None, _rotated(state))
         if self.device:
             merged.to(self.device)
         return state.evolve(repair={**state.repair, **result})
@@ -246,13 +251,13 @@ class Target(NamedTuple):
     kind: str
 
 
-def repair_targets(merged: fx.GraphModule, spec: UnitSpec | None = None) -> dict[str, Target]:
+def repair_targets(merged: fx.GraphModule, spec: UnitSpec | None = None,
+                   rotated: frozenset[str] = frozenset()) -> dict[str, Target]:
     """REPAIR's targets in graph order: every normalisation with affine parameters over a
-    space that permutes; and, where ``spec`` has rotation spaces (a transformer merged under
-    ``symmetry="auto"``), the linear layers writing the heads' queries, keys and values and
-    those feeding an MLP's nonlinearity (averaged q·k products shrink and flatten the
-    attention; an averaged MLP's pre-activations lose variance)."""
-    rotations = spec is not None and any(s.group == ORTHOGONAL for s in spec.spaces.values())
+    space that was not ``rotated`` (match's rotation spaces); and, where some were (a
+    transformer merged under ``symmetry="auto"``), the linear layers writing rotated heads'
+    queries, keys and values and those feeding an MLP's nonlinearity (averaged q·k products
+    shrink and flatten the attention; an averaged MLP's pre-activations lose variance)."""
     targets: dict[str, Target] = {}
     for node in merged.graph.nodes:
         name = aten_name(node)
@@ -263,16 +268,16 @@ def repair_targets(merged: fx.GraphModule, spec: UnitSpec | None = None) -> dict
         if len(spaced) != 1:
             continue
         axis, space = spaced[0]
-        group = spec.spaces[space].group if spec is not None and space in spec.spaces else None
-        if name in _NORMS and group != ORTHOGONAL:
+        if name in _NORMS and space not in rotated:
             weight, bias = node.args[1:3] if name in _BATCH_NORMS else node.args[2:4]
             if isinstance(weight, fx.Node) and isinstance(bias, fx.Node):
                 targets[node.name] = Target(axis, space, weight, bias, "units")
-        elif name == "linear" and rotations and isinstance(node.args[1], fx.Node):
+        elif name == "linear" and rotated and spec is not None \
+                and isinstance(node.args[1], fx.Node):
             bias = node.args[2] if len(node.args) > 2 else None
-            if spec.spaces[space].kind == "blocks" and group == ORTHOGONAL:
+            if spec.spaces[space].kind == "blocks" and space in rotated:
                 targets[node.name] = Target(axis, space, node.args[1], bias, "rotated")
-            elif group != ORTHOGONAL and isinstance(bias, fx.Node) \
+            elif space not in rotated and isinstance(bias, fx.Node) \
                     and any(aten_name(user) in _ACTIVATIONS for user in node.users):
                 targets[node.name] = Target(axis, space, node.args[1], bias, "units")
     return targets
@@ -280,12 +285,13 @@ def repair_targets(merged: fx.GraphModule, spec: UnitSpec | None = None) -> dict
 
 def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
                       module_b: fx.GraphModule, plans: dict, calibration: Iterable[Any],
-                      device: str | None, spec: UnitSpec | None = None) -> int:
+                      device: str | None, spec: UnitSpec | None = None,
+                      rotated: frozenset[str] = frozenset()) -> int:
     """REPAIR: rescales the merged units at every target (:func:`repair_targets`) so that their
     statistics match the interpolation of the parents' (M_a·stat_a + M_b·stat_b), folding the
     correction into the target's parameters; each target is measured after the ones before it
     are repaired. Returns the number of targets repaired."""
-    targets = repair_targets(merged, spec)
+    targets = repair_targets(merged, spec, rotated)
     if not targets:
         return 0
     axes = {name: target.axis for name, target in targets.items()}

@@ -117,8 +117,13 @@ def assert_symmetric(pair: archgen.Pair, seed: int, **options: Any) -> None:
 @archgen.budget(2, HealthCheck.filter_too_much)
 @given(pair=archgen.pairs(same=True, per_channel=False), seed=seeds)
 def test_merge_is_symmetric(method: str, pair: archgen.Pair, seed: int) -> None:
-    """Over every family (LayerNorm, attention and fused qkv included), at one width."""
-    assert_symmetric(pair, seed, method=method)
+    """Over every family (LayerNorm, attention and fused qkv included), at one width. mudsc
+    runs under permutations: its asymmetry is in the weight similarity of spaces that zip
+    merges within a model, which every family has then; rotation spaces (a LayerNorm stream,
+    heads) are aligned by Procrustes, which is symmetric, so under rotations only some
+    architectures show it."""
+    options = {"symmetry": "permutation"} if method == "mudsc" else {}
+    assert_symmetric(pair, seed, method=method, **options)
 
 
 @archgen.budget(6, HealthCheck.filter_too_much)
