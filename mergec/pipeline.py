@@ -37,6 +37,9 @@ STATISTICS_METHODS = ("zip", "permute", "mudsc")
 
 Callback = Callable[[str, PipelineState], None]
 
+#: The merged widths that keep two models of one width at that width (the others are elastic).
+SAME_WIDTH = ("max", "min", "a", "b")
+
 
 class Pass(Protocol):
     """What the driver runs: a name and one entry point from state to state."""
@@ -48,9 +51,11 @@ class Pass(Protocol):
 
 def build_passes(options: MergeOptions) -> list[Pass]:
     """The pipeline's passes, in order, configured from the merge options."""
+    # rotations need one merged width: "max", "min", "a", "b" keep two models of one width
+    rotations = options.symmetry == "auto" and options.width in SAME_WIDTH
     passes: list[Pass] = [
         Trace(),
-        FoldNorms(enabled=options.symmetry == "auto"),
+        FoldNorms(enabled=rotations),
         AnnotateUnits(),
         Segment(),
         AlignDepth(variant=options.depth_variant, unaligned=options.unaligned,
@@ -58,7 +63,7 @@ def build_passes(options: MergeOptions) -> list[Pass]:
         CollectStats(device=options.device, progress=options.progress,
                      needed=options.method in STATISTICS_METHODS,
                      samples_per_batch=options.samples_per_batch, seed=options.seed,
-                     symmetry=options.symmetry),
+                     rotations=rotations),
         Match(method=options.method, alpha=options.alpha, beta=options.beta,
               weight_beta=options.weight_beta, seed=options.seed, width=options.width,
               symmetry=options.symmetry),

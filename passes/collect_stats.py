@@ -24,6 +24,7 @@ from mergec.algorithms.covariance import JointMoments, feature_rows, feature_vie
 from mergec.algorithms.distributed import total_batches
 from mergec.errors import MergeError
 from mergec.ir.fx import Probes, check_batch
+from mergec.ir.groups import one_width
 from mergec.ir.spec import UnitSpec
 from mergec.ir.state import PipelineState
 
@@ -143,7 +144,7 @@ class CollectStats:
     needed: bool = True  # only the methods that match on activations need statistics
     samples_per_batch: int | None = None
     seed: int = 0
-    symmetry: str = "auto"  # "permutation": every space at its probe alone
+    rotations: bool = True  # False: every space at its probe alone (no rotation merge)
     name: ClassVar[str] = "collect-stats"
 
     def applies(self, state: PipelineState) -> bool:
@@ -154,5 +155,6 @@ class CollectStats:
         moments = joint_moments(graphs[0], graphs[1], specs[0], specs[1], state.calibration,
                                 state.example, self.device, self.progress,
                                 self.samples_per_batch, self.seed,
-                                rotations=self.symmetry == "auto")
+                                rotations=self.rotations and one_width(specs[0].shapes,
+                                                                       specs[1].shapes))
         return state.evolve(moments=moments)

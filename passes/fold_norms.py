@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from mergec.ir.fx import STATE_KEYS, aten_name, attach, call_arguments, module_path
+from mergec.ir.groups import one_width
 from mergec.ir.state import PipelineState
 
 log = logging.getLogger(__name__)
@@ -281,14 +282,20 @@ def _replace(graph_module: fx.GraphModule, key: str, value: torch.Tensor) -> Non
 
 @dataclass(frozen=True)
 class FoldNorms:
-    """The fold-norms pass (with ``symmetry="auto"``): the graphs' LayerNorms folded where
-    their readers allow (``state.folds``: per model, per norm, what was done or why not)."""
+    """The fold-norms pass (with ``symmetry="auto"``, for models of one width merged at that
+    width): the graphs' norms folded where their readers allow (``state.folds``: per model,
+    per norm, what was done or why not)."""
 
     enabled: bool = True
     name: ClassVar[str] = "fold-norms"
 
     def applies(self, state: PipelineState) -> bool:
-        return self.enabled
+        """Only where match can rotate: both models of one width (an elastic merge permutes
+        every space, and folded gains would only change what it averages)."""
+        if not self.enabled or len(state.graphs) != 2:
+            return self.enabled
+        shapes = [{k: t.shape for k, t in graph.state_dict().items()} for graph in state.graphs]
+        return one_width(*shapes)
 
     def run(self, state: PipelineState) -> PipelineState:
         graphs = state.require("graphs", self.name)

@@ -98,7 +98,7 @@ def test_merge_stops_after_a_pass_and_dumps_its_report(vgg_checkpoints, tmp_path
                  "--dump", str(dump)])
     assert code == 0, capsys.readouterr().err
     report = json.loads(dump.read_text())
-    assert report["passes"] == ["trace", "fold-norms", "annotate-units", "segment", "align-depth"]
+    assert report["passes"] == ["trace", "annotate-units", "segment", "align-depth"]
     assert report["depth"]["padded"] and report["spaces"]
     assert not any("width" in entry for entry in report["spaces"].values())  # match never ran
 

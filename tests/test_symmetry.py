@@ -303,3 +303,18 @@ def test_llama_rmsnorm_folds_and_its_stream_and_values_rotate():
         result = mergec.merge(graph_module, twin, tokens[:2], calibration, method="permute",
                               repair=None, progress=False)
         assert _error(result.module(tokens)[0], expected) < ATOL
+
+
+def test_an_elastic_merge_does_not_fold():
+    """Elastic zip (another merged width, or models of different widths) permutes every space:
+    fold-norms does not run, and the merge is the permutation merge."""
+    model, wider = _vit(), _vit(dim=48, heads=3, mlp=72, seed=1)
+    x = _images(32)
+    for b, width in ((model, "sum"), (wider, "max")):
+        result = mergec.merge(model, b, x[:4], [(x,)], method="zip", width=width,
+                              repair=None, progress=False)
+        plain = mergec.merge(model, b, x[:4], [(x,)], method="zip", width=width,
+                             symmetry="permutation", repair=None, progress=False)
+        assert "fold-norms" not in result.report.passes and result.report.folds == []
+        with torch.no_grad():
+            assert _error(result.module(x), plain.module(x)) == 0.0

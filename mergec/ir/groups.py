@@ -30,7 +30,7 @@ A space that reaches a model output keeps permutations (an output must keep its 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import fx
@@ -312,6 +312,13 @@ def _attribute(graph_module: fx.GraphModule, target: str) -> torch.Tensor | None
             return graph_module.get_buffer(target)
         except AttributeError:
             return None
+
+
+def one_width(shapes_a: Mapping[str, Any], shapes_b: Mapping[str, Any]) -> bool:
+    """Whether two models' common state-dict entries have one shape: only then does a merge
+    rotate (an elastic merge of models of different widths permutes every space)."""
+    return all(tuple(shapes_b[key]) == tuple(shape) for key, shape in shapes_a.items()
+               if key in shapes_b)
 
 
 def orthogonal_spaces(spec: UnitSpec) -> Iterator[str]:
