@@ -8,11 +8,12 @@ composite spaces concatenate their parts, tiled spaces act on their factors row-
 from __future__ import annotations
 
 import copy
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from mergec.algorithms.solvers import complement_of_ones, keeping_ones
 from mergec.algorithms.tensors import apply_along, block_diagonal, diagonal_blocks
 from mergec.checkpoints import with_metadata
 from mergec.errors import SpecError
@@ -83,17 +84,31 @@ def random_permutations(spec: UnitSpec, seed: int = 0) -> dict[str, torch.Tensor
     return full_permutations(spec, lambda _, size: torch.randperm(size, generator=generator))
 
 
-def permute_state_dict(state: Mapping[str, torch.Tensor], spec: UnitSpec,
-                       perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Applies the permutation of each space to every axis bound to it."""
-    out = dict(state)
+def _bound_entries(state: Mapping[str, torch.Tensor], spec: UnitSpec, verb: str
+                   ) -> Iterator[tuple[str, list[Binding], torch.Tensor]]:
+    """Every state-dict entry the spec binds, with its bindings; an error naming ``verb``
+    where the spec binds an entry the state does not have."""
     by_key: dict[str, list[Binding]] = {}
     for binding in spec.bindings:
         by_key.setdefault(binding.key, []).append(binding)
     for key, bindings in by_key.items():
-        if key not in out:
-            raise SpecError(f"permute: the spec binds {key!r}, which the model does not have")
-        tensor = out[key]
+        if key not in state:
+            raise SpecError(f"{verb}: the spec binds {key!r}, which the model does not have")
+        yield key, bindings, state[key]
+
+
+def _transformed_copy(model: nn.Module, transform: Callable[[dict], dict]) -> nn.Module:
+    """A deep copy of ``model`` whose state dict is ``transform`` of its own."""
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(with_metadata(transform(clone.state_dict()), clone))
+    return clone
+
+
+def permute_state_dict(state: Mapping[str, torch.Tensor], spec: UnitSpec,
+                       perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Applies the permutation of each space to every axis bound to it."""
+    out = dict(state)
+    for key, bindings, tensor in _bound_entries(state, spec, "permute"):
         grouped = [b for b in bindings if b.groups > 1]
         if grouped:
             tensor = _permute_grouped(tensor, bindings, perms)
@@ -123,10 +138,7 @@ def _permute_grouped(weight: torch.Tensor, bindings: list[Binding],
 def permute_model(model: nn.Module, spec: UnitSpec, seed: int = 0) -> nn.Module:
     """A deep copy of ``model`` with every free space randomly permuted."""
     perms = random_permutations(spec, seed)
-    clone = copy.deepcopy(model)
-    state = permute_state_dict(clone.state_dict(), spec, perms)
-    clone.load_state_dict(with_metadata(state, clone))
-    return clone
+    return _transformed_copy(model, lambda state: permute_state_dict(state, spec, perms))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,11 +150,7 @@ def random_orthogonal(size: int, generator: torch.Generator, ones_fixed: bool = 
     all-ones direction (a random rotation of the vectors whose entries sum to zero)."""
     if ones_fixed and size > 1:
         inner = random_orthogonal(size - 1, generator)
-        seed = torch.cat([torch.ones(size, 1, dtype=torch.float64),
-                          torch.eye(size, dtype=torch.float64)[:, :size - 1]], dim=1)
-        basis = torch.linalg.qr(seed)[0][:, 1:]
-        return basis @ inner @ basis.T + torch.full((size, size), 1.0 / size,
-                                                   dtype=torch.float64)
+        return keeping_ones(inner, complement_of_ones(size))
     gaussian = torch.randn(size, size, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
     return q * torch.sign(torch.diagonal(r))[None, :]
@@ -202,13 +210,7 @@ def transform_state_dict(state: Mapping[str, torch.Tensor], spec: UnitSpec,
     produces or scales units becomes ``T x``, one that consumes them ``W Tᵀ`` (for an
     orthogonal ``T`` both are ``T`` applied along the axis)."""
     out = dict(state)
-    by_key: dict[str, list[Binding]] = {}
-    for binding in spec.bindings:
-        by_key.setdefault(binding.key, []).append(binding)
-    for key, bindings in by_key.items():
-        if key not in out:
-            raise SpecError(f"transform: the spec binds {key!r}, which the model does not have")
-        tensor = out[key]
+    for key, bindings, tensor in _bound_entries(state, spec, "transform"):
         if not tensor.is_floating_point():
             continue
         groups = next((b.groups for b in bindings if b.groups > 1), 1)
@@ -226,7 +228,4 @@ def transform_model(model: nn.Module, spec: UnitSpec, seed: int = 0) -> nn.Modul
     (:func:`random_group_elements`): the sibling of :func:`permute_model` for spaces that
     admit rotations. It computes the same function (invariant 1 of the design)."""
     matrices = random_group_elements(spec, seed)
-    clone = copy.deepcopy(model)
-    state = transform_state_dict(clone.state_dict(), spec, matrices)
-    clone.load_state_dict(with_metadata(state, clone))
-    return clone
+    return _transformed_copy(model, lambda state: transform_state_dict(state, spec, matrices))

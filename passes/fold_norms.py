@@ -29,7 +29,15 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from mergec.ir.fx import STATE_KEYS, aten_name, attach, call_arguments, module_path
+from mergec.ir.fx import (
+    STATE_KEYS,
+    aten_name,
+    attach,
+    attribute,
+    call_arguments,
+    module_path,
+    owner_of,
+)
 from mergec.ir.groups import one_width
 from mergec.ir.state import PipelineState
 
@@ -259,21 +267,12 @@ def _add_bias(graph_module: fx.GraphModule, reader: Reader, value: torch.Tensor)
 
 
 def _tensor(graph_module: fx.GraphModule, key: str) -> torch.Tensor:
-    owner, name = _owner(graph_module, key)
-    return getattr(owner, name).detach()
-
-
-def _owner(graph_module: fx.GraphModule, key: str) -> tuple[nn.Module, str]:
-    *path, name = key.split(".")
-    owner: nn.Module = graph_module
-    for part in path:
-        owner = getattr(owner, part)
-    return owner, name
+    return attribute(graph_module, key).detach()
 
 
 def _replace(graph_module: fx.GraphModule, key: str, value: torch.Tensor) -> None:
     """A new tensor under ``key`` (the old one may be the user's model's own)."""
-    owner, name = _owner(graph_module, key)
+    owner, name = owner_of(graph_module, key)
     if name in owner._parameters:
         owner._parameters[name] = nn.Parameter(value, requires_grad=False)
     else:

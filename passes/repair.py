@@ -18,7 +18,14 @@ from tqdm.auto import tqdm
 
 from mergec.algorithms.distributed import all_reduce_sum_, total_batches
 from mergec.errors import MergeError
-from mergec.ir.fx import GraphRunner, aten_name, check_batch, module_device, runnable_copy
+from mergec.ir.fx import (
+    GraphRunner,
+    aten_name,
+    attribute,
+    check_batch,
+    module_device,
+    runnable_copy,
+)
 from mergec.ir.groups import ORTHOGONAL
 from mergec.ir.spec import UnitSpec
 from mergec.ir.state import PipelineState
@@ -66,7 +73,7 @@ def _observed(module: fx.GraphModule, norms: list[fx.Node]
         node = nodes[norm.name]
         legit = not node.target.__name__.startswith("batch_norm")
         # the merged module's own buffer: its width may differ from the traced model's
-        channels = _attribute(observed, node.args[3].target).shape[0] \
+        channels = attribute(observed, node.args[3].target).shape[0] \
             if isinstance(node.args[3], fx.Node) and node.args[3].op == "get_attr" \
             else norm.args[0].meta["val"].shape[1]
         recorder = _BatchStatistics(int(channels), node.args[6] if legit else node.args[7],
@@ -166,14 +173,8 @@ def _check_finite(recorders: dict[str, _BatchStatistics], description: str) -> N
                              "the models' weights)")
 
 
-def _attribute(module: torch.nn.Module, target: str) -> torch.Tensor:
-    """The tensor a get_attr node's dotted ``target`` names."""
-    owner_path, _, name = target.rpartition(".")
-    return getattr(module.get_submodule(owner_path) if owner_path else module, name)
-
-
 def _set_buffer(module: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    buffer = _attribute(module, target)
+    buffer = attribute(module, target)
     buffer.copy_(value.to(buffer.dtype))
 
 
@@ -353,12 +354,12 @@ def _fold_correction(merged: fx.GraphModule, target: Target, scale: torch.Tensor
                      shift: torch.Tensor | None) -> None:
     """``x -> scale·x + shift`` per unit, folded into the target's parameters: an affine's
     gain and shift, or a linear layer's weight rows and bias."""
-    weight = _attribute(merged, target.weight.target)
+    weight = attribute(merged, target.weight.target)
     view = (-1,) + (1,) * (weight.dim() - 1)
     weight.copy_((weight.to(torch.float64) * scale.view(view)).to(weight.dtype))
     if target.bias is None:
         return
-    bias = _attribute(merged, target.bias.target)
+    bias = attribute(merged, target.bias.target)
     new_bias = bias.to(torch.float64) * scale
     if shift is not None:
         new_bias = new_bias + shift

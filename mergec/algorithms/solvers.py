@@ -200,18 +200,26 @@ def orthogonal_alignment(cross: Tensor, ones_fixed: bool = False) -> Tensor:
     if not ones_fixed or d < 2:
         u, _, vh = torch.linalg.svd(cross)
         return u @ vh
-    basis = _complement_of_ones(d, cross.device)
+    basis = complement_of_ones(d, cross.device)
     u, _, vh = torch.linalg.svd(basis.T @ cross @ basis)
-    ones = torch.full((d, d), 1.0 / d, dtype=torch.float64, device=cross.device)
-    return basis @ (u @ vh) @ basis.T + ones
+    return keeping_ones(u @ vh, basis)
 
 
-def _complement_of_ones(d: int, device: torch.device) -> Tensor:
-    """An orthonormal basis (d × (d - 1)) of the vectors whose entries sum to zero."""
+def complement_of_ones(d: int, device: torch.device | None = None) -> Tensor:
+    """An orthonormal basis (d × (d - 1), float64) of the vectors whose entries sum to zero."""
     seed = torch.cat([torch.ones(d, 1, dtype=torch.float64, device=device),
                       torch.eye(d, dtype=torch.float64, device=device)[:, :d - 1]], dim=1)
     q, _ = torch.linalg.qr(seed)
     return q[:, 1:]
+
+
+def keeping_ones(rotation: Tensor, basis: Tensor) -> Tensor:
+    """The d × d orthogonal map that is ``rotation`` ((d - 1) square) on the vectors whose
+    entries sum to zero, in ``basis`` (:func:`complement_of_ones`), and keeps the all-ones
+    direction."""
+    d = basis.shape[0]
+    ones = torch.full((d, d), 1.0 / d, dtype=torch.float64, device=basis.device)
+    return basis @ rotation @ basis.T + ones
 
 
 def procrustes(similarity: Tensor, d_a: int, d_b: int, ones_fixed: bool = False) -> MergePlan:

@@ -69,6 +69,19 @@ def tensor_ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def owner_of(root: nn.Module, key: str) -> tuple[nn.Module, str]:
+    """The module holding the dotted state-dict ``key`` under ``root``, and the attribute's
+    name there (AttributeError where a module on the path is missing)."""
+    path, _, name = key.rpartition(".")
+    return (root.get_submodule(path) if path else root), name
+
+
+def attribute(root: nn.Module, key: str) -> torch.Tensor:
+    """The tensor the dotted ``key`` (a get_attr node's target) names under ``root``."""
+    owner, name = owner_of(root, key)
+    return getattr(owner, name)
+
+
 def attach(root: nn.Module, key: str, value: torch.Tensor, parameter: bool) -> None:
     """Registers ``value`` on ``root`` under the dotted state-dict ``key``, creating empty
     modules along the path."""

@@ -30,12 +30,12 @@ A space that reaches a model output keeps permutations (an output must keep its 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import fx
 
-from mergec.ir.fx import aten_name, call_arguments, module_path
+from mergec.ir.fx import aten_name, attribute, call_arguments, module_path
 from mergec.ir.spec import UnitSpec
 
 LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "bmm", "conv1d", "conv2d", "conv3d",
@@ -300,18 +300,11 @@ def _is_constant(graph_module: fx.GraphModule, argument: Any, value: float) -> b
         return True
     if not isinstance(argument, fx.Node) or argument.op != "get_attr":
         return False
-    tensor = _attribute(graph_module, argument.target)
-    return tensor is not None and bool(torch.all(tensor == value))
-
-
-def _attribute(graph_module: fx.GraphModule, target: str) -> torch.Tensor | None:
     try:
-        return graph_module.get_parameter(target)
+        tensor = attribute(graph_module, argument.target)
     except AttributeError:
-        try:
-            return graph_module.get_buffer(target)
-        except AttributeError:
-            return None
+        return False
+    return isinstance(tensor, torch.Tensor) and bool(torch.all(tensor == value))
 
 
 def one_width(shapes_a: Mapping[str, Any], shapes_b: Mapping[str, Any]) -> bool:
@@ -319,8 +312,3 @@ def one_width(shapes_a: Mapping[str, Any], shapes_b: Mapping[str, Any]) -> bool:
     rotate (an elastic merge of models of different widths permutes every space)."""
     return all(tuple(shapes_b[key]) == tuple(shape) for key, shape in shapes_a.items()
                if key in shapes_b)
-
-
-def orthogonal_spaces(spec: UnitSpec) -> Iterator[str]:
-    """The ids of the spaces whose group is orthogonal."""
-    return (s.id for s in spec.spaces.values() if s.group == ORTHOGONAL)
