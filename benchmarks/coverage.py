@@ -173,10 +173,10 @@ def measure(entry: Entry, repeats: int) -> Result:
     for _ in range(repeats):
         forward_times.append(_median_time(forward, 1)[0])
         seconds, specs[True] = _median_time(
-            lambda: annotate_units(graph_module, keys, True, name), 1)
+            lambda: annotate_units(graph_module, keys, "fixed", name), 1)
         annotate_times.append(seconds)
     if False in fixed_outputs:
-        specs[False] = annotate_units(graph_module, keys, False, name)
+        specs[False] = annotate_units(graph_module, keys, "free", name)
     return Result(entry, len(graph_module.graph.nodes), trace_s,
                   statistics.median(forward_times), statistics.median(annotate_times), specs)
 
@@ -467,7 +467,7 @@ def measure_zoo(entry: ZooEntry, methods: tuple[str, ...]) -> ZooResult:
     if graph is None:
         return result
     result.nodes = len(graph.graph.nodes)
-    result.spec = _timed(result, "discover", lambda: mergec.discover(graph, fix_outputs=True))
+    result.spec = _timed(result, "discover", lambda: mergec.discover(graph, outputs="fixed"))
     if result.spec is None:
         return result
     twin = _timed(result, "permute",

@@ -15,12 +15,15 @@ from mergec.pipeline import run_pipeline
 
 
 def discover(model: nn.Module | fx.GraphModule, example_inputs: Any = None, *,
-             fix_outputs: bool = True) -> UnitSpec:
+             outputs: str = "auto") -> UnitSpec:
     """Derives the unit spec of a model: its permutation-equivalent spaces and, per state-dict
     entry, which axis belongs to which space.
 
-    ``fix_outputs=False`` treats the model's outputs as features (a backbone returning hidden
-    states): the residual stream is then a free space and outputs come out permuted.
+    ``outputs`` says which model outputs keep their order. ``"auto"`` (what a merge aligns):
+    logits and plain tensors do, the hidden states a transformers backbone returns do not, so
+    its residual stream is free and a merge maps it back at the output. ``"fixed"``: every
+    output (permuting the free spaces then computes the same function, as
+    :func:`permute` does). ``"free"``: none (a feature extractor returning a plain tensor).
 
     Example::
 
@@ -31,7 +34,7 @@ def discover(model: nn.Module | fx.GraphModule, example_inputs: Any = None, *,
     state = PipelineState(options=MergeOptions(), models=(model,),
                           example=() if traced else as_args(example_inputs),
                           graphs=(model,) if traced else ())
-    passes = ([] if traced else [Trace()]) + [AnnotateUnits(fix_outputs=fix_outputs)]
+    passes = ([] if traced else [Trace()]) + [AnnotateUnits(outputs=outputs)]
     return run_pipeline(state, passes).specs[0]
 
 
@@ -45,5 +48,5 @@ def permute(model: nn.Module, example_inputs: Any, seed: int = 0, *,
         twin = mergec.permute(model, x, seed=1)
         torch.testing.assert_close(twin(x), model(x))
     """
-    spec = spec if spec is not None else discover(model, example_inputs)
+    spec = spec if spec is not None else discover(model, example_inputs, outputs="fixed")
     return permute_model(model, spec, seed)

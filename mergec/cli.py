@@ -27,7 +27,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, parse_kwargs(args.kwargs))
     inputs = example_inputs(model, parse_shape(args.input_shape))
-    spec = discover(model, inputs, fix_outputs=not args.free_outputs)
+    spec = discover(model, inputs, outputs=args.outputs)
     if args.json:
         print(spec.to_json())
     else:
@@ -91,7 +91,7 @@ def _merge_in_group(args: argparse.Namespace, output: Path | None, rank: int,
                            repair=None if args.repair == "none" else args.repair,
                            device=args.device, progress=not args.quiet,
                            samples_per_batch=args.samples_per_batch, seed=args.seed,
-                           symmetry=args.symmetry)
+                           symmetry=args.symmetry, outputs=args.outputs)
     models = _load_models(args)
     if _pretrained_inputs(args) and args.calibration.endswith(".txt"):
         from mergec.pretrained import text_calibration
@@ -190,10 +190,11 @@ def _process_group(args: argparse.Namespace) -> Iterator[tuple[int, int]]:
 RECORDED = ("model_a", "model_b", "model", "kwargs", "kwargs_b", "calibration", "tokens",
             "batch_size",
             "batches", "method", "alpha", "beta", "width", "depth_variant", "unaligned",
-            "repair", "samples_per_batch", "seed", "device", "stop_after", "symmetry")
+            "repair", "samples_per_batch", "seed", "device", "stop_after", "symmetry",
+            "outputs")
 FILES = ("model_a", "model_b", "calibration")
 #: What a merge did before an argument was recorded: merges were under permutations only.
-BEFORE_RECORDED = {"symmetry": "permutation"}
+BEFORE_RECORDED = {"symmetry": "permutation", "outputs": "fixed"}
 
 
 def _sha256(path: str) -> str | None:
@@ -301,9 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "with a transformers model")
     inspect.add_argument("--kwargs", help="JSON object passed to the factory")
     inspect.add_argument("--input-shape", help="example input shape, e.g. 2,3,224,224")
-    inspect.add_argument("--free-outputs", action="store_true",
-                         help="treat model outputs as features (backbones returning hidden "
-                              "states)")
+    inspect.add_argument("--outputs", default="auto", choices=["auto", "fixed", "free"],
+                         help="which outputs keep their order: auto: labels (logits), not "
+                              "the hidden states a transformers backbone returns; fixed: all "
+                              "(permutations then keep the function); free: none")
     inspect.add_argument("--json", action="store_true", help="print the unit spec as JSON")
     inspect.add_argument("--dot", help="write the space graph as Graphviz DOT to this file")
     inspect.set_defaults(run=_inspect)
@@ -340,25 +342,7 @@ def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
                             "of images (A's image processor)")
     merge.add_argument("--batch-size", type=int, default=128)
     merge.add_argument("--batches", type=int, default=None, help="use at most this many")
-    merge.add_argument("--method", default="zip", choices=METHODS)
-    merge.add_argument("--alpha", type=float, default=0.5,
-                       help="zip: similarity decay of a merged unit (ZipIt's α)")
-    merge.add_argument("--beta", type=float, default=0.5,
-                       help="zip: within-model merge budget as a fraction of the width (β)")
-    merge.add_argument("--width", default="max",
-                       help="merged width of each layer: max (default), min, a, b, sum, a "
-                            "fraction of d_a + d_b, or an int (elastic zip)")
-    merge.add_argument("--depth-variant", default="segment-wise",
-                       choices=["segment-wise", "layer-wise"],
-                       help="models of different depth: how blocks are compared for alignment")
-    merge.add_argument("--unaligned", default="average", choices=["average", "keep"],
-                       help="blocks only the deeper model has: averaged with the identity or "
-                            "kept")
-    merge.add_argument("--repair", default="reset", choices=["reset", "repair", "none"])
-    merge.add_argument("--symmetry", default="auto", choices=["auto", "permutation"],
-                       help="auto: every space under the largest group the graph allows "
-                            "(rotations of a pre-norm transformer's residual stream and "
-                            "heads); permutation: permutations only")
+    _add_method_options(merge)
     merge.add_argument("--samples-per-batch", type=int, default=None, metavar="N",
                        help="statistics: at most N pixels or tokens of each batch per space "
                             "(drawn with a fixed seed); default: all")
@@ -379,6 +363,35 @@ def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
     merge.add_argument("-o", "--output", help="new folder for the result (needed unless "
                                               "--stop-after ends before zip)")
     merge.set_defaults(run=_merge)
+
+
+def _add_method_options(merge: argparse.ArgumentParser) -> None:
+    """The merge command's options that say how to merge (method, widths, depth, symmetry,
+    outputs)."""
+    merge.add_argument("--method", default="zip", choices=METHODS)
+    merge.add_argument("--alpha", type=float, default=0.5,
+                       help="zip: similarity decay of a merged unit (ZipIt's α)")
+    merge.add_argument("--beta", type=float, default=0.5,
+                       help="zip: within-model merge budget as a fraction of the width (β)")
+    merge.add_argument("--width", default="max",
+                       help="merged width of each layer: max (default), min, a, b, sum, a "
+                            "fraction of d_a + d_b, or an int (elastic zip)")
+    merge.add_argument("--depth-variant", default="segment-wise",
+                       choices=["segment-wise", "layer-wise"],
+                       help="models of different depth: how blocks are compared for alignment")
+    merge.add_argument("--unaligned", default="average", choices=["average", "keep"],
+                       help="blocks only the deeper model has: averaged with the identity or "
+                            "kept")
+    merge.add_argument("--repair", default="reset", choices=["reset", "repair", "none"])
+    merge.add_argument("--symmetry", default="auto", choices=["auto", "permutation"],
+                       help="auto: every space under the largest group the graph allows "
+                            "(rotations of a pre-norm transformer's residual stream and "
+                            "heads); permutation: permutations only")
+    merge.add_argument("--outputs", default="auto", choices=["auto", "fixed", "a", "both"],
+                       help="auto: labels (logits) keep their order, a backbone's hidden "
+                            "states are matched and returned in A's basis; fixed: every "
+                            "output keeps its order; a: every output matched, returned in A's "
+                            "basis; both: in A's and in B's, side by side")
 
 
 def main(argv: list[str] | None = None) -> int:

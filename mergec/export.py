@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import fx, nn
 
 from mergec.errors import CheckpointError, MergeError
-from mergec.ir.fx import is_guard
+from mergec.ir.fx import attribute, is_guard
 
 _HEADER = '''"""A model merged by mergec. Runs with torch and safetensors alone:
 
@@ -145,12 +145,24 @@ def _is_saved(folder: Path) -> bool:
 def _write(module: fx.GraphModule, staging: Path, report: str | None) -> None:
     (staging / "model.py").write_text(module_source(module))
     state = {key: value.detach().cpu().clone().contiguous()
-             for key, value in module.state_dict().items()}
+             for key, value in _graph_tensors(module).items()}
     save_file(state, str(staging / "weights.safetensors"))
     (staging / "meta.json").write_text(json.dumps({"format": "mergec-1",
                                                    "torch": torch.__version__}))
     if report is not None:
         (staging / "report.json").write_text(report)
+
+def _graph_tensors(module: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The state dict and every other tensor the graph reads: buffers that are not persistent
+    (transformers' ``position_ids``) and tensor constants are not in the state dict."""
+    tensors = dict(module.state_dict())
+    for node in module.graph.nodes:
+        if node.op == "get_attr" and node.target not in tensors:
+            value = attribute(module, node.target)
+            if isinstance(value, torch.Tensor):
+                tensors[node.target] = value
+    return tensors
+
 
 def load(folder: str | Path) -> nn.Module:
     """Loads a merged model saved by :meth:`MergeResult.save` (in eval mode)."""

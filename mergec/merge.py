@@ -46,6 +46,7 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)  # what the user should know of the inputs
     inputs: dict[str, Any] = field(default_factory=dict)  # the CLI's models, data and hashes
     folds: list[dict[str, str]] = field(default_factory=list)  # fold-norms, per model
+    outputs: list[dict[str, str]] = field(default_factory=list)  # zip's maps at the outputs
 
     def to_dict(self) -> dict:
         spaces = self.spec.spaces.values() if self.spec is not None else ()
@@ -67,6 +68,7 @@ class MergeReport:
             },
             "repair": self.repair,
             "fold_norms": self.folds,
+            "outputs": self.outputs,
             "depth": self.depth.to_dict() if self.depth is not None else None,
         }
 
@@ -113,7 +115,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
           repair: str | None = "reset", device: str | None = None, seed: int = 0,
           progress: bool = True, depth_variant: str = "segment-wise",
           unaligned: str = "average", samples_per_batch: int | None = None,
-          symmetry: str = "auto", callback: Callback | None = None) -> MergeResult:
+          symmetry: str = "auto", outputs: str = "auto", callback: Callback | None = None
+          ) -> MergeResult:
     """Merges two trained models of the same architecture without training.
 
     ``calibration`` is an iterable of batches, each the tuple of positional inputs of
@@ -144,7 +147,11 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     gains into the layers that read them, a pre-norm transformer's residual stream is aligned
     by a rotation (orthogonal Procrustes on the activations' second moments, or on the weights
     for weight-match) and averaged, the other spaces by the method; ``"permutation"`` merges
-    every space under permutations only (the papers' methods as published). The input models
+    every space under permutations only (the papers' methods as published). ``outputs="auto"``
+    (default) keeps labels (logits, plain tensors) in order and matches the features a
+    transformers backbone returns like any space, returned in A's basis (a head trained on A
+    reads them); ``"fixed"`` keeps every output in order; ``"a"`` matches every output (a
+    feature extractor); ``"both"`` returns A's and B's basis side by side. The input models
     are not modified. ``callback(pass_name, state)`` is
     called after each pass with the pipeline state (:class:`~mergec.ir.state.PipelineState`).
 
@@ -157,7 +164,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
                            heads=heads, stop_at=stop_at, width=width, repair=repair,
                            device=device, seed=seed, progress=progress,
                            depth_variant=depth_variant, unaligned=unaligned,
-                           samples_per_batch=samples_per_batch, symmetry=symmetry)
+                           samples_per_batch=samples_per_batch, symmetry=symmetry, outputs=outputs)
     state = run_merge(options, (model_a, model_b), example_inputs, calibration,
                       callback=callback)
     return MergeResult(module=state.merged, report=report_of(state))
@@ -198,6 +205,7 @@ def report_of(state: PipelineState) -> MergeReport:
         repair=dict(state.repair), similarities=similarities,
         depth=state.depth, passes=state.completed, versions=versions(),
         folds=[dict(fold) for fold in state.folds],
+        outputs=[dict(record) for record in state.output_maps],
         notes=_notes(state.models),
         options={**options.to_dict(), "widths": {s: p.width for s, p in state.plans.items()}})
 

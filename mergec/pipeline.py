@@ -56,7 +56,7 @@ def build_passes(options: MergeOptions) -> list[Pass]:
     passes: list[Pass] = [
         Trace(),
         FoldNorms(enabled=rotations),
-        AnnotateUnits(),
+        AnnotateUnits(outputs=options.spec_outputs),
         Segment(),
         AlignDepth(variant=options.depth_variant, unaligned=options.unaligned,
                    device=options.device),
@@ -67,7 +67,7 @@ def build_passes(options: MergeOptions) -> list[Pass]:
         Match(method=options.method, alpha=options.alpha, beta=options.beta,
               weight_beta=options.weight_beta, seed=options.seed, width=options.width,
               symmetry=options.symmetry),
-        Zip(stop_at=options.stop_at, heads=options.heads),
+        Zip(stop_at=options.stop_at, heads=options.heads, outputs=options.outputs),
         Repair(mode=options.repair, device=options.device, progress=options.progress),
     ]
     assert tuple(p.name for p in passes) == PIPELINE, "build_passes out of step with PIPELINE"

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mergec.errors import CheckpointError, MergeError, require_extra
+from mergec.ir.fx import OUTPUT_MAP
 
 
 def is_pretrained_folder(path: str | Path) -> bool:
@@ -110,6 +111,13 @@ def into(merged: nn.Module, model: nn.Module) -> nn.Module:
     returns (a transformers ``ModelOutput``, say). Needs every entry of ``model``'s state dict
     in the merged one at the same shape (a full merge at the model's widths)."""
     state, target = merged.state_dict(), model.state_dict()
+    maps = [key for key in state if key.startswith(OUTPUT_MAP)]
+    if maps:
+        raise MergeError(f"into: the merged module maps its outputs into the models' bases "
+                         f"({len(maps)} maps, e.g. {maps[0]!r}: zip merged units of one model "
+                         f"at an output, or outputs='both'), which {type(model).__name__} has "
+                         "no place for; use the merged module itself, or merge with "
+                         "outputs='fixed' or a method that pairs units (permute)")
     wrong = [k for k, v in target.items() if k not in state or state[k].shape != v.shape]
     if wrong:
         raise MergeError(f"into: the merged weights do not fit {type(model).__name__} (e.g. "

@@ -27,7 +27,8 @@ import sympy
 import torch
 from torch import fx
 
-from mergec.ir.fx import STATE_KEYS, aten_name, call_arguments, module_path
+from mergec.errors import MergeError
+from mergec.ir.fx import STATE_KEYS, aten_name, call_arguments, module_path, output_names
 from mergec.ir.groups import with_groups
 from mergec.ir.labels import (
     Blocks,
@@ -43,7 +44,7 @@ from mergec.ir.labels import (
     static_size,
 )
 from mergec.ir.spec import Binding, Space, UnitSpec
-from mergec.ir.state import PipelineState
+from mergec.ir.state import SPEC_OUTPUTS, PipelineState
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,13 @@ class Annotator:
     """
 
     def __init__(self, graph_module: fx.GraphModule, state_keys: Iterable[str],
-                 fix_outputs: bool = True) -> None:
+                 outputs: str = "auto") -> None:
+        if outputs not in SPEC_OUTPUTS:
+            raise MergeError(f"annotate-units: outputs must be one of "
+                             f"{', '.join(SPEC_OUTPUTS)}, got {outputs!r}")
         self.graph_module = graph_module
         self.state_keys = set(state_keys)
-        self.fix_outputs = fix_outputs
+        self.outputs = outputs
         self.spaces = Spaces(locate=self.where)
         self.node_labels: dict[fx.Node, Any] = {}
         self.param_axes: dict[int, tuple[str, int]] = {}
@@ -168,12 +172,18 @@ class Annotator:
         return tuple(labels)
 
     def _output(self, node: fx.Node) -> None:
-        """Model outputs keep their order, unless ``fix_outputs`` is off."""
-        if not self.fix_outputs:
+        """Model outputs keep their order (``outputs="fixed"``), or only those that are labels
+        (``"auto"``: logits; hidden states are features a merge maps back), or none
+        (``"free"``)."""
+        if self.outputs == "free":
             return
-        for argument in _flat_nodes(node.args):
+        names = output_names(self.graph_module)
+        for argument, (name, feature) in zip(_flat_nodes(node.args), names):
+            if self.outputs == "auto" and feature:
+                continue
+            reason = f"reaches a model output ({name})" if name else "reaches a model output"
             for label in _flat_labels(self.node_labels.get(argument)):
-                self.spaces.fix(label, "reaches a model output")
+                self.spaces.fix(label, reason)
 
     def _record_probes(self, node: fx.Node, labels: Any) -> None:
         """Marks the spaces a node carries as features and, for a tensor computed from the
@@ -1073,10 +1083,11 @@ def build_spec(a: Annotator, model_name: str = "") -> UnitSpec:
 # Entry points
 # ---------------------------------------------------------------------------------------------
 def annotate_units(graph_module: fx.GraphModule, state_keys: Iterable[str] | None = None,
-                   fix_outputs: bool = True, model_name: str = "") -> UnitSpec:
-    """The unit spec of a traced graph module. ``fix_outputs=False`` treats model outputs as
-    features that may come out permuted (a backbone whose hidden states are merged further
-    on).
+                   outputs: str = "auto", model_name: str = "") -> UnitSpec:
+    """The unit spec of a traced graph module. ``outputs`` says which model outputs keep their
+    order: ``"auto"`` those that are labels (logits, plain tensors), not the hidden states a
+    transformers backbone returns; ``"fixed"`` every output (the spec whose permutations
+    compute the same function); ``"free"`` none (outputs may come out permuted).
 
     Example::
 
@@ -1086,7 +1097,7 @@ def annotate_units(graph_module: fx.GraphModule, state_keys: Iterable[str] | Non
     """
     keys = state_keys if state_keys is not None else graph_module.meta.get(
         STATE_KEYS, tuple(graph_module.state_dict()))
-    annotator = Annotator(graph_module, keys, fix_outputs=fix_outputs)
+    annotator = Annotator(graph_module, keys, outputs=outputs)
     annotator.run()
     if annotator.fallbacks:
         log.info("annotate-units: %d ops without a rule fixed their spaces",
@@ -1098,13 +1109,13 @@ def annotate_units(graph_module: fx.GraphModule, state_keys: Iterable[str] | Non
 class AnnotateUnits:
     """The annotate-units pass: the unit spec of every graph of the state (``specs``)."""
 
-    fix_outputs: bool = True
+    outputs: str = "auto"  # which outputs keep their order: see annotate_units
     name: ClassVar[str] = "annotate-units"
 
     def run(self, state: PipelineState) -> PipelineState:
         """The state with ``specs``: one unit spec per traced graph."""
         graphs = state.require("graphs", self.name)
-        specs = tuple(annotate_units(graph, graph.meta[STATE_KEYS], self.fix_outputs,
+        specs = tuple(annotate_units(graph, graph.meta[STATE_KEYS], self.outputs,
                                      type(model).__name__)
                       for graph, model in zip(graphs, state.models))
         return state.evolve(specs=specs)

@@ -102,6 +102,14 @@ def occurrences(spec: UnitSpec, space_id: str,
     return result
 
 
+def _output_leaves(spec: UnitSpec) -> list[str]:
+    """The free flat spaces that reach a model output (a backbone's hidden states)."""
+    spaces = dict.fromkeys(space for axes in spec.outputs for space in axes
+                           if space is not None and spec.is_free(space)
+                           and spec.spaces[space].kind == "flat" and is_leaf(spec, space))
+    return list(spaces)
+
+
 def full_plan(spec: UnitSpec, space_id: str, leaf_plans: Mapping[str, MergePlan],
               spec_b: UnitSpec | None = None, merged: UnitSpec | None = None) -> MergePlan:
     """The plan of a space (r × d_a, r × d_b, d_a × r, d_b × r), assembled from its leaves'
@@ -537,6 +545,8 @@ class Match:
         plans, summary = self._same_width(spec, moments, [s for s in leaves if s not in exclude],
                                           params_a, params_b)
         plans.update({s: solvers.average(spec.spaces[s].size) for s in exclude if s in leaves})
+        for space in _output_leaves(spec):  # merged outputs in A's basis where they can be
+            plans[space] = solvers.in_order_of_a(plans[space])
         return self._full(spec, plans), summary
 
     def _same_width(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
@@ -695,6 +705,9 @@ class Match:
                 solve = functools.partial(solvers.procrustes, ones_fixed=space.ones_fixed)
             else:
                 joint = similarity(leaf)
+                if self.method in ("zip", "mudsc") and leaf in _output_leaves(spec):
+                    # each unit of an output keeps a merged unit of its own, in A's basis
+                    solve = functools.partial(solvers.zip, alpha=self.alpha, beta=0.0)
             return None if joint is None else ({leaf: solve(joint, space.size, space.size)}, joint)
         order = groups["key"].get(leaf, space.block_space)
         members = groups["members"][order]

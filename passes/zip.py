@@ -15,11 +15,12 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from mergec.algorithms.solvers import MergePlan
 from mergec.algorithms.tensors import apply_along, block_diagonal, diagonal_blocks
 from mergec.errors import MergeError
-from mergec.ir.fx import aten_name, attach, is_guard, module_device
+from mergec.ir.fx import OUTPUT_MAP, aten_name, attach, is_guard, module_device, output_names
 from mergec.ir.spec import Binding, UnitSpec
 from mergec.ir.state import PipelineState
 
@@ -118,16 +119,23 @@ class Zip:
 
     stop_at: str | None = None
     heads: str = "average"
+    outputs: str = "auto"  # "both": a full merge returns its outputs in A's and in B's basis
     name: ClassVar[str] = "zip"
 
     def run(self, state: PipelineState) -> PipelineState:
         graphs, specs = state.require("graphs", self.name), state.require("specs", self.name)
         plans = state.require("plans", self.name)
         merged = self._emit(graphs[0], graphs[1], specs[0], plans, state.only_b)
+        maps: list[dict] = []
+        if self.stop_node(graphs[0]) is None:
+            # align-depth makes the shallow model "A"; the caller's A is then plans' B
+            own = 1 if state.depth is not None and state.depth.swapped else 0
+            bases = (own, 1 - own) if self.outputs == "both" else (own,)
+            maps = map_outputs(merged, specs[0], plans, bases)
         if specs[0].shapes != specs[1].shapes or any(
                 plan.width != specs[0].spaces[s].size for s, plan in plans.items()):
             _check_runs(merged, state.example)
-        return state.evolve(merged=merged)
+        return state.evolve(merged=merged, output_maps=tuple(maps))
 
     def _emit(self, module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
               plans: Mapping[str, MergePlan], only_b: Mapping[str, float]) -> fx.GraphModule:
@@ -158,6 +166,92 @@ class Zip:
         if self.heads == "separate":
             return last_feature_node(module)
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: a free space that reaches an output is mapped back into a model's basis there
+# ---------------------------------------------------------------------------------------------
+def map_outputs(module: fx.GraphModule, spec: UnitSpec, plans: Mapping[str, MergePlan],
+                bases: tuple[int, ...]) -> list[dict]:
+    """Rewrites the merged module's outputs into the bases of the models in ``bases`` (0: A,
+    1: B): each output axis in a free space is multiplied by that model's unmerge matrix
+    (``x_a ≈ unmerge_a z``), by selection where the matrix picks one merged unit per unit. A
+    map that is the identity (permute, weight-match, rotations: the merged units are A's)
+    adds nothing. With two bases the module returns the outputs twice, (in A's, in B's), each
+    of the model's output type. Returns one record per map: output, space, basis, form."""
+    graph = module.graph
+    output = graph.find_nodes(op="output")[0]
+    result = output.args[0]
+    flat = list(result) if isinstance(result, (tuple, list)) else [result]
+    names = [name for name, _ in output_names(module)] if len(spec.outputs) == len(flat) \
+        else [""] * len(flat)
+    records: list[dict] = []
+    mapped: list[list[fx.Node]] = []
+    with graph.inserting_before(output):
+        for basis in bases:
+            values = []
+            for node, axes, name in zip(flat, spec.outputs, names):
+                for axis, space in enumerate(axes):
+                    if space is None or not spec.is_free(space) or space not in plans:
+                        continue
+                    plan = plans[space]
+                    matrix = plan.unmerge_a if basis == 0 else plan.unmerge_b
+                    node, form = _map_axis(module, node, axis, matrix, len(records))
+                    records.append({"output": name, "space": space, "basis": "ab"[basis],
+                                    "map": form})
+                values.append(node)
+            mapped.append(values)
+    if all(record["map"] == "identity" for record in records) and len(bases) == 1:
+        return records
+    _set_outputs(module, output, result, mapped)
+    return records
+
+
+def _map_axis(module: fx.GraphModule, node: fx.Node, axis: int, matrix: torch.Tensor,
+              index: int) -> tuple[fx.Node, str]:
+    """``node`` with axis ``axis`` multiplied by ``matrix`` (d × r), and how: "identity",
+    "selection" (``index_select`` of one merged unit per unit) or "matrix"."""
+    matrix = (matrix.to_dense() if matrix.is_sparse else matrix).to(torch.float32).cpu()
+    rows, width = matrix.shape
+    picked = matrix.argmax(dim=1)
+    if rows == width and torch.equal(matrix, torch.eye(rows)):
+        return node, "identity"
+    graph, name = module.graph, f"{OUTPUT_MAP}_{index}"
+    if torch.equal(torch.eye(width)[picked], matrix):
+        attach(module, name, picked, parameter=False)
+        return graph.call_function(torch.ops.aten.index_select.default,
+                                   (node, axis, graph.get_attr(name))), "selection"
+    attach(module, name, matrix.T.contiguous(), parameter=False)
+    moved = graph.call_function(torch.ops.aten.movedim.int, (node, axis, -1))
+    product = graph.call_function(torch.ops.aten.matmul.default, (moved, graph.get_attr(name)))
+    return graph.call_function(torch.ops.aten.movedim.int, (product, -1, axis)), "matrix"
+
+
+def _set_outputs(module: fx.GraphModule, output: fx.Node, result: Any,
+                 mapped: list[list[fx.Node]]) -> None:
+    """The output node returns ``mapped`` (one flat list per basis) in the model's structure;
+    several bases are returned side by side, as a tuple of the model's outputs."""
+    if len(mapped) == 1:
+        values = mapped[0] if isinstance(result, (tuple, list)) else mapped[0][0]
+        output.args = (type(result)(values) if isinstance(result, (tuple, list)) else values,)
+    else:
+        output.args = ([node for values in mapped for node in values],)
+        codegen = module.graph._codegen
+        info = getattr(codegen, "pytree_info", None)
+        if info is not None and info.out_spec is not None:
+            leaves = list(range(info.out_spec.num_leaves))
+            one = pytree.tree_unflatten(leaves, info.out_spec)
+            out_spec = pytree.tree_structure(tuple(one for _ in mapped))
+            codegen.pytree_info = info._replace(out_spec=out_spec)
+            module._out_spec = out_spec
+        else:
+            flat = [node for values in mapped for node in values]
+            size = len(mapped[0])
+            halves = [flat[i * size:(i + 1) * size] for i in range(len(mapped))]
+            output.args = (tuple(h if isinstance(result, (tuple, list)) else h[0]
+                                 for h in halves),)
+    module.graph.lint()
+    module.recompile()
 
 
 def _check_runs(module: fx.GraphModule, example: tuple) -> None:

@@ -751,7 +751,7 @@ class Net(nn.Module):
 
 class Case:
     """A generated model, its example inputs and what its unit spec must satisfy (discovered
-    with ``fix_outputs=True``; for a backbone without head, with ``fix_outputs=False``)."""
+    with ``outputs="fixed"``; for a backbone without head, with ``outputs="free"``)."""
 
     def __init__(self, name: str, model: nn.Module, inputs: tuple[torch.Tensor, ...],
                  expectations: tuple[Expectation, ...]):

@@ -2,7 +2,7 @@
 architectures from :mod:`archgen`: invariant 1 of the design (permuting every free space keeps
 the function), the permutation really moves the weights, each architecture's expectations
 (what a fix-everything annotator would miss), the JSON round trip and coverage, and backbones
-whose outputs come out permuted (``fix_outputs=False``)."""
+whose outputs come out permuted (``outputs="free"``)."""
 from __future__ import annotations
 
 import copy
@@ -109,7 +109,7 @@ def test_spec_depends_on_the_graph_not_the_weights(case: archgen.Case, seed: int
 
 
 # ---------------------------------------------------------------------------------------------
-# Backbones: fix_outputs=False, outputs come out permuted by their spaces
+# Backbones: outputs="free", outputs come out permuted by their spaces
 # ---------------------------------------------------------------------------------------------
 def gather_outputs(values: list[torch.Tensor], spec: UnitSpec,
                    perms: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -141,7 +141,7 @@ def test_is_free_agrees_with_the_permutations(case: archgen.Case) -> None:
 @budget(20)
 @given(case=archgen.cases(head=False), seed=seeds)
 def test_backbone_outputs_come_out_permuted(case: archgen.Case, seed: int) -> None:
-    spec = mergec.discover(case.model, case.inputs, fix_outputs=False)
+    spec = mergec.discover(case.model, case.inputs, outputs="free")
     case.check(spec)  # with free outputs the stream is free: the expectations still hold
     assert any(space is not None for axes in spec.outputs for space in axes), spec.outputs
     perms = random_permutations(spec, seed)
@@ -154,9 +154,9 @@ def test_backbone_outputs_come_out_permuted(case: archgen.Case, seed: int) -> No
 @budget(8)
 @given(case=archgen.cases())
 def test_free_outputs_permute_the_logits(case: archgen.Case) -> None:
-    """With a head, fix_outputs=False frees the logits' space, and only that changes."""
+    """With a head, outputs="free" frees the logits' space, and only that changes."""
     fixed = mergec.discover(case.model, case.inputs)
-    free = mergec.discover(case.model, case.inputs, fix_outputs=False)
+    free = mergec.discover(case.model, case.inputs, outputs="free")
     (logits,) = free.outputs
     assert logits[0] is None and logits[-1] is not None and free.is_free(logits[-1])
     assert fixed.outputs[0][-1] is not None and not fixed.is_free(fixed.outputs[0][-1])

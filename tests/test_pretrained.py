@@ -65,6 +65,41 @@ def test_two_folders_merge_into_a_folder_transformers_loads(folders, tmp_path: P
     assert report["method"] == "permute" and report["inputs"]["sha256"]["model_a"]
 
 
+def test_backbones_permuted_along_their_hidden_states_merge_back(tmp_path: Path,
+                                                                   capsys) -> None:
+    """B is A with every space permuted, the hidden states' too. The default merge (zip)
+    matches the stream and maps it back into A's basis at the output: the folder it writes
+    is A's architecture and computes A. ``--outputs both`` returns both bases, which A's
+    architecture cannot hold: mergec's format, and the CLI says so."""
+    torch.manual_seed(0)
+    model = transformers.BertModel(_config()).eval()
+    ids = torch.randint(5, 20, (2, 12))
+    twin = mergec.permute(model, ids, spec=mergec.discover(model, ids, outputs="free"))
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (12,),
+                                                      generator=generator)) for _ in range(120)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines))
+    folder_a, folder_b = _folder(tmp_path / "a", model), _folder(tmp_path / "b", twin)
+    arguments = ["merge", str(folder_a), str(folder_b), "--calibration",
+                 str(tmp_path / "corpus.txt"), "--tokens", "16", "--batch-size", "32", "--quiet"]
+    assert main([*arguments, "-o", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModel.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert not torch.allclose(twin(ids).last_hidden_state, model(ids).last_hidden_state)
+        torch.testing.assert_close(merged(ids).last_hidden_state, model(ids).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert main([*arguments, "--outputs", "both", "-o", str(tmp_path / "both")]) == 0
+    assert "saving in mergec's format instead" in capsys.readouterr().out
+    window = torch.randint(5, 20, (2, 16))  # the traced windows' length (--tokens)
+    with torch.no_grad():  # saved code returns the flat outputs: A's two, then B's two
+        flat = mergec.load(tmp_path / "both")(window)
+        torch.testing.assert_close(flat[0], model(window).last_hidden_state, rtol=1e-4,
+                                   atol=1e-4)
+        torch.testing.assert_close(flat[2], twin(window).last_hidden_state, rtol=1e-4,
+                                   atol=1e-4)
+
+
 def test_into_gives_model_a_with_the_merged_weights() -> None:
     torch.manual_seed(0)
     model_a, model_b = (transformers.BertModel(_config()).eval() for _ in range(2))

@@ -185,7 +185,8 @@ def transformers_case(name: str, fix_outputs: bool) -> Case:
     torch.manual_seed(0)
     x = example()
     model = randomise_constants(factory(), x)
-    return Case(model, x, call_kwargs, mergec.discover(model, x, fix_outputs=fix_outputs))
+    spec = mergec.discover(model, x, outputs="fixed" if fix_outputs else "free")
+    return Case(model, x, call_kwargs, spec)
 
 
 # ---------------------------------------------------------------------------------------------

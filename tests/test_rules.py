@@ -395,7 +395,7 @@ def test_fused_qkv_selected_inside_heads_is_fixed_and_merges() -> None:
     heads are split off, so the output projection reads unpicked parts; its input is fixed
     (it once was a tiled space without a space factor, on which match failed)."""
     model = randomized(FusedQKV("inside heads"))
-    spec = mergec.discover(model, TOKENS, fix_outputs=False)
+    spec = mergec.discover(model, TOKENS, outputs="free")
     assert space(spec, "out.weight", 1).fixed is not None
     twin = mergec.permute(model, TOKENS, seed=1, spec=mergec.discover(model, TOKENS))
     for method in ("permute", "weight-match"):
@@ -617,7 +617,7 @@ def test_model_output_space_is_fixed_with_its_reason() -> None:
     assert spec.outputs == ((None, logits.id),)
     inputs = space(spec, "fc.weight", 1)
     assert inputs.fixed is not None and "linear input" in inputs.fixed
-    free = mergec.discover(model, torch.randn(3, 4), fix_outputs=False)
+    free = mergec.discover(model, torch.randn(3, 4), outputs="free")
     assert free.is_free(space(free, "head.weight").id)
 
 
@@ -668,7 +668,7 @@ def test_vector_norm_over_tokens_keeps_the_feature_axis() -> None:
     model = randomized(Reduced(lambda h: h.norm(dim=1), head=False))
     spec = mergec.discover(model, TOKENS)
     assert "reaches a model output" in space(spec, "fc.weight").fixed
-    free = mergec.discover(model, TOKENS, fix_outputs=False)
+    free = mergec.discover(model, TOKENS, outputs="free")
     assert free.outputs[0][1] == space(free, "fc.weight").id
 
 

@@ -123,6 +123,40 @@ def tensor_leaves(value: Any) -> list[torch.Tensor]:
     return [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
+#: Prefix of the buffers of a merged module that map its outputs into a model's basis.
+OUTPUT_MAP = "mergec_output_map"
+#: Words in a transformers output's field names that mark the outputs as labels (class or
+#: vocabulary scores, whose order both models share), not features.
+LABEL_WORDS = ("logits", "loss", "scores")
+
+
+def output_names(graph_module: fx.GraphModule) -> list[tuple[str, bool]]:
+    """Per flat output of a traced graph (in the order of its output node): the output's name
+    (``last_hidden_state``; "" where the output is a bare tensor or a tuple) and whether it is
+    a feature. A feature is a field of a transformers ``ModelOutput`` whose name says no
+    labels (hidden states, pooled features, embeddings); logits, plain tensors and tuples are
+    labels, whose units mean the same in every model."""
+    out_spec = getattr(graph_module, "_out_spec", None)
+    output = graph_module.graph.find_nodes(op="output")[0].args[0]
+    count = len(output) if isinstance(output, (tuple, list)) else 1
+    if out_spec is None or out_spec.num_leaves != count:
+        return [("", False)] * count
+    return list(_named_leaves(out_spec, "", False))
+
+
+def _named_leaves(spec: pytree.TreeSpec, name: str, in_output: bool):
+    if spec.is_leaf():
+        yield name, in_output and not any(word in name for word in LABEL_WORDS)
+        return
+    model_output = any(c.__name__ == "ModelOutput" and c.__module__.startswith("transformers")
+                       for c in getattr(spec.type, "__mro__", ()))
+    keys = spec.context if isinstance(spec.context, (list, tuple)) else None
+    for index, child in enumerate(spec.children()):
+        key = str(keys[index]) if keys is not None and index < len(keys) else str(index)
+        yield from _named_leaves(child, f"{name}.{key}" if name else key,
+                                 in_output or model_output)
+
+
 class GraphRunner(fx.Interpreter):
     """Runs a traced graph module on data of any batch size: export's shape guards are
     skipped, intermediate values freed as soon as they are used."""

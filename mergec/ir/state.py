@@ -31,6 +31,12 @@ DEPTH_VARIANTS = ("segment-wise", "layer-wise")
 UNALIGNED = ("average", "keep")
 SYMMETRIES = ("auto", "permutation")
 NAMED_WIDTHS = ("max", "min", "a", "b", "sum")
+#: Which model outputs a spec keeps in order: labels only ("auto"), all, none.
+SPEC_OUTPUTS = ("auto", "fixed", "free")
+#: How a merge treats outputs: features matched and returned in A's basis ("auto"), every
+#: output kept in order ("fixed"), every output matched and returned in A's basis ("a"), or
+#: in A's and in B's, side by side ("both").
+OUTPUTS = ("auto", "fixed", "a", "both")
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class MergeOptions:
     unaligned: str = "average"
     samples_per_batch: int | None = None
     symmetry: str = "auto"
+    outputs: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -92,6 +99,11 @@ class MergeOptions:
         _choose("depth_variant", self.depth_variant, DEPTH_VARIANTS)
         _choose("unaligned", self.unaligned, UNALIGNED)
         _choose("symmetry", self.symmetry, SYMMETRIES)
+        _choose("outputs", self.outputs, OUTPUTS)
+        if self.outputs == "both" and self.partial:
+            raise MergeError("merge: outputs='both' maps a full merge's outputs into both "
+                             "bases; with stop_at or heads='separate' each tail already "
+                             "returns its own model's outputs")
         if self.repair == "repair" and self.partial:
             raise MergeError("merge: repair='repair' rescales a fully merged model; with stop_at "
                              "or heads='separate' use repair='reset'")
@@ -100,6 +112,11 @@ class MergeOptions:
     def partial(self) -> bool:
         """Only the trunk is merged: the result runs both models' tails."""
         return self.stop_at is not None or self.heads == "separate"
+
+    @property
+    def spec_outputs(self) -> str:
+        """The outputs annotate-units keeps in order for this merge (see SPEC_OUTPUTS)."""
+        return {"auto": "auto", "fixed": "fixed"}.get(self.outputs, "free")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,7 +153,8 @@ class PipelineState:
       only the deep model has) with their factor; ``unaligned_spaces``: spaces inside them.
     - ``moments``: collect-stats' joint statistics per space.
     - ``plans``, ``summaries``: match's merge plan and report entry per space.
-    - ``merged``: zip's merged module; ``repair``: what repair did.
+    - ``merged``: zip's merged module; ``output_maps``: how zip mapped each output axis in a
+      free space back into a model's basis; ``repair``: what repair did.
     - ``timings``: wall seconds of every pass that ran, in the order they ran.
     - ``peak_memory``: per pass that ran, its peak host (resident set) and CUDA bytes, None
       where the system cannot say (:mod:`mergec.memory`).
@@ -157,6 +175,7 @@ class PipelineState:
     plans: Mapping[str, MergePlan] = field(default_factory=dict)
     summaries: Mapping[str, dict] = field(default_factory=dict)
     merged: fx.GraphModule | None = None
+    output_maps: tuple[Mapping[str, str], ...] = ()
     repair: Mapping[str, Any] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
     peak_memory: Mapping[str, Mapping[str, int | None]] = field(default_factory=dict)

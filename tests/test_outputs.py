@@ -1,0 +1,206 @@
+"""Outputs that are features: a backbone's hidden states are matched like any other space and
+mapped back into a model's basis at the output (``outputs="auto"``, ``"a"``, ``"both"``);
+labels keep their order."""
+import pytest
+import torch
+from torch import nn
+
+import mergec
+from mergec.algorithms import solvers
+from mergec.errors import MergeError
+from mergec.permute import permute_model
+
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(0))
+CALIBRATION = [(torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(i)),)
+               for i in range(4)]
+
+
+def _bert(seed: int, hidden: int = 32, heads: int = 4, head: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=2,
+                                     num_attention_heads=heads, intermediate_size=64,
+                                     vocab_size=50, max_position_embeddings=16)
+    cls = transformers.BertForSequenceClassification if head else transformers.BertModel
+    return cls(config).eval()
+
+
+def _gpt2(seed: int, layers: int = 2) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=50,
+                                     n_positions=16)
+    return transformers.GPT2Model(config).eval()
+
+
+def _stream_permuted(model: nn.Module, seed: int = 1) -> nn.Module:
+    """A copy with every space permuted, the outputs' too: it returns A's features permuted."""
+    return permute_model(model, mergec.discover(model, IDS, outputs="free"), seed)
+
+
+def _merge(a: nn.Module, b: nn.Module, ids: torch.Tensor = IDS, **options):
+    return mergec.merge(a, b, ids, CALIBRATION, repair=None, progress=False, **options)
+
+
+@pytest.mark.parametrize("build", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_auto_frees_a_backbones_hidden_states(build) -> None:
+    model = build(0)
+    auto, fixed = mergec.discover(model, IDS), mergec.discover(model, IDS, outputs="fixed")
+    hidden = auto.outputs[0][-1]
+    assert auto.is_free(hidden) and not fixed.is_free(hidden)
+    assert "reaches a model output (last_hidden_state)" in fixed.spaces[hidden].fixed
+    assert auto.coverage() == 1.0 > fixed.coverage()
+
+
+def test_logits_keep_their_order() -> None:
+    model = _bert(0, head=True)
+    spec = mergec.discover(model, IDS)
+    (logits,) = (axes[-1] for axes in spec.outputs)
+    assert spec.spaces[logits].fixed.startswith("reaches a model output (logits)")
+
+
+@pytest.mark.parametrize("method", ["permute", "weight-match", "zip", "mudsc"])
+@pytest.mark.parametrize("build", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_a_backbone_merged_with_its_permuted_copy_returns_its_features(build, method) -> None:
+    """merge(A, π(A)) with π moving the hidden states too computes A, in A's basis, returns
+    A's output type and keeps A's architecture (``into``)."""
+    a = build(0)
+    b = _stream_permuted(a)
+    with torch.no_grad():
+        expected, permuted = a(IDS), b(IDS)
+    assert not torch.allclose(permuted.last_hidden_state, expected.last_hidden_state)
+    result = _merge(a, b, method=method)
+    with torch.no_grad():
+        merged = result.module(IDS)
+        again = result.into(a)(IDS)
+    assert type(merged) is type(expected)
+    torch.testing.assert_close(merged.last_hidden_state, expected.last_hidden_state,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again.last_hidden_state, merged.last_hidden_state)
+    assert {record["map"] for record in result.report.outputs} == {"identity"}
+
+
+def test_both_bases_side_by_side() -> None:
+    a = _bert(0)
+    b = _stream_permuted(a)
+    result = _merge(a, b, method="zip", outputs="both")
+    with torch.no_grad():
+        in_a, in_b = result.module(IDS)
+        expected_a, expected_b = a(IDS), b(IDS)
+    for merged, expected in ((in_a, expected_a), (in_b, expected_b)):
+        assert type(merged) is type(expected)
+        for field in ("last_hidden_state", "pooler_output"):
+            torch.testing.assert_close(merged[field], expected[field], rtol=1e-4, atol=1e-4)
+    assert {r["basis"] for r in result.report.outputs} == {"a", "b"}
+    with pytest.raises(MergeError, match="maps its outputs"):
+        result.into(a)
+
+
+def test_zip_gives_each_output_unit_a_merged_unit_of_its_own() -> None:
+    """Two unrelated models: zip merges no two units of one model in a space that reaches
+    an output, so the merged units are relabelled into A's order and the merge keeps A's
+    architecture."""
+    a, b = _bert(0), _bert(1)
+    result = _merge(a, b, method="zip", beta=0.5)
+    assert result.report.outputs and {r["map"] for r in result.report.outputs} == {"identity"}
+    hidden = result.report.spec.outputs[0][-1]
+    assert result.report.matches[hidden]["cross_pairs"] == 32
+    with torch.no_grad():
+        torch.testing.assert_close(result.into(a)(IDS).last_hidden_state,
+                                   result.module(IDS).last_hidden_state)
+
+
+def test_different_widths_come_back_at_each_models_width() -> None:
+    narrow, wide = _bert(0), _bert(1, hidden=48, heads=6)
+    result = _merge(wide, narrow, method="zip", outputs="both")
+    with torch.no_grad():
+        in_wide, in_narrow = result.module(IDS)
+    assert in_wide.last_hidden_state.shape[-1] == 48
+    assert in_narrow.last_hidden_state.shape[-1] == 32
+    assert "identity" not in {r["map"] for r in result.report.outputs}
+    with pytest.raises(MergeError, match="maps its outputs"):
+        result.into(wide)
+
+
+class _Features(nn.Module):
+    """A convolutional feature extractor: it returns a plain tensor of features."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(8, 6, 3, padding=1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(2, 3))
+
+
+def test_an_ensemble_returns_each_models_own_features() -> None:
+    """width='sum' merges nothing: mapped back into each basis, the outputs are each model's
+    own, exactly (the map picks a model's units out of the concatenation)."""
+    a, b = _Features(0), _Features(1)
+    images = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert not mergec.discover(a, images[:2]).is_free(mergec.discover(a, images[:2])
+                                                        .outputs[0][-1])  # plain: fixed
+    result = mergec.merge(a, b, images[:2], [(images,)], method="zip", width="sum",
+                          outputs="both", repair=None, progress=False)
+    with torch.no_grad():
+        in_a, in_b = result.module(images)
+        torch.testing.assert_close(in_a, a(images))
+        torch.testing.assert_close(in_b, b(images))
+    assert {r["map"] for r in result.report.outputs} == {"selection"}
+
+
+def test_a_depth_pair_maps_into_the_callers_models() -> None:
+    """A GPT-2 backbone and a deeper copy (an identity block inserted, every space permuted):
+    with either model first, 'both' returns each model's own features in the caller's order."""
+    shallow, deep = _gpt2(0), _gpt2(0, layers=3)
+    state, source = deep.state_dict(), shallow.state_dict()
+    for key in state:  # deep block 0 is shallow block 0, deep block 2 is shallow block 1
+        if key.startswith("h.1."):
+            if key.endswith(("c_proj.weight", "c_proj.bias")):
+                state[key] = torch.zeros_like(state[key])
+        else:
+            state[key] = source[key.replace("h.2.", "h.1.")].clone()
+    deep.load_state_dict(state)
+    deep = _stream_permuted(deep, seed=3)
+    ids = torch.randint(0, 50, (32, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = {"shallow": shallow(ids).last_hidden_state,
+                    "deep": deep(ids).last_hidden_state}
+    for first, second in (("shallow", "deep"), ("deep", "shallow")):
+        models = {"shallow": shallow, "deep": deep}
+        result = _merge(models[first], models[second], ids[:4], method="permute",
+                        outputs="both")
+        with torch.no_grad():
+            out_first, out_second = result.module(ids)
+        torch.testing.assert_close(out_first.last_hidden_state, expected[first],
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out_second.last_hidden_state, expected[second],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_fixed_outputs_are_todays_merge() -> None:
+    """outputs='fixed' keeps the hidden states in order: the stream is averaged unit by unit."""
+    a, b = _bert(0), _bert(1)
+    result = _merge(a, b, method="permute", outputs="fixed")
+    hidden = result.report.spec.outputs[0][-1]
+    assert not result.report.spec.is_free(hidden) and result.report.outputs == []
+    with pytest.raises(MergeError, match="outputs must be one of"):
+        mergec.MergeOptions(outputs="b")
+
+
+def test_in_order_of_a_relabels_permutations_only() -> None:
+    swap = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    plan = solvers.MergePlan(swap / 2, torch.eye(3) / 2, swap.T, torch.eye(3))
+    relabelled = solvers.in_order_of_a(plan)
+    torch.testing.assert_close(relabelled.unmerge_a, torch.eye(3))
+    x_a, x_b = torch.randn(5, 3), torch.randn(5, 3)
+    # the same merge: each model's recovered features are unchanged
+    for before, after in zip(plan.unmerge_features(plan.merge_features(x_a, x_b)),
+                             relabelled.unmerge_features(relabelled.merge_features(x_a, x_b))):
+        torch.testing.assert_close(before, after)
+    # a clustering with two of A's units in one merged unit is no permutation: unchanged
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    clustered = solvers.MergePlan(labels.T / 2, torch.eye(3) / 2, labels, torch.eye(3))
+    assert solvers.in_order_of_a(clustered) is clustered
