@@ -244,12 +244,9 @@ def _set_outputs(module: fx.GraphModule, output: fx.Node, result: Any,
             out_spec = pytree.tree_structure(tuple(one for _ in mapped))
             codegen.pytree_info = info._replace(out_spec=out_spec)
             module._out_spec = out_spec
-        else:
-            flat = [node for values in mapped for node in values]
-            size = len(mapped[0])
-            halves = [flat[i * size:(i + 1) * size] for i in range(len(mapped))]
-            output.args = (tuple(h if isinstance(result, (tuple, list)) else h[0]
-                                 for h in halves),)
+        else:  # a graph without export's output tree: a tuple of the model's outputs
+            output.args = (tuple(tuple(values) if isinstance(result, (tuple, list))
+                                 else values[0] for values in mapped),)
     module.graph.lint()
     module.recompile()
 
