@@ -6,8 +6,9 @@ The two parents start from the pretrained model and are fine-tuned contrastively
 sentence against itself with 40 % of its words deleted, in-batch negatives, temperature 0.05,
 AdamW at 5e-5) on two corpora that ship with the installed packages: the first sentences of
 the docstrings of torch, NumPy and SciPy functions ("numeric") and of the Python standard
-library ("stdlib"). A third parent is fine-tuned on stdlib from a copy of the pretrained model with every space
-permuted, its hidden states too: models that do not share a basis, which only matching merges.
+library ("stdlib"). A third parent is fine-tuned on stdlib from a copy of the pretrained
+model with every space permuted, its hidden states too: models that do not share a basis,
+which only matching merges.
 
 The merged model returns its hidden states in A's basis (``outputs="auto"``) and keeps MiniLM's
 architecture (``MergeResult.into``), so it is evaluated as a ``BertModel`` with attention
