@@ -523,18 +523,21 @@ class Match:
             spec_a, state.moments, dict(graphs[0].named_parameters()),
             dict(graphs[1].named_parameters()), spec_b=spec_b,
             widths=widths if resizing else None, exclude=state.unaligned_spaces,
-            attention=attention_roles(graphs[0], spec_a))
+            attention=attention_roles(graphs[0], spec_a),
+            # align-depth makes the shallow model "A"; the caller's A is then plans' B
+            outputs_in=int(state.depth is not None and state.depth.swapped))
         return state.evolve(plans=plans, summaries=summaries)
 
     def _plan(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
               params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
               spec_b: UnitSpec | None = None, widths: Mapping[str, int] | None = None,
-              exclude: frozenset[str] = frozenset(), attention: Mapping[str, str] | None = None
-              ) -> tuple[dict[str, MergePlan], dict[str, dict]]:
+              exclude: frozenset[str] = frozenset(), attention: Mapping[str, str] | None = None,
+              outputs_in: int = 0) -> tuple[dict[str, MergePlan], dict[str, dict]]:
         """Plans for every space. ``spec_b`` is B's spec where B's widths differ from A's;
         ``widths`` the merged width of each leaf that is not to keep its width (elastic zip:
         models of different width, or a merged model wider or narrower than its parents).
-        Leaves in ``exclude`` keep unit i with unit i (blocks that only one model has)."""
+        Leaves in ``exclude`` keep unit i with unit i (blocks that only one model has). The
+        merged units of spaces that reach an output take model ``outputs_in``'s order."""
         leaves = [s for s in spec.spaces if is_leaf(spec, s)]
         widths = dict(widths or {})
         elastic = {s for s in leaves if widths.get(s, spec.spaces[s].size) != spec.spaces[s].size
@@ -546,7 +549,7 @@ class Match:
                                           params_a, params_b)
         plans.update({s: solvers.average(spec.spaces[s].size) for s in exclude if s in leaves})
         for space in _output_leaves(spec):  # merged outputs in A's basis where they can be
-            plans[space] = solvers.in_order_of_a(plans[space])
+            plans[space] = solvers.in_order_of(plans[space], outputs_in)
         return self._full(spec, plans), summary
 
     def _same_width(self, spec: UnitSpec, moments: Mapping[str, JointMoments],

@@ -178,6 +178,12 @@ def test_a_depth_pair_maps_into_the_callers_models() -> None:
                                    rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out_second.last_hidden_state, expected[second],
                                    rtol=1e-4, atol=1e-4)
+        # in the caller's A's basis alone, the merged units are A's: no map at the output
+        alone = _merge(models[first], models[second], ids[:4], method="permute")
+        assert {record["map"] for record in alone.report.outputs} == {"identity"}
+        with torch.no_grad():
+            torch.testing.assert_close(alone.module(ids).last_hidden_state, expected[first],
+                                       rtol=1e-4, atol=1e-4)
 
 
 def test_fixed_outputs_are_todays_merge() -> None:
@@ -190,10 +196,10 @@ def test_fixed_outputs_are_todays_merge() -> None:
         mergec.MergeOptions(outputs="b")
 
 
-def test_in_order_of_a_relabels_permutations_only() -> None:
+def test_in_order_of_relabels_permutations_only() -> None:
     swap = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     plan = solvers.MergePlan(swap / 2, torch.eye(3) / 2, swap.T, torch.eye(3))
-    relabelled = solvers.in_order_of_a(plan)
+    relabelled = solvers.in_order_of(plan)
     torch.testing.assert_close(relabelled.unmerge_a, torch.eye(3))
     x_a, x_b = torch.randn(5, 3), torch.randn(5, 3)
     # the same merge: each model's recovered features are unchanged
@@ -203,7 +209,10 @@ def test_in_order_of_a_relabels_permutations_only() -> None:
     # a clustering with two of A's units in one merged unit is no permutation: unchanged
     labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     clustered = solvers.MergePlan(labels.T / 2, torch.eye(3) / 2, labels, torch.eye(3))
-    assert solvers.in_order_of_a(clustered) is clustered
+    assert solvers.in_order_of(clustered) is clustered
+    in_b = solvers.in_order_of(solvers.MergePlan(torch.eye(3) / 2, swap / 2, torch.eye(3),
+                                                  swap.T), 1)
+    torch.testing.assert_close(in_b.unmerge_b, torch.eye(3))
 
 
 @pytest.fixture(scope="module")

@@ -95,20 +95,22 @@ class MergePlan:
         return z @ self.unmerge_a.T.to(z), z @ self.unmerge_b.T.to(z)
 
 
-def in_order_of_a(plan: MergePlan) -> MergePlan:
-    """The same merge with its merged units relabelled so that merged unit i is A's unit i,
-    where every unit of A has a merged unit of its own (``unmerge_a`` a permutation): the
-    merged features then come out in A's basis. Any other plan is returned as it is.
+def in_order_of(plan: MergePlan, model: int = 0) -> MergePlan:
+    """The same merge with its merged units relabelled so that merged unit i is unit i of
+    model ``model`` (0: A, 1: B), where every unit of that model has a merged unit of its own
+    (its unmerge matrix a permutation): the merged features then come out in its basis. Any
+    other plan is returned as it is.
 
     >>> swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-    >>> in_order_of_a(MergePlan(swap / 2, swap / 2, swap, swap)).unmerge_a
+    >>> in_order_of(MergePlan(swap / 2, swap / 2, swap, swap)).unmerge_a
     tensor([[1., 0.],
             [0., 1.]])
     """
-    unmerge = plan.unmerge_a.to_dense() if plan.unmerge_a.is_sparse else plan.unmerge_a
+    unmerge = plan.unmerge_b if model else plan.unmerge_a
+    unmerge = unmerge.to_dense() if unmerge.is_sparse else unmerge
     if unmerge.shape[0] != unmerge.shape[1]:
         return plan
-    order = unmerge.argmax(dim=1)  # A's unit i is merged unit order[i]
+    order = unmerge.argmax(dim=1)  # the model's unit i is merged unit order[i]
     identity = torch.arange(len(order), device=order.device)
     if torch.equal(order, identity) or not torch.equal(order.sort().values, identity) \
             or not torch.equal(torch.eye(len(order), dtype=unmerge.dtype,
