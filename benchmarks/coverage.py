@@ -472,7 +472,7 @@ def measure_zoo(entry: ZooEntry, methods: tuple[str, ...]) -> ZooResult:
     if result.spec is None or fixed is None:
         return result
     twin = _timed(result, "permute", lambda: mergec.permute(model, x, seed=1, spec=fixed))
-    moved = twin if result.spec.to_json() == fixed.to_json() else _timed(
+    moved = twin if result.spec == fixed else _timed(
         result, "permute as loaded", lambda: mergec.permute(model, x, seed=1, spec=result.spec))
     if twin is None or moved is None:
         return result

@@ -96,9 +96,7 @@ def embed(model, tokenizer, texts: list[str], batch: int = 64) -> torch.Tensor:
     for start in range(0, len(texts), batch):
         inputs = tokenizer(texts[start:start + batch], padding=True, truncation=True,
                            max_length=48, return_tensors="pt")
-        hidden = model(**inputs).last_hidden_state
-        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        rows.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+        rows.append(_pooled(model, inputs))
     return torch.cat(rows)
 
 
@@ -137,6 +135,7 @@ def fine_tune(model, tokenizer, texts: list[str], seed: int, steps: int, batch: 
 
 
 def _pooled(model, inputs) -> torch.Tensor:
+    """Mean over the tokens the attention mask keeps, normalised."""
     hidden = model(**inputs).last_hidden_state
     mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mergec.errors import CheckpointError, MergecError, require_extra
-from mergec.ir.state import METHODS
+from mergec.ir.state import METHODS, OUTPUTS, SPEC_OUTPUTS
 from mergec.passes import PIPELINE
 
 
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "with a transformers model")
     inspect.add_argument("--kwargs", help="JSON object passed to the factory")
     inspect.add_argument("--input-shape", help="example input shape, e.g. 2,3,224,224")
-    inspect.add_argument("--outputs", default="auto", choices=["auto", "fixed", "free"],
+    inspect.add_argument("--outputs", default="auto", choices=SPEC_OUTPUTS,
                          help="which outputs keep their order: auto: labels (logits), not "
                               "the hidden states a transformers backbone returns; fixed: all "
                               "(permutations then keep the function); free: none")
@@ -387,7 +387,7 @@ def _add_method_options(merge: argparse.ArgumentParser) -> None:
                        help="auto: every space under the largest group the graph allows "
                             "(rotations of a pre-norm transformer's residual stream and "
                             "heads); permutation: permutations only")
-    merge.add_argument("--outputs", default="auto", choices=["auto", "fixed", "a", "both"],
+    merge.add_argument("--outputs", default="auto", choices=OUTPUTS,
                        help="auto: labels (logits) keep their order, a backbone's hidden "
                             "states are matched and returned in A's basis; fixed: every "
                             "output keeps its order; a: every output matched, returned in A's "

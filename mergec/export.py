@@ -152,6 +152,7 @@ def _write(module: fx.GraphModule, staging: Path, report: str | None) -> None:
     if report is not None:
         (staging / "report.json").write_text(report)
 
+
 def _graph_tensors(module: fx.GraphModule) -> dict[str, torch.Tensor]:
     """The state dict and every other tensor the graph reads: buffers that are not persistent
     (transformers' ``position_ids``) and tensor constants are not in the state dict."""

@@ -47,7 +47,8 @@ from mergec.algorithms.covariance import (
     activation_similarity,
 )
 from mergec.algorithms.solvers import BlockSolver, MergePlan
-from mergec.algorithms.weight_matching import as_permutation, weight_similarity
+from mergec.algorithms.tensors import as_permutation
+from mergec.algorithms.weight_matching import weight_similarity
 from mergec.errors import MergeError
 from mergec.ir.fx import aten_name
 from mergec.ir.groups import ORTHOGONAL
@@ -312,7 +313,7 @@ class WeightSimilarities:
     an alignment it reads changes (a later sweep re-solves leaves whose neighbours kept their
     plans). An alignment that is a permutation is kept as its index and applied by selection,
     which gives the same numbers as the product with its matrix
-    (:func:`~mergec.algorithms.weight_matching.as_permutation`), so the similarities equal
+    (:func:`~mergec.algorithms.tensors.as_permutation`), so the similarities equal
     :func:`leaf_weight_similarity`'s from the full plans.
 
     Leaves in :attr:`unknown` have no plan yet (weight matching's first sweep): a space where

@@ -125,9 +125,10 @@ class Zip:
     def run(self, state: PipelineState) -> PipelineState:
         graphs, specs = state.require("graphs", self.name), state.require("specs", self.name)
         plans = state.require("plans", self.name)
-        merged = self._emit(graphs[0], graphs[1], specs[0], plans, state.only_b)
+        stop = self.stop_node(graphs[0])
+        merged = self._emit(graphs[0], graphs[1], specs[0], plans, state.only_b, stop)
         maps: list[dict] = []
-        if self.stop_node(graphs[0]) is None:
+        if stop is None:
             # align-depth makes the shallow model "A"; the caller's A is then plans' B
             own = 1 if state.depth is not None and state.depth.swapped else 0
             bases = (own, 1 - own) if self.outputs == "both" else (own,)
@@ -138,9 +139,9 @@ class Zip:
         return state.evolve(merged=merged, output_maps=tuple(maps))
 
     def _emit(self, module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
-              plans: Mapping[str, MergePlan], only_b: Mapping[str, float]) -> fx.GraphModule:
+              plans: Mapping[str, MergePlan], only_b: Mapping[str, float],
+              stop: fx.Node | None) -> fx.GraphModule:
         state = merged_state(module_a.state_dict(), module_b.state_dict(), spec, plans, only_b)
-        stop = self.stop_node(module_a)
         if stop is None:
             merged = copy.deepcopy(module_a)
             original = merged.state_dict()
@@ -183,8 +184,7 @@ def map_outputs(module: fx.GraphModule, spec: UnitSpec, plans: Mapping[str, Merg
     output = graph.find_nodes(op="output")[0]
     result = output.args[0]
     flat = list(result) if isinstance(result, (tuple, list)) else [result]
-    names = [name for name, _ in output_names(module)] if len(spec.outputs) == len(flat) \
-        else [""] * len(flat)
+    names = [name for name, _ in output_names(module)]
     records: list[dict] = []
     mapped: list[list[fx.Node]] = []
     with graph.inserting_before(output):

@@ -43,7 +43,7 @@ def random_generator(seed: int) -> torch.Generator:
 
 
 @pytest.mark.parametrize(
-    "name", ["alignment", "blocks", "cka", "covariance", "solvers", "weight_matching"]
+    "name", ["alignment", "blocks", "cka", "covariance", "solvers", "tensors", "weight_matching"]
 )
 def test_docstring_examples_run(name: str) -> None:
     module = importlib.import_module(f"mergec.algorithms.{name}")

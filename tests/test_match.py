@@ -11,7 +11,8 @@ from torch import fx, nn
 import mergec
 from mergec import MergeError
 from mergec.algorithms.solvers import MergePlan, average, permute
-from mergec.algorithms.weight_matching import as_permutation, weight_similarity
+from mergec.algorithms.tensors import as_permutation
+from mergec.algorithms.weight_matching import weight_similarity
 from mergec.ir.state import MergeOptions, PipelineState
 from mergec.passes.annotate_units import annotate_units
 from mergec.passes.collect_stats import CollectStats

@@ -31,15 +31,21 @@ def _folder(path: Path, model: torch.nn.Module) -> Path:
     return path
 
 
+def _corpus(path: Path) -> Path:
+    """120 lines of 12 random words."""
+    generator = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (12,),
+                                                      generator=generator)) for _ in range(120)]
+    path.write_text("\n".join(lines))
+    return path
+
+
 @pytest.fixture
 def folders(tmp_path: Path) -> tuple[Path, Path, Path]:
     torch.manual_seed(0)
     model = transformers.BertModel(_config()).eval()
     twin = mergec.permute(model, torch.randint(0, 20, (2, 12)))
-    generator = torch.Generator().manual_seed(0)
-    lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (12,),
-                                                      generator=generator)) for _ in range(120)]
-    (tmp_path / "corpus.txt").write_text("\n".join(lines))
+    _corpus(tmp_path / "corpus.txt")
     return (_folder(tmp_path / "a", model), _folder(tmp_path / "b", twin),
             tmp_path / "corpus.txt")
 
@@ -75,10 +81,7 @@ def test_backbones_permuted_along_their_hidden_states_merge_back(tmp_path: Path,
     model = transformers.BertModel(_config()).eval()
     ids = torch.randint(5, 20, (2, 12))
     twin = mergec.permute(model, ids, spec=mergec.discover(model, ids, outputs="free"))
-    generator = torch.Generator().manual_seed(0)
-    lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (12,),
-                                                      generator=generator)) for _ in range(120)]
-    (tmp_path / "corpus.txt").write_text("\n".join(lines))
+    _corpus(tmp_path / "corpus.txt")
     folder_a, folder_b = _folder(tmp_path / "a", model), _folder(tmp_path / "b", twin)
     arguments = ["merge", str(folder_a), str(folder_b), "--calibration",
                  str(tmp_path / "corpus.txt"), "--tokens", "16", "--batch-size", "32", "--quiet"]

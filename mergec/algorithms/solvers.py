@@ -23,6 +23,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from mergec.algorithms.tensors import as_permutation
 from mergec.errors import MergeError
 
 logger = logging.getLogger(__name__)
@@ -106,15 +107,9 @@ def in_order_of(plan: MergePlan, model: int = 0) -> MergePlan:
     tensor([[1., 0.],
             [0., 1.]])
     """
-    unmerge = plan.unmerge_b if model else plan.unmerge_a
-    unmerge = unmerge.to_dense() if unmerge.is_sparse else unmerge
-    if unmerge.shape[0] != unmerge.shape[1]:
-        return plan
-    order = unmerge.argmax(dim=1)  # the model's unit i is merged unit order[i]
-    identity = torch.arange(len(order), device=order.device)
-    if torch.equal(order, identity) or not torch.equal(order.sort().values, identity) \
-            or not torch.equal(torch.eye(len(order), dtype=unmerge.dtype,
-                                         device=unmerge.device)[order], unmerge):
+    order = as_permutation(plan.unmerge_b if model else plan.unmerge_a)
+    # the model's unit i is merged unit order[i]
+    if order is None or torch.equal(order, torch.arange(len(order), device=order.device)):
         return plan
     return MergePlan(plan.merge_a.index_select(0, order), plan.merge_b.index_select(0, order),
                      plan.unmerge_a.index_select(1, order), plan.unmerge_b.index_select(1, order))

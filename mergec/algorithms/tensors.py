@@ -1,10 +1,39 @@
-"""Linear maps along one axis of a tensor, and grouped weights as block-diagonal ones."""
+"""Linear maps along one axis of a tensor (permutations read as indices), and grouped weights as
+block-diagonal ones."""
 from __future__ import annotations
 
 import torch
 
 #: A merge or unmerge matrix with at most this share of nonzeros is applied as a sparse one.
 SPARSE_SHARE = 0.05
+
+
+def as_permutation(matrix: torch.Tensor) -> torch.Tensor | None:
+    """The index ``perm`` of a permutation matrix (``matrix == eye[perm]``: row r holds its one
+    1 at column ``perm[r]``), dense or sparse COO, or None where ``matrix`` is anything else.
+    Mapping an axis by ``matrix`` and selecting ``perm`` along it give the same numbers: each
+    sum has one product by 1 and the rest by 0.
+
+    >>> as_permutation(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    tensor([1, 0])
+    """
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+        return None
+    size = matrix.shape[0]
+    if matrix.is_sparse:
+        matrix = matrix.coalesce()  # indices sorted by row: one entry a row is rows 0 .. n-1
+        (rows, perm), values = matrix.indices(), matrix.values()
+        if not torch.equal(rows, torch.arange(size, device=rows.device)) \
+                or not bool((values == 1).all()):
+            return None
+    else:
+        perm = matrix.argmax(dim=1)
+        if not torch.equal(torch.eye(size, dtype=matrix.dtype, device=matrix.device)[perm],
+                           matrix):
+            return None
+    if not torch.equal(perm.sort().values, torch.arange(size, device=perm.device)):
+        return None
+    return perm
 
 
 def apply_along(tensor: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:

@@ -34,13 +34,13 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
     vector is every slice of every parameter of ``axes`` along such an axis, B's parameters
     first mapped along each other bound axis by ``align_b[space]``: a ``d × d`` matrix that puts
     B's units of that space in A's order, or, for a permutation matrix ``P``, its index ``perm``
-    (``P[r, perm[r]] = 1``; see :func:`as_permutation`), which gives the same result without the
-    product. ``align_b[space]`` None says that B's order of ``space`` is not known yet: a
-    parameter slice that runs along such an axis says nothing of the units and is left out
-    (weight matching's first sweep, :mod:`mergec.passes.match`). Float64, on the CPU; a unit
-    without weights is similar to nothing (0). ``among`` (indices into the ``2 size`` units,
-    A's first) asks only for the similarities between those units, at a fraction of the cost
-    when they are few; the other entries are 0.
+    (``P[r, perm[r]] = 1``; see :func:`~mergec.algorithms.tensors.as_permutation`), which
+    gives the same result without the product. ``align_b[space]`` None says that B's order of
+    ``space`` is not known yet: a parameter slice that runs along such an axis says nothing of
+    the units and is left out (weight matching's first sweep, :mod:`mergec.passes.match`).
+    Float64, on the CPU; a unit without weights is similar to nothing (0). ``among`` (indices
+    into the ``2 size`` units, A's first) asks only for the similarities between those units,
+    at a fraction of the cost when they are few; the other entries are 0.
 
     >>> params = {"fc.weight": torch.tensor([[1.0, 0.0], [1.0, 1.0]])}
     >>> weight_similarity(params, params, {"fc.weight": [(0, "h")]},
@@ -75,34 +75,6 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
     full = torch.zeros(2 * size, 2 * size, dtype=torch.float64)
     full[chosen[:, None], chosen[None, :]] = similarity
     return full
-
-
-def as_permutation(matrix: Tensor) -> Tensor | None:
-    """The index ``perm`` of a permutation matrix (``matrix == eye[perm]``: row r holds its one
-    1 at column ``perm[r]``), dense or sparse COO, or None where ``matrix`` is anything else.
-    Mapping an axis by ``matrix`` and selecting ``perm`` along it give the same numbers: each
-    sum has one product by 1 and the rest by 0.
-
-    >>> as_permutation(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
-    tensor([1, 0])
-    """
-    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
-        return None
-    size = matrix.shape[0]
-    if matrix.is_sparse:
-        matrix = matrix.coalesce()  # indices sorted by row: one entry a row is rows 0 .. n-1
-        (rows, perm), values = matrix.indices(), matrix.values()
-        if not torch.equal(rows, torch.arange(size, device=rows.device)) \
-                or not bool((values == 1).all()):
-            return None
-    else:
-        perm = matrix.argmax(dim=1)
-        if not torch.equal(torch.eye(size, dtype=matrix.dtype, device=matrix.device)[perm],
-                           matrix):
-            return None
-    if not torch.equal(perm.sort().values, torch.arange(size, device=perm.device)):
-        return None
-    return perm
 
 
 def _unit_rows(vectors: Tensor, axis: int) -> Tensor:
