@@ -47,6 +47,7 @@ class MergeReport:
     inputs: dict[str, Any] = field(default_factory=dict)  # the CLI's models, data and hashes
     folds: list[dict[str, str]] = field(default_factory=list)  # fold-norms, per model
     outputs: list[dict[str, str]] = field(default_factory=list)  # zip's maps at the outputs
+    many: dict[str, Any] = field(default_factory=dict)  # merge_many's N-way decisions
 
     def to_dict(self) -> dict:
         spaces = self.spec.spaces.values() if self.spec is not None else ()
@@ -69,6 +70,7 @@ class MergeReport:
             "repair": self.repair,
             "fold_norms": self.folds,
             "outputs": self.outputs,
+            "many": self.many,
             "depth": self.depth.to_dict() if self.depth is not None else None,
         }
 
@@ -205,7 +207,7 @@ def report_of(state: PipelineState) -> MergeReport:
         repair=dict(state.repair), similarities=similarities,
         depth=state.depth, passes=state.completed, versions=versions(),
         folds=[dict(fold) for fold in state.folds],
-        outputs=[dict(record) for record in state.output_maps],
+        outputs=[dict(record) for record in state.output_maps], many=dict(state.many),
         notes=_notes(state.models),
         options={**options.to_dict(), "widths": {s: p.width for s, p in state.plans.items()}})
 
@@ -223,9 +225,10 @@ def versions() -> dict[str, str]:
 
 
 def _notes(models: tuple[nn.Module, ...]) -> list[str]:
+    names = "AB" if len(models) == 2 else [str(index) for index in range(len(models))]
     return [f"model {name} was in training mode; it was merged in eval semantics (BatchNorm "
             "running statistics, no dropout) and left in training mode"
-            for name, model in zip("AB", models) if model.training]
+            for name, model in zip(names, models) if model.training]
 
 
 @dataclass(frozen=True)

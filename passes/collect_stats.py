@@ -1,4 +1,4 @@
-"""collect-stats: joint feature statistics of the two models at every space's probe node.
+"""collect-stats: joint feature statistics of the models at every space's probe node.
 
 A rotation space (a residual stream) is observed at each of its ``sites``, every residual sum,
 pooled into one accumulator with each site's features scaled to unit mean square per batch:
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 from torch import fx
@@ -51,15 +51,14 @@ def _unit_energy(features: torch.Tensor) -> torch.Tensor:
         features.dtype)
 
 
-def _subsample(features_a: torch.Tensor, features_b: torch.Tensor, count: int,
-               draw: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """At most ``count`` of the batch's samples (the same ones in A and B), as rows."""
-    samples = features_a.numel() // features_a.shape[1]
+def _subsample(features: list[torch.Tensor], count: int, draw: torch.Generator
+               ) -> list[torch.Tensor]:
+    """At most ``count`` of the batch's samples (the same ones in every model), as rows."""
+    samples = features[0].numel() // features[0].shape[1]
     if samples <= count:
-        return features_a, features_b
-    rows_a, rows_b = (feature_rows(f, 1) for f in (features_a, features_b))
-    keep = torch.randperm(samples, generator=draw)[:count].to(rows_a.device)
-    return rows_a.index_select(0, keep), rows_b.index_select(0, keep)
+        return features
+    keep = torch.randperm(samples, generator=draw)[:count].to(features[0].device)
+    return [feature_rows(f, 1).index_select(0, keep) for f in features]
 
 
 def _check_finite(moments: dict[str, JointMoments], wanted: list[str], spec: UnitSpec,
@@ -73,7 +72,10 @@ def _check_finite(moments: dict[str, JointMoments], wanted: list[str], spec: Uni
         accumulator = moments[space_id]
         if bool(accumulator.sum.isfinite().all()):
             continue
-        model = "A" if not bool(accumulator.sum[:accumulator.dim_a].isfinite().all()) else "B"
+        model = next(index for index, start in enumerate(accumulator.offsets)
+                     if not bool(accumulator.sum[start:start + accumulator.dims[index]]
+                                 .isfinite().all()))
+        model = "AB"[model] if len(accumulator.dims) == 2 else str(model)
         raise MergeError(f"collect-stats: model {model}'s activations at node "
                          f"{spec.spaces[space_id].probe!r} (space {space_id!r}) are NaN or "
                          f"infinite on calibration batch {index}; check that batch's inputs "
@@ -81,18 +83,18 @@ def _check_finite(moments: dict[str, JointMoments], wanted: list[str], spec: Uni
                          "float32)")
 
 
-def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
-                  spec_b: UnitSpec, calibration: Iterable[Any], example: tuple,
-                  device: str | None = None, progress: bool = True,
-                  samples_per_batch: int | None = None, seed: int = 0,
+def joint_moments(modules: Sequence[fx.GraphModule], specs: Sequence[UnitSpec],
+                  calibration: Iterable[Any], example: tuple, device: str | None = None,
+                  progress: bool = True, samples_per_batch: int | None = None, seed: int = 0,
                   rotations: bool = True) -> dict[str, JointMoments]:
-    """Joint moments of A's and B's features in every free space with a probe (``spec_b``:
-    B's widths, where they differ from A's), over one pass of the calibration data. With
-    ``samples_per_batch``, each batch contributes at most that many samples (pixels, tokens)
-    to each space, drawn with ``seed``: the cost of a wide space's statistics is then bounded
-    by the number of batches, not by their size. With ``rotations`` (``symmetry="auto"``), a
-    rotation space is observed at its ``sites``."""
+    """Joint moments of the models' features (A's and B's, or N models') in every free space
+    with a probe (``specs``: each model's spec, for its widths), over one pass of the
+    calibration data through every model. With ``samples_per_batch``, each batch contributes
+    at most that many samples (pixels, tokens) to each space, drawn with ``seed``: the cost of
+    a wide space's statistics is then bounded by the number of batches, not by their size.
+    With ``rotations`` (``symmetry="auto"``), a rotation space is observed at its ``sites``."""
     device = torch.device(device) if device else torch.device("cpu")
+    spec = specs[0]
     # a block order (the heads of an attention) is matched through its blocks' units
     orders = {space.block_space for space in spec.spaces.values() if space.block_space}
     wanted = [s for s in spec.spaces
@@ -100,30 +102,26 @@ def joint_moments(module_a: fx.GraphModule, module_b: fx.GraphModule, spec: Unit
     probes = {spec.spaces[s].probe for s in wanted}
     if rotations:
         probes |= {node for s in wanted for node, _ in spec.spaces[s].sites}
-    moments = {s: JointMoments(spec.spaces[s].size, spec_b.spaces[s].size, device=device)
+    moments = {s: JointMoments(*(other.spaces[s].size for other in specs), device=device)
                for s in wanted}
-    module_a, module_b = module_a.to(device), module_b.to(device)
-    probes_a, probes_b = Probes(module_a, probes), Probes(module_b, probes)
+    observers = [Probes(module.to(device), probes) for module in modules]
     batches = 0
     with torch.no_grad():
         for index, batch in enumerate(tqdm(calibration, desc="collect-stats",
                                            disable=not progress, leave=False)):
             inputs = tuple(t.to(device) for t in check_batch(batch, example, index))
-            values_a, values_b = probes_a(*inputs), probes_b(*inputs)
+            values = [observe(*inputs) for observe in observers]
             draw = torch.Generator().manual_seed(seed * 1_000_003 + index)
             for space_id in wanted:
                 space = spec.spaces[space_id]
                 sites = space.sites if rotations else ()
                 for node, axis in sites or ((space.probe, None),):
-                    features_a = probe_features(values_a[node], space, axis)
-                    features_b = probe_features(values_b[node], space, axis)
+                    features = [probe_features(value[node], space, axis) for value in values]
                     if sites:
-                        features_a, features_b = _unit_energy(features_a), \
-                            _unit_energy(features_b)
+                        features = [_unit_energy(f) for f in features]
                     if samples_per_batch is not None:
-                        features_a, features_b = _subsample(features_a, features_b,
-                                                            samples_per_batch, draw)
-                    moments[space_id].update(features_a, features_b)
+                        features = _subsample(features, samples_per_batch, draw)
+                    moments[space_id].update(*features)
             _check_finite(moments, wanted, spec, index)
             batches += 1
     if total_batches(batches, device) == 0:
@@ -152,9 +150,8 @@ class CollectStats:
 
     def run(self, state: PipelineState) -> PipelineState:
         graphs, specs = state.require("graphs", self.name), state.require("specs", self.name)
-        moments = joint_moments(graphs[0], graphs[1], specs[0], specs[1], state.calibration,
-                                state.example, self.device, self.progress,
-                                self.samples_per_batch, self.seed,
-                                rotations=self.rotations and one_width(specs[0].shapes,
-                                                                       specs[1].shapes))
+        moments = joint_moments(graphs, specs, state.calibration, state.example, self.device,
+                                self.progress, self.samples_per_batch, self.seed,
+                                rotations=self.rotations and all(
+                                    one_width(specs[0].shapes, spec.shapes) for spec in specs))
         return state.evolve(moments=moments)

@@ -103,7 +103,7 @@ def occurrences(spec: UnitSpec, space_id: str,
     return result
 
 
-def _output_leaves(spec: UnitSpec) -> list[str]:
+def output_leaves(spec: UnitSpec) -> list[str]:
     """The free flat spaces that reach a model output (a backbone's hidden states)."""
     spaces = dict.fromkeys(space for axes in spec.outputs for space in axes
                            if space is not None and spec.is_free(space)
@@ -549,7 +549,7 @@ class Match:
         plans, summary = self._same_width(spec, moments, [s for s in leaves if s not in exclude],
                                           params_a, params_b)
         plans.update({s: solvers.average(spec.spaces[s].size) for s in exclude if s in leaves})
-        for space in _output_leaves(spec):  # merged outputs in A's basis where they can be
+        for space in output_leaves(spec):  # merged outputs in A's basis where they can be
             plans[space] = solvers.in_order_of(plans[space], outputs_in)
         return self._full(spec, plans), summary
 
@@ -709,7 +709,7 @@ class Match:
                 solve = functools.partial(solvers.procrustes, ones_fixed=space.ones_fixed)
             else:
                 joint = similarity(leaf)
-                if self.method in ("zip", "mudsc") and leaf in _output_leaves(spec):
+                if self.method in ("zip", "mudsc") and leaf in output_leaves(spec):
                     # each unit of an output keeps a merged unit of its own, in A's basis
                     solve = functools.partial(solvers.zip, alpha=self.alpha, beta=0.0)
             return None if joint is None else ({leaf: solve(joint, space.size, space.size)}, joint)

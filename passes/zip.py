@@ -11,13 +11,13 @@ import copy
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from mergec.algorithms.solvers import MergePlan
+from mergec.algorithms.solvers import ManyPlan, MergePlan
 from mergec.algorithms.tensors import apply_along, block_diagonal, diagonal_blocks
 from mergec.errors import MergeError
 from mergec.ir.fx import OUTPUT_MAP, aten_name, attach, is_guard, module_device, output_names
@@ -27,9 +27,10 @@ from mergec.ir.state import PipelineState
 log = logging.getLogger(__name__)
 
 
-def merge_entry(tensors: tuple[torch.Tensor, torch.Tensor], bindings: list[Binding],
-                plans: Mapping[str, MergePlan]) -> torch.Tensor:
-    """One merged state-dict entry from both models' tensors."""
+def merge_entry(tensors: tuple[torch.Tensor, ...], bindings: list[Binding],
+                plans: Mapping[str, MergePlan | ManyPlan]) -> torch.Tensor:
+    """One merged state-dict entry from every model's tensor (two, or N with
+    :class:`~mergec.algorithms.solvers.ManyPlan` plans)."""
     reference = tensors[0]
     if not reference.is_floating_point():
         return reference.clone()
@@ -42,22 +43,20 @@ def merge_entry(tensors: tuple[torch.Tensor, torch.Tensor], bindings: list[Bindi
         for binding in bindings:
             plan = plans[binding.space]
             if binding.role == "consumes":
-                unmerge = plan.unmerge_a if model == 0 else plan.unmerge_b
-                work = apply_along(work, binding.axis, unmerge.T)
+                work = apply_along(work, binding.axis, plan.unmerges[model].T)
             else:
-                merge = plan.merge_a if model == 0 else plan.merge_b
-                work = apply_along(work, binding.axis, merge)
+                work = apply_along(work, binding.axis, plan.merges[model])
         if groups is not None:
-            work = diagonal_blocks(work, groups[2])
+            work = diagonal_blocks(work, groups[-1])
         merged = work if merged is None else merged + work
     if not any(b.role != "consumes" for b in bindings):
-        merged = merged / 2
+        merged = merged / len(tensors)
     return merged.to(reference.dtype)
 
 
 def _group_counts(tensor: torch.Tensor, bindings: list[Binding],
-                  plans: Mapping[str, MergePlan]) -> tuple[int, int, int] | None:
-    """A grouped convolution's group counts in A, in B and merged (None for other entries):
+                  plans: Mapping[str, MergePlan | ManyPlan]) -> tuple[int, ...] | None:
+    """A grouped convolution's group counts in each model and merged (None for other entries):
     the channels of one group (the weight's input axis) stay, their number follows the width of
     the input space in each model and merged (a depthwise conv has as many groups as
     channels)."""
@@ -66,7 +65,7 @@ def _group_counts(tensor: torch.Tensor, bindings: list[Binding],
         return None
     per_group = tensor.shape[grouped.axis]
     plan = plans[grouped.space]
-    return plan.dim_a // per_group, plan.dim_b // per_group, plan.width // per_group
+    return tuple(d // per_group for d in plan.dims) + (plan.width // per_group,)
 
 
 def _b_alone(tensor: torch.Tensor, bindings: list[Binding], plans: Mapping[str, MergePlan],
@@ -80,33 +79,38 @@ def _b_alone(tensor: torch.Tensor, bindings: list[Binding], plans: Mapping[str, 
     return (alone.to(torch.float64) * factor).to(tensor.dtype)
 
 
-def merged_state(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
-                 spec: UnitSpec, plans: Mapping[str, MergePlan],
+def merged_state(states: Sequence[Mapping[str, torch.Tensor]], spec: UnitSpec,
+                 plans: Mapping[str, MergePlan | ManyPlan],
                  only_b: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
-    """The merged state dict. ``only_b`` maps keys that come from model B alone (blocks that
-    only B has) to a factor: the entry is factor · (B's entry in merged coordinates), where
-    B's share of an average is one half."""
+    """The merged state dict of the models' state dicts ``states`` (A's and B's, or N models'
+    with :class:`~mergec.algorithms.solvers.ManyPlan` plans). ``only_b`` maps keys that come
+    from model B alone (blocks that only B has) to a factor: the entry is factor · (B's entry
+    in merged coordinates), where B's share of an average is one half."""
     only_b = only_b or {}
     by_key: dict[str, list[Binding]] = {}
     for binding in spec.bindings:
         by_key.setdefault(binding.key, []).append(binding)
+    names = "AB" if len(states) == 2 else [f"model {index}" for index in range(len(states))]
     merged = {}
-    for key, tensor_a in state_a.items():
-        if key not in state_b:
-            raise MergeError(f"zip: model B has no state-dict entry {key!r}")
-        tensor_b = state_b[key]
+    for key, tensor_a in states[0].items():
+        tensors = [tensor_a]
         bound = {b.axis for b in by_key.get(key, [])}
-        if tensor_a.dim() != tensor_b.dim() or any(
-                tensor_a.shape[axis] != tensor_b.shape[axis]
-                for axis in range(tensor_a.dim()) if axis not in bound):
-            raise MergeError(f"zip: {key!r} has shape {tuple(tensor_a.shape)} in A and "
-                             f"{tuple(tensor_b.shape)} in B, and the axes that differ are "
-                             "not feature axes")
+        for name, other in zip(names[1:], states[1:]):
+            if key not in other:
+                raise MergeError(f"zip: {name if len(states) > 2 else 'model B'} has no "
+                                 f"state-dict entry {key!r}")
+            tensor = other[key]
+            if tensor_a.dim() != tensor.dim() or any(
+                    tensor_a.shape[axis] != tensor.shape[axis]
+                    for axis in range(tensor_a.dim()) if axis not in bound):
+                raise MergeError(f"zip: {key!r} has shape {tuple(tensor_a.shape)} in "
+                                 f"{names[0]} and {tuple(tensor.shape)} in {name}, and the "
+                                 "axes that differ are not feature axes")
+            tensors.append(tensor.to(tensor_a.device))
         if key in only_b:
-            merged[key] = _b_alone(tensor_b, by_key.get(key, []), plans, only_b[key])
+            merged[key] = _b_alone(tensors[1], by_key.get(key, []), plans, only_b[key])
             continue
-        merged[key] = merge_entry((tensor_a, tensor_b.to(tensor_a.device)),
-                                  by_key.get(key, []), plans)
+        merged[key] = merge_entry(tuple(tensors), by_key.get(key, []), plans)
     return merged
 
 
@@ -135,13 +139,14 @@ class Zip:
             maps = map_outputs(merged, specs[0], plans, bases)
         if specs[0].shapes != specs[1].shapes or any(
                 plan.width != specs[0].spaces[s].size for s, plan in plans.items()):
-            _check_runs(merged, state.example)
+            check_runs(merged, state.example)
         return state.evolve(merged=merged, output_maps=tuple(maps))
 
     def _emit(self, module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
               plans: Mapping[str, MergePlan], only_b: Mapping[str, float],
               stop: fx.Node | None) -> fx.GraphModule:
-        state = merged_state(module_a.state_dict(), module_b.state_dict(), spec, plans, only_b)
+        state = merged_state((module_a.state_dict(), module_b.state_dict()), spec, plans,
+                             only_b)
         if stop is None:
             merged = copy.deepcopy(module_a)
             original = merged.state_dict()
@@ -251,7 +256,7 @@ def _set_outputs(module: fx.GraphModule, output: fx.Node, result: Any,
     module.recompile()
 
 
-def _check_runs(module: fx.GraphModule, example: tuple) -> None:
+def check_runs(module: fx.GraphModule, example: tuple) -> None:
     """A merged model of new widths must run: a size the graph fixes elsewhere would not."""
     device = module_device(module)
     try:

@@ -9,6 +9,7 @@ batches, processes or hosts add up to exactly the statistics of one pass over al
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -60,7 +61,9 @@ def feature_view(x: Tensor, axis: int) -> Tensor:
 
 
 class JointMoments:
-    """Count, sum and sum of outer products of ``[x_a; x_b]``, accumulated in float64.
+    """Count, sum and sum of outer products of ``[x_a; x_b]`` (of ``[x_1; ...; x_N]`` for N
+    models: ``JointMoments(d_1, d_2, d_3)``), accumulated in float64. One accumulator holds the
+    statistics of every pair of models (:meth:`pair`).
 
     Example:
         >>> moments = JointMoments(dim_a=3, dim_b=2)
@@ -70,26 +73,38 @@ class JointMoments:
         torch.Size([5, 5])
     """
 
-    def __init__(self, dim_a: int, dim_b: int, device: torch.device | str | None = None) -> None:
-        if dim_a < 1 or dim_b < 1:
-            raise MergeError(
-                f"JointMoments: feature widths must be positive, got dim_a={dim_a}, dim_b={dim_b}"
-            )
-        self.dim_a = dim_a
-        self.dim_b = dim_b
-        dim = dim_a + dim_b
+    def __init__(self, dim_a: int, dim_b: int, *more: int,
+                 device: torch.device | str | None = None) -> None:
+        self.dims = (dim_a, dim_b, *more)
+        if any(dim < 1 for dim in self.dims):
+            raise MergeError(f"JointMoments: feature widths must be positive, got {self.dims}")
+        dim = sum(self.dims)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     @property
+    def dim_a(self) -> int:
+        return self.dims[0]
+
+    @property
+    def dim_b(self) -> int:
+        return self.dims[1]
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Where each model's features start in ``[x_1; ...; x_N]``."""
+        return tuple(sum(self.dims[:model]) for model in range(len(self.dims)))
+
+    @property
     def device(self) -> torch.device:
         return self.sum.device
 
-    def update(self, x_a: Tensor, x_b: Tensor) -> None:
+    def update(self, *features: Tensor) -> None:
         """Add the samples of one batch: ``x_a`` is ``[n, dim_a]`` and ``x_b`` ``[n, dim_b]``
         (rows, see :func:`feature_rows`), or both ``[n, dim, m]`` (see :func:`feature_view`:
-        ``n * m`` samples, as a conv feature map's pixels are, without copying them to rows).
+        ``n * m`` samples, as a conv feature map's pixels are, without copying them to rows);
+        one such tensor per model.
 
         The batch is centred on its own mean and its scatter computed by one matrix product in
         the features' precision (float32 at least); the float64 accumulators add it exactly.
@@ -97,9 +112,10 @@ class JointMoments:
         square: float32 scatters of 10^5-10^6 samples agree with a float64 computation to about
         1e-6 of the largest variance (tested), and a constant unit stays exactly constant.
         """
-        self._check_batch(x_a, x_b)
-        compute = torch.promote_types(torch.promote_types(x_a.dtype, x_b.dtype), torch.float32)
-        joint = torch.cat([x_a.detach().to(compute), x_b.detach().to(compute)], dim=1)
+        self._check_batch(features)
+        compute = functools.reduce(torch.promote_types, [x.dtype for x in features],
+                                   torch.float32)
+        joint = torch.cat([x.detach().to(compute) for x in features], dim=1)
         if joint.dim() == 3 and joint.shape[2] < joint.shape[1]:
             # few positions per sample (tokens, a linear layer's [n, d, 1]): a per-sample
             # product would be bigger than the data; rows are cheaper
@@ -123,27 +139,41 @@ class JointMoments:
         self.count += samples
         self.sum += total.to(self.device)
 
-    def _check_batch(self, x_a: Tensor, x_b: Tensor) -> None:
-        for name, x, dim in (("x_a", x_a, self.dim_a), ("x_b", x_b, self.dim_b)):
+    def _check_batch(self, features: tuple[Tensor, ...]) -> None:
+        if len(features) != len(self.dims):
+            raise MergeError(f"JointMoments.update: needs the features of {len(self.dims)} "
+                             f"models, got {len(features)}")
+        for index, (x, dim) in enumerate(zip(features, self.dims)):
             if x.dim() not in (2, 3) or x.shape[1] != dim:
+                name = ("x_a", "x_b")[index] if len(self.dims) == 2 else f"model {index}'s"
                 raise MergeError(
                     f"JointMoments.update: {name} must be [samples, {dim}] or "
                     f"[samples, {dim}, positions], got {tuple(x.shape)}; use feature_rows(x, "
                     "axis) or feature_view(x, axis) to bring the feature axis in place"
                 )
-        if x_a.shape[0] != x_b.shape[0] or x_a.shape[2:] != x_b.shape[2:]:
-            raise MergeError(
-                f"JointMoments.update: x_a is {tuple(x_a.shape)} but x_b is "
-                f"{tuple(x_b.shape)}; both models must see the same inputs"
-            )
+        first = features[0]
+        for x in features[1:]:
+            if x.shape[0] != first.shape[0] or x.shape[2:] != first.shape[2:]:
+                raise MergeError(
+                    f"JointMoments.update: x_a is {tuple(first.shape)} but x_b is "
+                    f"{tuple(x.shape)}; both models must see the same inputs"
+                )
+
+    def pair(self, first: int, second: int) -> JointMoments:
+        """The joint moments of models ``first`` and ``second`` alone, read from this
+        accumulator (no data is needed again)."""
+        index = torch.cat([torch.arange(self.dims[m], device=self.device) + self.offsets[m]
+                           for m in (first, second)])
+        result = JointMoments(self.dims[first], self.dims[second], device=self.device)
+        result.count = self.count.clone()
+        result.sum = self.sum[index]
+        result.sum_outer = self.sum_outer[index[:, None], index[None, :]]
+        return result
 
     def merge(self, other: JointMoments) -> None:
         """Add ``other``'s accumulators into this one (the statistics of both sample sets)."""
-        if (other.dim_a, other.dim_b) != (self.dim_a, self.dim_b):
-            raise MergeError(
-                f"JointMoments.merge: widths differ, ({self.dim_a}, {self.dim_b}) "
-                f"vs ({other.dim_a}, {other.dim_b})"
-            )
+        if other.dims != self.dims:
+            raise MergeError(f"JointMoments.merge: widths differ, {self.dims} vs {other.dims}")
         self.count += other.count.to(self.device)
         self.sum += other.sum.to(self.device)
         self.sum_outer += other.sum_outer.to(self.device)
@@ -189,7 +219,8 @@ class JointMoments:
 def activation_similarity(moments: JointMoments | None, size: int,
                           tie_break: Tensor | None = None, tie_scale: float = 1e-3
                           ) -> torch.Tensor:
-    """Joint ``(d_a + d_b)`` square correlation; identity-like when there are no statistics.
+    """Joint ``(d_a + d_b)`` square correlation (of N models' ``[x_1; ...; x_N]`` where
+    ``moments`` holds N); identity-like when there are no statistics.
 
     A unit that is constant on the calibration data (a dead ReLU) correlates with nothing. It
     never merges within its own model (-inf); across models it is as similar (1) to a unit
@@ -211,12 +242,12 @@ def activation_similarity(moments: JointMoments | None, size: int,
     if moments is None:
         return torch.eye(2 * size, dtype=torch.float64)
     joint = moments.correlation().to(torch.float64).cpu()
-    d_a = moments.dim_a if hasattr(moments, "dim_a") else size
     total = joint.shape[0]
-    d_b = total - d_a
+    dims = getattr(moments, "dims", (size, total - size))
+    starts = [sum(dims[:model]) for model in range(len(dims))]
+    model_of = torch.repeat_interleave(torch.arange(len(dims)), torch.tensor(dims))
     constant = (joint.diagonal() == 0).nonzero().squeeze(1)
     if len(constant):  # only the constant units' rows and columns change
-        model_of = torch.arange(total) >= d_a
         mean = moments.mean.to(torch.float64).cpu()[constant]
         equal = (mean[:, None] - mean[None, :]).abs() <= 1e-6 * (mean[:, None].abs()
                                                                 + mean[None, :].abs() + 1e-12)
@@ -233,7 +264,9 @@ def activation_similarity(moments: JointMoments | None, size: int,
         rows[torch.arange(len(constant)), constant] = 0.0
         joint[constant] = rows
         joint[:, constant] = rows.T
-    ties = torch.arange(min(d_a, d_b))
-    joint[ties, d_a + ties] += 1e-6
-    joint[d_a + ties, ties] += 1e-6
+    for first in range(len(dims)):
+        for second in range(first + 1, len(dims)):
+            ties = torch.arange(min(dims[first], dims[second]))
+            joint[starts[first] + ties, starts[second] + ties] += 1e-6
+            joint[starts[second] + ties, starts[first] + ties] += 1e-6
     return joint

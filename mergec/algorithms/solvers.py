@@ -13,6 +13,7 @@ of the ZipIt! algorithm.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import math
 from collections.abc import Callable
@@ -87,6 +88,21 @@ class MergePlan:
         """Width d_b of B's space."""
         return self.merge_b.shape[1]
 
+    @property
+    def dims(self) -> tuple[int, int]:
+        """Each model's width (d_a, d_b)."""
+        return self.dim_a, self.dim_b
+
+    @property
+    def merges(self) -> tuple[Tensor, Tensor]:
+        """Each model's merge matrix, in model order (as :class:`ManyPlan` has them)."""
+        return self.merge_a, self.merge_b
+
+    @property
+    def unmerges(self) -> tuple[Tensor, Tensor]:
+        """Each model's unmerge matrix, in model order."""
+        return self.unmerge_a, self.unmerge_b
+
     def merge_features(self, x_a: Tensor, x_b: Tensor) -> Tensor:
         """Merged features ``[..., r]`` of feature-last ``x_a [..., d_a]``, ``x_b [..., d_b]``."""
         return x_a @ self.merge_a.T.to(x_a) + x_b @ self.merge_b.T.to(x_b)
@@ -94,6 +110,62 @@ class MergePlan:
     def unmerge_features(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Each model's features recovered from merged features ``z [..., r]``."""
         return z @ self.unmerge_a.T.to(z), z @ self.unmerge_b.T.to(z)
+
+
+@dataclass(frozen=True)
+class ManyPlan:
+    """How to merge one space of N models: ``z = Σ_m merges[m] @ x_m``, ``x_m ≈ unmerges[m] @
+    z``; ``merges[m]`` is r × d_m and ``unmerges[m]`` d_m × r. :class:`MergePlan` is the
+    two-model case, and :meth:`pair` reads one off.
+
+    >>> plan = ManyPlan.average(2, models=3)
+    >>> plan.width, plan.dims, plan.merges[2][0, 0].item()
+    (2, (2, 2, 2), 0.3333333333333333)
+    """
+
+    merges: tuple[Tensor, ...]
+    unmerges: tuple[Tensor, ...]
+
+    def __post_init__(self) -> None:
+        """Refuses matrices whose shapes do not make one plan."""
+        width = self.merges[0].shape[0] if self.merges else 0
+        if len(self.merges) < 2 or len(self.merges) != len(self.unmerges) or any(
+                m.dim() != 2 or u.dim() != 2 or m.shape[0] != width
+                or tuple(u.shape) != (m.shape[1], width)
+                for m, u in builtins.zip(self.merges, self.unmerges)):
+            shapes = [(tuple(m.shape), tuple(u.shape))
+                      for m, u in builtins.zip(self.merges, self.unmerges)]
+            raise MergeError("ManyPlan: expected, for each of at least two models, merge r×d "
+                             f"and unmerge d×r; got {shapes}")
+
+    @classmethod
+    def average(cls, d: int, models: int) -> ManyPlan:
+        """Unit i of every model merged with unit i of the others, averaged."""
+        identity = torch.eye(d, dtype=torch.float64)
+        return cls(tuple(identity / models for _ in range(models)),
+                   tuple(identity.clone() for _ in range(models)))
+
+    @property
+    def width(self) -> int:
+        return self.merges[0].shape[0]
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(m.shape[1] for m in self.merges)
+
+    def pair(self, model: int) -> MergePlan:
+        """Model 0's and model ``model``'s matrices as a two-model plan (A = model 0)."""
+        return MergePlan(self.merges[0], self.merges[model], self.unmerges[0],
+                         self.unmerges[model])
+
+    def in_order_of(self, model: int = 0) -> ManyPlan:
+        """The same merge with merged unit i as unit i of ``model`` where every unit of that
+        model has a merged unit of its own (see :func:`in_order_of`)."""
+        order = as_permutation(self.unmerges[model])
+        if order is None or torch.equal(order, torch.arange(len(order), device=order.device)):
+            return self
+        return ManyPlan(tuple(m.index_select(0, order) for m in self.merges),
+                        tuple(u.index_select(1, order) for u in self.unmerges))
 
 
 def in_order_of(plan: MergePlan, model: int = 0) -> MergePlan:
@@ -325,8 +397,8 @@ def zip(  # noqa: A001 - the name of the ZipIt! algorithm
             f"{budgets} leave at least {narrowest} features for d_a={d_a}, d_b={d_b}; "
             "raise beta or the target"
         )
-    labels = _greedy_zip(correlation, d_a, d_b, target, alpha, budgets)
-    return _plan_from_labels(labels, d_a, d_b, correlation.device)
+    labels = _greedy_zip(correlation, (d_a, d_b), target, alpha, budgets)
+    return _plan_from_labels(labels, (d_a, d_b), correlation.device).pair(1)
 
 
 def elastic_zip(
@@ -355,8 +427,57 @@ def elastic_zip(
         raise MergeError(f"elastic_zip: alpha (similarity decay) must be in [0, 1], got {alpha}")
     merges = d_a + d_b - target
     budgets = tuple(math.ceil(d * merges / (d_a + d_b)) for d in (d_a, d_b))
-    labels = _greedy_zip(correlation, d_a, d_b, target, alpha, budgets)
-    return _plan_from_labels(labels, d_a, d_b, correlation.device)
+    labels = _greedy_zip(correlation, (d_a, d_b), target, alpha, budgets)
+    return _plan_from_labels(labels, (d_a, d_b), correlation.device).pair(1)
+
+
+def zip_many(correlation: Tensor, dims: tuple[int, ...], target: int | None = None, *,
+             alpha: float = 0.0, beta: float = 0.0) -> ManyPlan:
+    """ZipIt! for N models: greedily merge ``[x_1; ...; x_N]`` (``correlation`` its joint
+    square matrix, ``dims`` each model's width) down to ``target`` features (default the widest
+    model's width). As in :func:`zip`, each model may merge ``floor(beta * d_m)`` pairs of
+    features within itself (where every model has one width and ``target`` is that width);
+    otherwise each model's budget is its share of the merges, as in :func:`elastic_zip`. A
+    merged feature averages its originals. Two models give :func:`zip`'s and
+    :func:`elastic_zip`'s plan.
+
+    >>> x = torch.randn(200, 2)
+    >>> joint = torch.corrcoef(torch.cat([x, x.flip(1), x], dim=1).T)
+    >>> zip_many(joint, (2, 2, 2), alpha=0.5).merges[1]
+    tensor([[0.0000, 0.3333],
+            [0.3333, 0.0000]])
+    """
+    total = sum(dims)
+    if len(dims) < 2:
+        raise MergeError(f"zip_many: needs at least two models, got widths {dims}")
+    _check_joint(correlation, dims[0], total - dims[0], "zip_many")
+    target = max(dims) if target is None else target
+    if not 1 <= target <= total:
+        raise MergeError(f"zip_many: target width must be in [1, {total}], got {target}")
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not 0.0 <= value <= 1.0:
+            raise MergeError(f"zip_many: {name} must be in [0, 1], got {value}")
+    merges = total - target
+    if len(set(dims)) == 1 and target == dims[0]:
+        budgets = tuple(math.floor(beta * d + 1e-9) for d in dims)
+    else:
+        budgets = tuple(math.ceil(d * merges / total) for d in dims)
+    extra = 0
+    while True:
+        try:
+            labels = _greedy_zip(correlation, dims, target, alpha,
+                                 tuple(b + extra for b in budgets))
+            return _plan_from_labels(labels, dims, torch.device("cpu"))
+        except MergeError:
+            # with three models or more the greedy can leave merged features that cannot
+            # join (every two share a model) before the target width: each model may then
+            # merge ``extra`` more pairs within itself, the least similar choice of all
+            if extra >= max(dims):
+                raise
+            extra = max(1, 2 * extra)
+            correlation = correlation.clamp(min=-2.0)
+            logger.info("zip_many: stuck before width %d; within-model budgets raised by %d",
+                        target, extra)
 
 
 def _row_max(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -376,17 +497,19 @@ class _ZipState:
     -10^5 steps of 64 features), single-threaded, which a row of a few thousand values needs.
     """
 
-    def __init__(self, similarity: Tensor, d_a: int, budgets: tuple[int, int]) -> None:
+    def __init__(self, similarity: Tensor, dims: tuple[int, ...], budgets: tuple[int, ...]
+                 ) -> None:
         """Every feature its own merged feature; within-model merges barred where a budget is 0."""
         size = similarity.shape[0]
         self.similarity = similarity.detach().to("cpu", torch.float64).numpy().copy()
         np.fill_diagonal(self.similarity, -np.inf)
         self.labels = np.arange(size)
-        self.has_model = np.zeros((size, 2), dtype=bool)
-        self.has_model[:d_a, 0] = True
-        self.has_model[d_a:, 1] = True
+        self.has_model = np.zeros((size, len(dims)), dtype=bool)
+        starts = np.cumsum((0,) + tuple(dims))
+        for model in range(len(dims)):
+            self.has_model[starts[model]:starts[model + 1], model] = True
         self.budgets = list(budgets)
-        for model in (0, 1):
+        for model in range(len(dims)):
             if self.budgets[model] == 0:
                 self._forbid_within(model)
         self.row_best, self.row_best_index = _row_max(self.similarity)
@@ -412,8 +535,12 @@ class _ZipState:
         self.labels[self.labels == gone] = keep
         self.has_model[keep] |= self.has_model[gone]
         decayed = np.minimum(self.similarity[keep], self.similarity[gone])
-        finite = np.isfinite(decayed)
-        decayed[finite] *= alpha
+        if within.any() or self.has_model[keep].all():
+            # a merged feature decays once it holds a unit of every model (two models: after
+            # every merge) or merged within a model; one still missing a model (three models
+            # or more) keeps its similarity to the units it lacks
+            finite = np.isfinite(decayed)
+            decayed[finite] *= alpha
         self.similarity[gone, :] = -np.inf
         self.similarity[:, gone] = -np.inf
         newly_exhausted = self._spend_budget(within)
@@ -430,7 +557,7 @@ class _ZipState:
     def _spend_budget(self, within: np.ndarray) -> list[int]:
         """Spends the budgets of the models a merge was within; the models just exhausted."""
         newly_exhausted = []
-        for model in (0, 1):
+        for model in range(len(self.budgets)):
             if within[model]:
                 self.budgets[model] -= 1
                 if self.budgets[model] == 0:
@@ -452,28 +579,27 @@ class _ZipState:
         self.row_best_index[improved] = keep
 
 
-def _greedy_zip(
-    similarity: Tensor, d_a: int, d_b: int, target: int, alpha: float, budgets: tuple[int, int]
-) -> Tensor:
+def _greedy_zip(similarity: Tensor, dims: tuple[int, ...], target: int, alpha: float,
+                budgets: tuple[int, ...]) -> Tensor:
     """Label of the merged feature of every original feature after greedy merging to ``target``."""
-    state = _ZipState(similarity, d_a, budgets)
-    for _ in range(d_a + d_b - target):
+    state = _ZipState(similarity, dims, budgets)
+    for _ in range(sum(dims) - target):
         keep, gone = state.best_pair()
         state.merge(keep, gone, alpha)
-    logger.debug("zip: %d + %d features -> %d, budgets left %s", d_a, d_b, target, state.budgets)
+    logger.debug("zip: %s features -> %d, budgets left %s", dims, target, state.budgets)
     return torch.from_numpy(state.labels)
 
 
-def _plan_from_labels(labels: Tensor, d_a: int, d_b: int, device: torch.device) -> MergePlan:
+def _plan_from_labels(labels: Tensor, dims: tuple[int, ...], device: torch.device) -> ManyPlan:
     """Averaging merge and copying unmerge for a clustering of the original features."""
     survivors, merged_index = torch.unique(labels, sorted=True, return_inverse=True)
-    unmerge = torch.zeros(d_a + d_b, len(survivors))
-    unmerge[torch.arange(d_a + d_b), merged_index] = 1.0
+    total = sum(dims)
+    unmerge = torch.zeros(total, len(survivors))
+    unmerge[torch.arange(total), merged_index] = 1.0
     merge = (unmerge / unmerge.sum(dim=0, keepdim=True)).T.contiguous()
     unmerge, merge = unmerge.to(device), merge.to(device)
-    return MergePlan(
-        merge[:, :d_a].contiguous(),
-        merge[:, d_a:].contiguous(),
-        unmerge[:d_a].contiguous(),
-        unmerge[d_a:].contiguous(),
-    )
+    pieces = torch.tensor(dims).cumsum(0).tolist()
+    starts = [0] + pieces[:-1]
+    bounds = list(builtins.zip(starts, pieces))
+    return ManyPlan(tuple(merge[:, a:b].contiguous() for a, b in bounds),
+                    tuple(unmerge[a:b].contiguous() for a, b in bounds))

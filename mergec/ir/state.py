@@ -155,6 +155,7 @@ class PipelineState:
     - ``plans``, ``summaries``: match's merge plan and report entry per space.
     - ``merged``: zip's merged module; ``output_maps``: how zip mapped each output axis in a
       free space back into a model's basis; ``repair``: what repair did.
+    - ``many``: what :func:`mergec.merge_many` decided for N models (empty for a pair).
     - ``timings``: wall seconds of every pass that ran, in the order they ran.
     - ``peak_memory``: per pass that ran, its peak host (resident set) and CUDA bytes, None
       where the system cannot say (:mod:`mergec.memory`).
@@ -177,6 +178,7 @@ class PipelineState:
     merged: fx.GraphModule | None = None
     output_maps: tuple[Mapping[str, str], ...] = ()
     repair: Mapping[str, Any] = field(default_factory=dict)
+    many: Mapping[str, Any] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
     peak_memory: Mapping[str, Mapping[str, int | None]] = field(default_factory=dict)
 

@@ -1,0 +1,375 @@
+"""``mergec.merge_many``: N trained models of one architecture in, one merged module out.
+
+Every model is traced and annotated by the pipeline's own passes (run pairwise as
+(model 0, model m) up to align-depth), then matched to one universe of units:
+
+- ``zip``: ZipIt!'s N-way greedy zip on the joint correlation of all N models' features,
+  ``[x_1; ...; x_N]``, accumulated in one pass of the calibration data through all of them
+  (one accumulator per space holds every pair's statistics); each model has its own budget of
+  within-model merges (β of its width). The flat spaces (channels, hidden units) are zipped;
+  structured ones (attention heads, GroupNorm groups) are not merged N-way yet.
+- ``permute`` and ``weight-match``: each model is first aligned to model 0 by the pairwise
+  match (Hungarian on the activations' correlation, or Git Re-Basin's weight matching), then
+  the alignment is refined MergeMany-style: in rounds, each model in a seeded random order,
+  model 0 included, is matched again to the mean of the other N - 1 models as aligned so far,
+  until a round changes nothing (at most ``rounds``). So no model's units are the reference
+  of the result: model 0 moves like the others. The result's units are finally labelled in
+  model 0's order, which changes no weight of the merge, so that the features it returns come
+  out in model 0's basis.
+- ``average``: unit i of every model with unit i of the others.
+
+The merged weights are Σ_m M_m W_m U_m over the N models (:func:`~mergec.passes.zip.
+merged_state`), and BatchNorm statistics are reset on the calibration data (``repair="reset"``).
+Two models go through the same code; the options it does not cover (mudsc, partial zipping,
+REPAIR, ``outputs="both"``, models of different depths, zipping heads) are merged by
+:func:`mergec.merge` for two models and refused for more.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import replace
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import fx, nn
+
+from mergec.algorithms.covariance import JointMoments, activation_similarity
+from mergec.algorithms.solvers import ManyPlan, zip_many
+from mergec.errors import MergeError
+from mergec.inputs import check_calibration, check_device, check_models
+from mergec.ir.fx import as_args
+from mergec.ir.spec import UnitSpec
+from mergec.ir.state import MergeOptions, PipelineState
+from mergec.merge import MergeResult, merge, report_of
+from mergec.passes.collect_stats import joint_moments
+from mergec.passes.match import full_plan, is_leaf, output_leaves, resized
+from mergec.passes.repair import reset_batch_norms
+from mergec.passes.zip import check_runs, map_outputs, merged_state, resize_module
+from mergec.pipeline import build_passes, run_pipeline
+
+log = logging.getLogger(__name__)
+
+#: The methods that merge N models at once.
+MANY_METHODS = ("average", "permute", "weight-match", "zip")
+#: A transport of a model's units into the universe is orthogonal to this tolerance.
+ORTHOGONAL_TOLERANCE = 1e-6
+
+
+def merge_many(models: Sequence[nn.Module], example_inputs: Any, calibration: Iterable[Any], *,
+               method: str = "zip", alpha: float = 0.5, beta: float = 0.5, width: Any = "max",
+               repair: str | None = "reset", device: str | None = None, seed: int = 0,
+               progress: bool = True, samples_per_batch: int | None = None,
+               symmetry: str = "auto", outputs: str = "auto", rounds: int = 5,
+               **options: Any) -> MergeResult:
+    """Merges N ≥ 2 trained models of one architecture into one (see the module's text for
+    how each method treats N). ``models[0]`` is model A of :func:`mergec.merge`: its graph is
+    the merged model's, and the features the merge returns come out in its basis. ``width``
+    (zip) is the merged width of every flat space: ``"max"`` (the widest model's), ``"min"``,
+    ``"a"`` (model 0's), ``"sum"`` (nothing merged: the merged model computes the mean of the
+    N models' logits), a fraction of the sum of the widths, or an int. ``rounds`` bounds the
+    refinement rounds of permute and weight-match (0: every model aligned to model 0 alone).
+    The other options are :func:`mergec.merge`'s; ``report.many`` says what the N-way steps
+    decided.
+
+    Example::
+
+        result = mergec.merge_many([model_1, model_2, model_3], x[:8], batches,
+                                   method="zip", alpha=0.5, beta=0.5)
+    """
+    models = tuple(models)
+    if len(models) < 2 or not all(isinstance(m, nn.Module) for m in models):
+        raise MergeError(f"merge_many: needs at least two torch.nn.Module models, got "
+                         f"{', '.join(type(m).__name__ for m in models) or 'none'}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise MergeError(f"merge_many: rounds must be an int >= 0, got {rounds!r}")
+    settings = dict(method=method, alpha=alpha, beta=beta, width=width, repair=repair,
+                    device=device, seed=seed, progress=progress,
+                    samples_per_batch=samples_per_batch, symmetry=symmetry, outputs=outputs,
+                    **options)
+    unknown = set(options) - set(MergeOptions.__dataclass_fields__)
+    if unknown:
+        raise MergeError(f"merge_many: unknown option {', '.join(sorted(unknown))}")
+    merge_options = MergeOptions(**settings)  # every option checked before any work
+    gap = _unsupported(merge_options)
+    if gap is not None:
+        return _two_or_refuse(models, example_inputs, calibration, settings, gap)
+    example = as_args(example_inputs)
+    check_models(models, example)
+    check_device(device)
+    calibration = check_calibration(calibration)
+    if isinstance(calibration, Iterator):
+        calibration = list(calibration)
+    start = time.perf_counter()
+    prepared = _prepare(merge_options, models, example, calibration)
+    gap = _unsupported_graphs(merge_options, prepared)
+    if gap is not None:
+        return _two_or_refuse(models, example_inputs, calibration, settings, gap)
+    state = _merge_prepared(merge_options, prepared, example, calibration, rounds)
+    report = report_of(state)
+    report.many["seconds"] = time.perf_counter() - start
+    return MergeResult(module=state.merged, report=report)
+
+
+def _unsupported(options: MergeOptions) -> str | None:
+    """Why the N-way code does not merge with ``options``, or None."""
+    if options.method not in MANY_METHODS:
+        return (f"method {options.method!r} merges two models; N models merge with "
+                f"{', '.join(MANY_METHODS)}")
+    if options.partial:
+        return "partial zipping (stop_at, heads='separate') merges two models"
+    if options.repair == "repair":
+        return "REPAIR (repair='repair') merges two models; use repair='reset'"
+    if options.outputs == "both":
+        return "outputs='both' returns two models' bases"
+    if options.method != "zip" and options.width not in ("max", "min", "a"):
+        return (f"width {options.width!r} is a zip option; {options.method} keeps the "
+                "models' width")
+    return None
+
+
+def _two_or_refuse(models: tuple[nn.Module, ...], example_inputs: Any,
+                   calibration: Iterable[Any], settings: dict, gap: str) -> MergeResult:
+    """Two models the N-way code does not cover go to :func:`mergec.merge`; more are refused."""
+    if len(models) == 2:
+        log.info("merge_many: %s; the pair is merged by merge()", gap)
+        return merge(models[0], models[1], example_inputs, calibration, **settings)
+    raise MergeError(f"merge_many: {gap}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation: each model traced and annotated by the pipeline's passes
+# ---------------------------------------------------------------------------------------------
+def _prepare(options: MergeOptions, models: tuple[nn.Module, ...], example: tuple,
+             calibration: Iterable[Any]) -> list[PipelineState]:
+    """One pipeline state per model m ≥ 1, of the pair (model 0, model m), run up to
+    align-depth. N-way zip merges permutation spaces only (no rotations)."""
+    if options.method == "zip":
+        options = replace(options, symmetry="permutation")
+    states = []
+    for index, model in enumerate(models[1:], start=1):
+        log.info("merge_many: preparing model %d of %d", index + 1, len(models))
+        state = PipelineState(options=options, models=(models[0], model), example=example,
+                              calibration=calibration)
+        states.append(run_pipeline(state, build_passes(options), stop_after="align-depth"))
+    return states
+
+
+def _unsupported_graphs(options: MergeOptions, prepared: list[PipelineState]) -> str | None:
+    """Why the N-way code does not merge these graphs, or None."""
+    if any(state.depth is not None for state in prepared):
+        return "the models differ in depth; merge_many merges models of one depth"
+    spec = prepared[0].specs[0]
+    if options.method == "zip":
+        for space_id, space in spec.spaces.items():
+            if is_leaf(spec, space_id) and spec.is_free(space_id) and space.kind != "flat":
+                return (f"zip merges the flat spaces of N models; space {space_id} "
+                        f"({space.origin}) is {space.block_count} blocks (attention heads or "
+                        "GroupNorm groups): use method='permute' or 'weight-match'")
+    elif any(state.specs[0].shapes != state.specs[1].shapes for state in prepared):
+        return f"the models differ in width; {options.method} merges models of one width (zip)"
+    return None
+
+
+def _merge_prepared(options: MergeOptions, prepared: list[PipelineState], example: tuple,
+                    calibration: Iterable[Any], rounds: int) -> PipelineState:
+    """Plans for every space, the merged module and its reset statistics."""
+    graphs = (prepared[0].graphs[0],) + tuple(state.graphs[1] for state in prepared)
+    specs = (prepared[0].specs[0],) + tuple(state.specs[1] for state in prepared)
+    timings: dict[str, float] = {}
+    for state in prepared:
+        for name, seconds in state.timings.items():
+            timings[name] = timings.get(name, 0.0) + seconds
+    start = time.perf_counter()
+    if options.method == "zip":
+        plans, summaries, moments, many = _zip_plans(options, graphs, specs, example,
+                                                     calibration)
+    else:
+        plans, summaries, many = _aligned_plans(options, graphs, specs, example, calibration,
+                                                rounds)
+        moments = {}
+    timings["match"] = timings.get("match", 0.0) + time.perf_counter() - start
+    start = time.perf_counter()
+    merged, maps = _emit(graphs, specs, plans, example)
+    timings["zip"] = time.perf_counter() - start
+    start = time.perf_counter()
+    reset = 0 if options.repair is None else reset_batch_norms(
+        merged, calibration, example, options.device, options.progress)
+    timings["repair"] = time.perf_counter() - start
+    if options.device:
+        merged.to(options.device)
+    pairs = {s: plan.pair(1) for s, plan in plans.items()}
+    return prepared[0].evolve(
+        graphs=graphs, specs=specs, plans=pairs, summaries=summaries, merged=merged,
+        moments={s: m.pair(0, 1) for s, m in moments.items()}, output_maps=tuple(maps),
+        repair={"batch_norms_reset": reset}, timings=timings,
+        many={"models": len(graphs), **many})
+
+
+def _emit(graphs: tuple[fx.GraphModule, ...], specs: tuple[UnitSpec, ...],
+          plans: dict[str, ManyPlan], example: tuple) -> tuple[fx.GraphModule, list[dict]]:
+    """A copy of model 0's graph module holding the merged weights (resized where the merged
+    widths differ), its free outputs mapped into model 0's basis."""
+    spec = specs[0]
+    state = merged_state([graph.state_dict() for graph in graphs], spec, plans)
+    merged = copy.deepcopy(graphs[0])
+    original = merged.state_dict()
+    resizing = any(state[key].shape != original[key].shape for key in state)
+    if resizing:
+        resize_module(merged, state, {s: p.width for s, p in plans.items()}, spec)
+    else:
+        merged.load_state_dict(state)
+    maps = map_outputs(merged, spec, {s: p.pair(1) for s, p in plans.items()}, (0,))
+    if resizing:
+        check_runs(merged, example)
+    return merged, maps
+
+
+# ---------------------------------------------------------------------------------------------
+# zip: ZipIt!'s N-way greedy on one joint accumulator per space
+# ---------------------------------------------------------------------------------------------
+def _zip_plans(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
+               specs: tuple[UnitSpec, ...], example: tuple, calibration: Iterable[Any]
+               ) -> tuple[dict[str, ManyPlan], dict[str, dict], dict[str, JointMoments], dict]:
+    """Every space's N-way plan: the flat free leaves zipped on their joint correlation (β = 0
+    in a space that reaches an output, relabelled to model 0's order there), the others kept
+    unit by unit."""
+    moments = joint_moments(graphs, specs, calibration, example, options.device,
+                            options.progress, options.samples_per_batch, options.seed,
+                            rotations=False)
+    spec, count = specs[0], len(graphs)
+    outputs = set(output_leaves(spec))
+    leaf_plans, summaries, widths = {}, {}, {}
+    for space_id, space in spec.spaces.items():
+        if not is_leaf(spec, space_id):
+            continue
+        dims = tuple(other.spaces[space_id].size for other in specs)
+        if not spec.is_free(space_id) or space_id not in moments:
+            leaf_plans[space_id] = ManyPlan.average(space.size, count)
+            continue
+        target = _target_width(dims, options.width)
+        similarity = activation_similarity(moments[space_id], space.size)
+        plan = zip_many(similarity, dims, target, alpha=options.alpha,
+                        beta=0.0 if space_id in outputs else options.beta)
+        leaf_plans[space_id] = plan.in_order_of(0) if space_id in outputs else plan
+        widths[space_id] = plan.width
+        summaries[space_id] = _zip_summary(leaf_plans[space_id], similarity)
+    merged = resized(spec, widths)
+    plans = {}
+    for space_id in spec.spaces:
+        pairs = [full_plan(spec, space_id, {s: p.pair(m) for s, p in leaf_plans.items()},
+                           spec_b=specs[m], merged=merged) for m in range(1, count)]
+        plans[space_id] = ManyPlan((pairs[0].merge_a, *(p.merge_b for p in pairs)),
+                                   (pairs[0].unmerge_a, *(p.unmerge_b for p in pairs)))
+    return plans, summaries, moments, {"alpha": options.alpha, "beta": options.beta}
+
+
+def _target_width(dims: tuple[int, ...], width: Any) -> int:
+    """The merged width of a flat space whose models have widths ``dims``."""
+    named = {"max": max(dims), "min": min(dims), "a": dims[0], "sum": sum(dims)}
+    if width in named and isinstance(width, str):
+        return named[width]
+    if width == "b":
+        raise MergeError("merge_many: width='b' names model B of a pair; give N models' "
+                         "merged width as 'max', 'min', 'a', 'sum', a fraction or an int")
+    if isinstance(width, float):
+        return max(1, round(width * sum(dims)))
+    return min(width, sum(dims))
+
+
+def _zip_summary(plan: ManyPlan, similarity: torch.Tensor) -> dict:
+    """What the report keeps of an N-way zip: width, and how many merged units hold a unit of
+    every model, of some, of one."""
+    members = torch.stack([(u.to_dense() > 0).sum(dim=0) for u in plan.unmerges])  # N × r
+    models_in = (members > 0).sum(dim=0)
+    return {"width": plan.width, "units_of_all_models": int((models_in == len(plan.dims)).sum()),
+            "units_of_one_model": int((models_in == 1).sum()),
+            "within_model_merges": int((members - 1).clamp(min=0).sum())}
+
+
+# ---------------------------------------------------------------------------------------------
+# permute, weight-match, average: every model aligned to a universe, MergeMany-style
+# ---------------------------------------------------------------------------------------------
+def _aligned_plans(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
+                   specs: tuple[UnitSpec, ...], example: tuple, calibration: Iterable[Any],
+                   rounds: int) -> tuple[dict[str, ManyPlan], dict[str, dict], dict]:
+    """Each model's transport into the universe (an orthogonal map per space: a permutation,
+    or a rotation of a residual stream), first to model 0, then refined against the mean of
+    the others, finally labelled in model 0's order; the plans average the aligned models."""
+    count = len(graphs)
+    identity = {s: torch.eye(space.size, dtype=torch.float64)
+                for s, space in specs[0].spaces.items()}
+    transports = [identity] + [
+        _transport(_match(options, graphs[0], graphs[m], specs[0], specs[m], example,
+                          calibration), identity) for m in range(1, count)]
+    history = []
+    if options.method != "average" and count > 2:
+        draw = torch.Generator().manual_seed(options.seed)
+        for round_index in range(rounds):
+            changed = {}
+            for m in torch.randperm(count, generator=draw).tolist():
+                others = [j for j in range(count) if j != m]
+                mean = _mean_module(graphs, specs[0], transports, others)
+                new = _transport(_match(options, mean, graphs[m], specs[0], specs[m], example,
+                                        calibration), identity)
+                changed[m] = sum(not torch.allclose(new[s], transports[m][s], atol=1e-9)
+                                 for s in new)
+                transports[m] = new
+            history.append({"round": round_index + 1, "spaces_changed": changed})
+            if not any(changed.values()):
+                break
+    back = {s: t.T for s, t in transports[0].items()}  # the universe in model 0's order
+    transports = [{s: back[s] @ t[s] for s in t} for t in transports]
+    plans = {s: ManyPlan(tuple(t[s] / count for t in transports),
+                         tuple(t[s].T.contiguous() for t in transports)) for s in identity}
+    summaries = {s: {"width": specs[0].spaces[s].size,
+                     "moved_units": [int((t[s].diagonal() != 1).sum()) for t in transports]}
+                 for s in identity if specs[0].is_free(s)}
+    return plans, summaries, {"refinement": history, "rounds": len(history)}
+
+
+def _match(options: MergeOptions, module_a: fx.GraphModule, module_b: fx.GraphModule,
+           spec_a: UnitSpec, spec_b: UnitSpec, example: tuple, calibration: Iterable[Any]
+           ) -> dict:
+    """The pairwise plans of two traced, annotated modules (collect-stats and match)."""
+    if options.method == "average":
+        return {}
+    passes = {p.name: p for p in build_passes(options)}
+    state = PipelineState(options=options, models=(module_a, module_b), example=example,
+                          calibration=calibration, graphs=(module_a, module_b),
+                          specs=(spec_a, spec_b))
+    state = run_pipeline(state, [passes["collect-stats"], passes["match"]])
+    return dict(state.plans)
+
+
+def _transport(plans: dict, identity: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each space's map of B's units into A's, ``2 · unmerge_a · merge_b``, from a pairwise
+    plan that pairs each unit of B with one of A (a permutation) or rotates B onto A; the
+    identity where there is no plan (average)."""
+    result = dict(identity)
+    for space_id, plan in plans.items():
+        unmerge_a, merge_b = (m.to_dense().to(torch.float64) for m in (plan.unmerge_a,
+                                                                      plan.merge_b))
+        transport = 2.0 * unmerge_a @ merge_b
+        gram = transport @ transport.T
+        if not torch.allclose(gram, torch.eye(len(gram), dtype=gram.dtype),
+                              atol=ORTHOGONAL_TOLERANCE):
+            raise MergeError(f"merge_many: the match of space {space_id} is not a permutation "
+                             "or a rotation; it cannot align a model to the others")
+        result[space_id] = transport
+    return result
+
+
+def _mean_module(graphs: tuple[fx.GraphModule, ...], spec: UnitSpec,
+                 transports: list[dict[str, torch.Tensor]], members: list[int]
+                 ) -> fx.GraphModule:
+    """The mean of the models ``members`` as aligned so far, in model 0's graph (its
+    BatchNorm statistics the mean of theirs: the mean of copies of one model is that model)."""
+    share = 1.0 / len(members)
+    plans = {s: ManyPlan(tuple(transports[m][s] * share for m in members),
+                         tuple(transports[m][s].T.contiguous() for m in members))
+             for s in transports[0]}
+    mean = copy.deepcopy(graphs[0])
+    mean.load_state_dict(merged_state([graphs[m].state_dict() for m in members], spec, plans))
+    return mean
