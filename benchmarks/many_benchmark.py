@@ -20,13 +20,22 @@ Usage::
 """
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from merge_benchmark import Config, Data, train_parent
+import torch
+from _doc import cpu_name, write_section
+from merge_benchmark import Config, Data, git_commit, load_data, train_parent
 from torch import nn
 
+from mergec.many import merge_many
 from mergec_lab.datasets import class_subset
+from mergec_lab.training import predict_logits
 
 log = logging.getLogger("many_benchmark")
 
@@ -50,3 +59,139 @@ def train_parents(config: Config, data: Data, tasks: tuple[tuple[int, ...], ...]
         models.append(train_parent(config, name, x[:config.train_limit],
                                    y[:config.train_limit], classes, seed=seed))
     return models
+
+
+# (row label, merge_many options); every row resets BatchNorm statistics.
+MERGES: list[tuple[str, dict[str, Any]]] = [
+    ("average", {"method": "average"}),
+    ("permute, aligned to model 1 only (rounds=0)", {"method": "permute", "rounds": 0}),
+    ("permute, refined (MergeMany rounds)", {"method": "permute"}),
+    ("weight-match, aligned to model 1 only (rounds=0)", {"method": "weight-match", "rounds": 0}),
+    ("weight-match, refined (MergeMany rounds)", {"method": "weight-match"}),
+    ("zip (α=0.5, β=0.5)", {"method": "zip", "alpha": 0.5, "beta": 0.5}),
+    ("zip (α=0.5, β=0)", {"method": "zip", "alpha": 0.5, "beta": 0.0}),
+]
+
+
+@dataclass
+class Row:
+    label: str
+    joint: float | None = None
+    per_task: float | None = None
+    seconds: float | None = None
+    rounds: int | None = None
+    error: str | None = None
+
+
+def per_task_accuracy(logits: torch.Tensor, labels: torch.Tensor,
+                      tasks: tuple[tuple[int, ...], ...]) -> float:
+    """The mean over tasks of the accuracy on the task's images, argmax over its own logits."""
+    accuracies = []
+    for classes in tasks:
+        mask = torch.isin(labels, torch.tensor(classes))
+        picked = logits[mask][:, list(classes)].argmax(dim=-1)
+        accuracies.append((torch.tensor(classes)[picked] == labels[mask]).float().mean().item())
+    return sum(accuracies) / len(accuracies)
+
+
+def scored(label: str, logits: torch.Tensor, data: Data, tasks: tuple[tuple[int, ...], ...],
+           **fields: Any) -> Row:
+    joint = (logits.argmax(dim=-1) == data.y_test).float().mean().item()
+    return Row(label, joint, per_task_accuracy(logits, data.y_test, tasks), **fields)
+
+
+def run_split(config: Config, data: Data, tasks: tuple[tuple[int, ...], ...]) -> list[Row]:
+    """The parents, their ensemble and every merge of one split."""
+    models = train_parents(config, data, tasks)
+    logits = [predict_logits(model, data.x_test, device="cpu") for model in models]
+    rows = [scored(f"model {index + 1} (classes {','.join(map(str, classes))})", part, data,
+                   tasks) for index, (classes, part) in enumerate(zip(tasks, logits))]
+    ensemble = sum(part.softmax(dim=-1) for part in logits) / len(logits)
+    rows.append(scored(f"ensemble of the {len(models)} (mean of softmax)", ensemble, data,
+                       tasks))
+    for label, options in MERGES:
+        start = time.perf_counter()
+        try:
+            result = merge_many(models, data.example, data.calibration, progress=False,
+                                repair="reset", **options)
+        except Exception as error:  # noqa: BLE001 - the benchmark reports every failure
+            log.exception("merge %s failed", label)
+            rows.append(Row(label, error=f"{type(error).__name__}: {error}".splitlines()[0]))
+            continue
+        seconds = time.perf_counter() - start
+        merged = predict_logits(result.module, data.x_test, device="cpu")
+        rows.append(scored(label, merged, data, tasks, seconds=seconds,
+                           rounds=result.report.many.get("rounds")))
+        log.info("%s: joint %.4f in %.0fs", label, rows[-1].joint, seconds)
+    return rows
+
+
+def format_rows(rows: list[Row], ensemble: Row) -> str:
+    lines = ["| model | joint | per-task | joint / ensemble | per-task / ensemble | merge s "
+             "| rounds |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row.error is not None:
+            lines.append(f"| {row.label} | failed: {row.error} | | | | | |")
+            continue
+        seconds = f"{row.seconds:.1f}" if row.seconds is not None else ""
+        rounds = "" if row.rounds is None else str(row.rounds)
+        lines.append(f"| {row.label} | {row.joint:.4f} | {row.per_task:.4f} | "
+                     f"{row.joint / ensemble.joint:.3f} | {row.per_task / ensemble.per_task:.3f}"
+                     f" | {seconds} | {rounds} |")
+    return "\n".join(lines)
+
+
+def section(config: Config, results: dict[str, list[Row]], commit: str, seconds: float) -> str:
+    parts = [BEGIN_MARK, "", "### N models at once (`benchmarks/many_benchmark.py`)", "",
+             f"ResNet-20 (width {config.width:g}) per task, {config.epochs} epochs on at most "
+             f"{config.train_limit or 'all'} training images of the task; "
+             f"{config.calibration_size} calibration images of all classes; 10,000 test images. "
+             "Joint: argmax over all 10 logits; per-task: argmax over the task's logits on its "
+             "images, averaged over the tasks (ZipIt!'s protocol). Ratios are to the ensemble of "
+             "the N parents, measured in the same run. `rounds`: MergeMany refinement rounds "
+             "run (each model re-matched to the mean of the others; at most 5).", ""]
+    for name, rows in results.items():
+        ensemble = next(row for row in rows if row.label.startswith("ensemble"))
+        parts += [f"**{name}**", "", format_rows(rows, ensemble), ""]
+    parts += [f"Commit {commit}; {cpu_name()}, {config.threads} thread(s), "
+              f"{seconds / 60:.0f} minutes in all (parents from the cache where present).", "",
+              END_MARK]
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs per parent")
+    parser.add_argument("--train-limit", type=int, default=5000,
+                        help="training images per parent (a task's first ones)")
+    parser.add_argument("--calibration-size", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-only", action="store_true", help="train the parents only")
+    parser.add_argument("--quick", action="store_true", help="a smoke run; prints only")
+    parser.add_argument("--split", choices=sorted(SPLITS), action="append",
+                        help="run only these splits (default: all)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    config = Config(epochs=1 if args.quick else args.epochs, width=1,
+                    calibration_size=256 if args.quick else args.calibration_size,
+                    quick=args.quick, threads=args.threads,
+                    train_limit=500 if args.quick else args.train_limit,
+                    same_task_size=0, test_limit=1000 if args.quick else None)
+    start, commit = time.perf_counter(), git_commit()
+    data = load_data(config)
+    splits = {name: SPLITS[name] for name in (args.split or SPLITS)}
+    if args.train_only:
+        for tasks in splits.values():
+            train_parents(config, data, tasks)
+        return
+    results = {name: run_split(config, data, tasks) for name, tasks in splits.items()}
+    text = section(config, results, commit, time.perf_counter() - start)
+    print(text)
+    if not args.quick:
+        write_section(DOC_PATH, BEGIN_MARK, END_MARK, text)
+
+
+if __name__ == "__main__":
+    main()
