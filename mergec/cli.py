@@ -106,8 +106,11 @@ def _merge_in_group(args: argparse.Namespace, output: Path | None, rank: int,
     if not calibration:
         raise MergecError(f"merge: the calibration data {args.calibration!r} holds no inputs")
     example = calibration[0]
-    state = run_merge(options, models, example, calibration[rank::world],
-                      stop_after=args.stop_after)
+    if len(models) > 2:
+        state = _merge_many(args, options, models, example, calibration, world)
+    else:
+        state = run_merge(options, models, example, calibration[rank::world],
+                          stop_after=args.stop_after)
     if rank != 0:  # every process holds the same merge; one writes it
         return 0
     report = report_of(state)
@@ -121,6 +124,18 @@ def _merge_in_group(args: argparse.Namespace, output: Path | None, rank: int,
     if args.plots:
         report.plot(output / "plots")
     return 0
+
+
+def _merge_many(args: argparse.Namespace, options: Any, models: tuple, example: Any,
+                calibration: list, world: int) -> Any:
+    """More than two models, merged at once by :func:`mergec.merge_many`; the state it ends
+    with, as ``run_merge`` returns it."""
+    from mergec.many import merge_many_state
+
+    if args.stop_after is not None or world > 1:
+        raise MergecError("merge: --stop-after and process groups merge two models; "
+                          f"{len(models)} checkpoints are merged by one process, to the end")
+    return merge_many_state(options, models, example, calibration)
 
 
 def _save(args: argparse.Namespace, merged: Any, model_a: Any, report: Any,
@@ -187,14 +202,14 @@ def _process_group(args: argparse.Namespace) -> Iterator[tuple[int, int]]:
 
 #: The merge command's arguments that decide its result: a report records them and
 #: ``--from-report`` reruns them (the output, the report dump and the display are the rerun's).
-RECORDED = ("model_a", "model_b", "model", "kwargs", "kwargs_b", "calibration", "tokens",
+RECORDED = ("model_a", "model_b", "more", "model", "kwargs", "kwargs_b", "calibration", "tokens",
             "batch_size",
             "batches", "method", "alpha", "beta", "width", "depth_variant", "unaligned",
             "repair", "samples_per_batch", "seed", "device", "stop_after", "symmetry",
             "outputs")
 FILES = ("model_a", "model_b", "calibration")
 #: What a merge did before an argument was recorded: merges were under permutations only.
-BEFORE_RECORDED = {"symmetry": "permutation", "outputs": "fixed"}
+BEFORE_RECORDED = {"symmetry": "permutation", "outputs": "fixed", "more": []}
 
 
 def _sha256(path: str) -> str | None:
@@ -222,8 +237,11 @@ def _recorded_inputs(args: argparse.Namespace) -> dict:
     for name in FILES:
         if Path(recorded[name]).exists():
             recorded[name] = str(Path(recorded[name]).resolve())
+    recorded["more"] = [str(Path(path).resolve()) if Path(path).exists() else path
+                        for path in recorded["more"]]
     return {"command": "merge", "arguments": recorded,
-            "sha256": {name: _sha256(recorded[name]) for name in FILES}}
+            "sha256": {**{name: _sha256(recorded[name]) for name in FILES},
+                       "more": [_sha256(path) for path in recorded["more"]]}}
 
 
 def _rerun_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -243,9 +261,12 @@ def _rerun_args(args: argparse.Namespace) -> argparse.Namespace:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise MergecError(f"merge: {args.from_report!r} is no report of a `mergec merge` run "
                           f"(a result's report.json or a --dump file): {error}") from error
-    for name in FILES:
-        if digests.get(name) is not None and _sha256(recorded[name]) != digests[name]:
-            raise MergecError(f"merge: {recorded[name]!r} ({name}) is missing or changed since "
+    files = [(name, recorded[name], digests.get(name)) for name in FILES] + list(
+        zip(["more"] * len(recorded.get("more", [])), recorded.get("more", []),
+            digests.get("more", [])))
+    for name, path, digest in files:
+        if digest is not None and _sha256(path) != digest:
+            raise MergecError(f"merge: {path!r} ({name}) is missing or changed since "
                               f"the report was written (SHA-256 differs); the rerun would not "
                               "be the recorded merge")
     rerun = argparse.Namespace(**vars(args))
@@ -256,19 +277,21 @@ def _rerun_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _load_models(args: argparse.Namespace) -> tuple:
-    """Models A and B: each transformers folder loaded with ``AutoModel``, or ``--model``
-    built with each one's factory arguments and its checkpoint loaded."""
+    """Models A, B and any more: each transformers folder loaded with ``AutoModel``, or
+    ``--model`` built with each one's factory arguments (B's for the further ones) and its
+    checkpoint loaded."""
     from mergec.checkpoints import load_checkpoint, with_metadata
     from mergec.loading import load_model, parse_kwargs
 
     if _pretrained_inputs(args):
         from mergec.pretrained import load_pretrained
         return tuple(load_pretrained(folder, progress=not args.quiet)
-                     for folder in (args.model_a, args.model_b))
+                     for folder in (args.model_a, args.model_b, *args.more))
     kwargs = parse_kwargs(args.kwargs)
     kwargs_b = parse_kwargs(args.kwargs_b) if args.kwargs_b else kwargs
     models = []
-    for checkpoint, factory_kwargs in ((args.model_a, kwargs), (args.model_b, kwargs_b)):
+    checkpoints = [(args.model_a, kwargs), (args.model_b, kwargs_b)]
+    for checkpoint, factory_kwargs in checkpoints + [(path, kwargs_b) for path in args.more]:
         model = load_model(args.model, factory_kwargs)
         weights = load_checkpoint(checkpoint)
         try:
@@ -322,11 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
-    merge = commands.add_parser("merge", help="merge two checkpoints of one architecture")
+    merge = commands.add_parser("merge", help="merge two (or more) checkpoints of one "
+                                              "architecture")
     merge.add_argument("model_a", nargs="?",
                        help="checkpoint of model A (.safetensors or torch.save of a state "
                             "dict), or a transformers save_pretrained folder")
     merge.add_argument("model_b", nargs="?", help="checkpoint (or folder) of model B")
+    merge.add_argument("more", nargs="*", default=[],
+                       help="further checkpoints (or folders), built as model B is: more than "
+                            "two models are merged at once (mergec.merge_many)")
     merge.add_argument("--model", help="architecture of checkpoint files: torchvision:NAME or "
                                        "package.module:factory (not for folders)")
     merge.add_argument("--tokens", type=int, default=128,

@@ -42,7 +42,7 @@ from mergec.inputs import check_calibration, check_device, check_models
 from mergec.ir.fx import as_args
 from mergec.ir.spec import UnitSpec
 from mergec.ir.state import MergeOptions, PipelineState
-from mergec.merge import MergeResult, merge, report_of
+from mergec.merge import MergeResult, report_of, run_merge
 from mergec.passes.collect_stats import joint_moments
 from mergec.passes.match import full_plan, is_leaf, output_leaves, resized
 from mergec.passes.repair import reset_batch_norms
@@ -91,25 +91,35 @@ def merge_many(models: Sequence[nn.Module], example_inputs: Any, calibration: It
     unknown = set(options) - set(MergeOptions.__dataclass_fields__)
     if unknown:
         raise MergeError(f"merge_many: unknown option {', '.join(sorted(unknown))}")
-    merge_options = MergeOptions(**settings)  # every option checked before any work
-    gap = _unsupported(merge_options)
-    if gap is not None:
-        return _two_or_refuse(models, example_inputs, calibration, settings, gap)
+    state = merge_many_state(MergeOptions(**settings), models, example_inputs, calibration,
+                             rounds)
+    return MergeResult(module=state.merged, report=report_of(state))
+
+
+def merge_many_state(options: MergeOptions, models: Sequence[nn.Module], example_inputs: Any,
+                     calibration: Iterable[Any], rounds: int = 5) -> PipelineState:
+    """:func:`merge_many` with validated options: the state it ends with (``merged``,
+    ``plans`` as model 0's pairs with model 1, ``many``), as :func:`~mergec.merge.run_merge`
+    returns it for two models."""
+    models = tuple(models)
+    gap = _unsupported(options)
     example = as_args(example_inputs)
-    check_models(models, example)
-    check_device(device)
+    if gap is None:
+        check_models(models, example)
+        check_device(options.device)
     calibration = check_calibration(calibration)
     if isinstance(calibration, Iterator):
         calibration = list(calibration)
     start = time.perf_counter()
-    prepared = _prepare(merge_options, models, example, calibration)
-    gap = _unsupported_graphs(merge_options, prepared)
+    prepared = _prepare(options, models, example, calibration) if gap is None else []
+    gap = gap or _unsupported_graphs(options, prepared)
     if gap is not None:
-        return _two_or_refuse(models, example_inputs, calibration, settings, gap)
-    state = _merge_prepared(merge_options, prepared, example, calibration, rounds)
-    report = report_of(state)
-    report.many["seconds"] = time.perf_counter() - start
-    return MergeResult(module=state.merged, report=report)
+        if len(models) != 2:
+            raise MergeError(f"merge_many: {gap}")
+        log.info("merge_many: %s; the pair is merged by merge()", gap)
+        return run_merge(options, models, example_inputs, calibration)
+    state = _merge_prepared(options, prepared, example, calibration, rounds)
+    return state.evolve(many={**state.many, "seconds": time.perf_counter() - start})
 
 
 def _unsupported(options: MergeOptions) -> str | None:
@@ -127,15 +137,6 @@ def _unsupported(options: MergeOptions) -> str | None:
         return (f"width {options.width!r} is a zip option; {options.method} keeps the "
                 "models' width")
     return None
-
-
-def _two_or_refuse(models: tuple[nn.Module, ...], example_inputs: Any,
-                   calibration: Iterable[Any], settings: dict, gap: str) -> MergeResult:
-    """Two models the N-way code does not cover go to :func:`mergec.merge`; more are refused."""
-    if len(models) == 2:
-        log.info("merge_many: %s; the pair is merged by merge()", gap)
-        return merge(models[0], models[1], example_inputs, calibration, **settings)
-    raise MergeError(f"merge_many: {gap}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,3 +114,25 @@ def test_merge_refuses_an_unknown_pass_and_a_missing_output(vgg_checkpoints, cap
     assert "-o FOLDER" in capsys.readouterr().err
     assert main([*arguments, "--stop-after", "match", "-o", "unused"]) == 1
     assert "no merged model after match" in capsys.readouterr().err
+
+
+def test_merge_of_three_checkpoints_merges_them_at_once(tmp_path, capsys):
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        path = tmp_path / f"cnn{seed}.safetensors"
+        save_file(zoo.digits_cnn(width=4).state_dict(), str(path))
+        paths.append(str(path))
+    output = tmp_path / "merged"
+    code = main(["merge", *paths, "--model", "mergec_lab.zoo:digits_cnn",
+                 "--kwargs", '{"width": 4}', "--calibration", "digits", "--batches", "2",
+                 "--method", "zip", "--quiet", "-o", str(output)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((output / "report.json").read_text())
+    assert report["many"]["models"] == 3
+    assert report["inputs"]["arguments"]["more"] == [str(tmp_path / "cnn2.safetensors")]
+    assert mergec.load(output)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    code = main(["merge", *paths, "--model", "mergec_lab.zoo:digits_cnn",
+                 "--kwargs", '{"width": 4}', "--calibration", "digits", "--batches", "2",
+                 "--stop-after", "match", "--quiet"])
+    assert code != 0 and "--stop-after" in capsys.readouterr().err
