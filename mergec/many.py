@@ -11,11 +11,13 @@ Every model is traced and annotated by the pipeline's own passes (run pairwise a
 - ``permute`` and ``weight-match``: each model is first aligned to model 0 by the pairwise
   match (Hungarian on the activations' correlation, or Git Re-Basin's weight matching), then
   the alignment is refined MergeMany-style: in rounds, each model in a seeded random order,
-  model 0 included, is matched again to the mean of the other N - 1 models as aligned so far,
-  until a round changes nothing (at most ``rounds``). So no model's units are the reference
-  of the result: model 0 moves like the others. The result's units are finally labelled in
-  model 0's order, which changes no weight of the merge, so that the features it returns come
-  out in model 0's basis.
+  model 0 included, is matched again to the mean of the other N - 1 models as aligned so far
+  (of their aligned features for permute, whose statistics are linear maps of the joint
+  accumulator's, so no data is read again; of their aligned weights for weight-match), until a
+  round changes nothing (at most ``rounds``). So no model's units are the reference of the
+  result: model 0 moves like the others. The result's units are finally labelled in model 0's
+  order, which changes no weight of the merge, so that the features it returns come out in
+  model 0's basis. permute, like zip, reads the calibration data once through all N models.
 - ``average``: unit i of every model with unit i of the others.
 
 The merged weights are Σ_m M_m W_m U_m over the N models (:func:`~mergec.passes.zip.
@@ -297,13 +299,20 @@ def _aligned_plans(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
                    rounds: int) -> tuple[dict[str, ManyPlan], dict[str, dict], dict]:
     """Each model's transport into the universe (an orthogonal map per space: a permutation,
     or a rotation of a residual stream), first to model 0, then refined against the mean of
-    the others, finally labelled in model 0's order; the plans average the aligned models."""
+    the others, finally labelled in model 0's order; the plans average the aligned models.
+    permute reads every pair's statistics from one joint accumulator per space, filled by one
+    pass of the calibration data through all N models."""
     count = len(graphs)
     identity = {s: torch.eye(space.size, dtype=torch.float64)
                 for s, space in specs[0].spaces.items()}
+    joint = joint_moments(graphs, specs, calibration, example, options.device,
+                          options.progress, options.samples_per_batch, options.seed,
+                          rotations=options.symmetry == "auto") \
+        if options.method == "permute" else {}
     transports = [identity] + [
-        _transport(_match(options, graphs[0], graphs[m], specs[0], specs[m], example,
-                          calibration), identity) for m in range(1, count)]
+        _transport(_match(options, graphs[0], graphs[m], specs[0], specs[m],
+                          {s: moments.pair(0, m) for s, moments in joint.items()}), identity)
+        for m in range(1, count)]
     history = []
     if options.method != "average" and count > 2:
         draw = torch.Generator().manual_seed(options.seed)
@@ -312,8 +321,10 @@ def _aligned_plans(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
             for m in torch.randperm(count, generator=draw).tolist():
                 others = [j for j in range(count) if j != m]
                 mean = _mean_module(graphs, specs[0], transports, others)
-                new = _transport(_match(options, mean, graphs[m], specs[0], specs[m], example,
-                                        calibration), identity)
+                moments = {s: _mean_moments(j, transports, others, m, s)
+                           for s, j in joint.items()}
+                new = _transport(_match(options, mean, graphs[m], specs[0], specs[m], moments),
+                                 identity)
                 changed[m] = sum(not torch.allclose(new[s], transports[m][s], atol=1e-9)
                                  for s in new)
                 transports[m] = new
@@ -331,17 +342,26 @@ def _aligned_plans(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
 
 
 def _match(options: MergeOptions, module_a: fx.GraphModule, module_b: fx.GraphModule,
-           spec_a: UnitSpec, spec_b: UnitSpec, example: tuple, calibration: Iterable[Any]
-           ) -> dict:
-    """The pairwise plans of two traced, annotated modules (collect-stats and match)."""
-    if options.method == "average":
-        return {}
-    passes = {p.name: p for p in build_passes(options)}
-    state = PipelineState(options=options, models=(module_a, module_b), example=example,
-                          calibration=calibration, graphs=(module_a, module_b),
-                          specs=(spec_a, spec_b))
-    state = run_pipeline(state, [passes["collect-stats"], passes["match"]])
-    return dict(state.plans)
+           spec_a: UnitSpec, spec_b: UnitSpec, moments: dict[str, JointMoments]) -> dict:
+    """The pairwise plans of two traced, annotated modules (the match pass, on ``moments``
+    for the methods that match on activations)."""
+    match = next(p for p in build_passes(options) if p.name == "match")
+    state = PipelineState(options=options, models=(module_a, module_b), example=(),
+                          graphs=(module_a, module_b), specs=(spec_a, spec_b), moments=moments)
+    return dict(run_pipeline(state, [match]).plans)
+
+
+def _mean_moments(joint: JointMoments, transports: list[dict[str, torch.Tensor]],
+                  others: list[int], model: int, space: str) -> JointMoments:
+    """The joint moments of the mean of the ``others``' features as aligned so far (in the
+    universe) and of ``model``'s, read from the N-model accumulator of ``space``."""
+    dims, offsets = joint.dims, joint.offsets
+    matrix = torch.zeros(dims[0] + dims[model], sum(dims), dtype=torch.float64)
+    for other in others:
+        matrix[:dims[0], offsets[other]:offsets[other] + dims[other]] = \
+            transports[other][space] / len(others)
+    matrix[dims[0]:, offsets[model]:offsets[model] + dims[model]] = torch.eye(dims[model])
+    return joint.linear(matrix, (dims[0], dims[model]))
 
 
 def _transport(plans: dict, identity: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

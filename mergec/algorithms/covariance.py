@@ -170,6 +170,29 @@ class JointMoments:
         result.sum_outer = self.sum_outer[index[:, None], index[None, :]]
         return result
 
+    def linear(self, matrix: Tensor, dims: tuple[int, ...]) -> JointMoments:
+        """The joint moments of ``matrix @ [x_1; ...; x_N]`` (``sum(dims)`` rows), read as the
+        features of ``len(dims)`` models of widths ``dims``: statistics of linear maps of the
+        features (the mean of several models' aligned features) need no data again.
+
+        >>> moments = JointMoments(2, 2)
+        >>> x = torch.randn(20, 2)
+        >>> moments.update(x, 3 * x)
+        >>> halves = moments.linear(torch.eye(4)[[0, 1, 0, 1]] / 2 + torch.eye(4)[[2, 3, 2, 3]]
+        ...                         / 6, (2, 2))
+        >>> torch.allclose(halves.correlation()[:2, 2:], moments.correlation()[:2, :2])
+        True
+        """
+        matrix = matrix.to(self.sum_outer)
+        if matrix.shape != (sum(dims), self.sum.shape[0]):
+            raise MergeError(f"JointMoments.linear: needs a {sum(dims)} × {self.sum.shape[0]} "
+                             f"matrix for widths {dims}, got {tuple(matrix.shape)}")
+        result = JointMoments(*dims, device=self.device)
+        result.count = self.count.clone()
+        result.sum = matrix @ self.sum
+        result.sum_outer = matrix @ self.sum_outer @ matrix.T
+        return result
+
     def merge(self, other: JointMoments) -> None:
         """Add ``other``'s accumulators into this one (the statistics of both sample sets)."""
         if other.dims != self.dims:
