@@ -48,6 +48,7 @@ class MergeReport:
     folds: list[dict[str, str]] = field(default_factory=list)  # fold-norms, per model
     outputs: list[dict[str, str]] = field(default_factory=list)  # zip's maps at the outputs
     many: dict[str, Any] = field(default_factory=dict)  # merge_many's N-way decisions
+    budget: dict[str, Any] = field(default_factory=dict)  # the size planner's candidates
 
     def to_dict(self) -> dict:
         spaces = self.spec.spaces.values() if self.spec is not None else ()
@@ -71,6 +72,7 @@ class MergeReport:
             "fold_norms": self.folds,
             "outputs": self.outputs,
             "many": self.many,
+            "budget": self.budget,
             "depth": self.depth.to_dict() if self.depth is not None else None,
         }
 
@@ -117,7 +119,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
           repair: str | None = "reset", device: str | None = None, seed: int = 0,
           progress: bool = True, depth_variant: str = "segment-wise",
           unaligned: str = "average", samples_per_batch: int | None = None,
-          symmetry: str = "auto", outputs: str = "auto", callback: Callback | None = None
+          symmetry: str = "auto", outputs: str = "auto", budget: int | None = None,
+          budget_measure: str = "parameters", callback: Callback | None = None
           ) -> MergeResult:
     """Merges two trained models of the same architecture without training.
 
@@ -153,7 +156,12 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     (default) keeps labels (logits, plain tensors) in order and matches the features a
     transformers backbone returns like any space, returned in A's basis (a head trained on A
     reads them); ``"fixed"`` keeps every output in order; ``"a"`` matches every output (a
-    feature extractor); ``"both"`` returns A's and B's basis side by side. The input models
+    feature extractor); ``"both"`` returns A's and B's basis side by side. ``budget`` (an int,
+    of ``budget_measure``: ``"parameters"`` or ``"flops"`` per sample) plans the merge to a
+    size: the stop point of partial zipping and the merged width are chosen so that the merged
+    module has at most that many and its predictions agree best with the ensemble of A and B
+    on the last quarter of the calibration batches (held out); every candidate tried is in
+    ``report.budget`` and ``report.plot`` draws them (:mod:`mergec.budget`). The input models
     are not modified. ``callback(pass_name, state)`` is
     called after each pass with the pipeline state (:class:`~mergec.ir.state.PipelineState`).
 
@@ -167,6 +175,13 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
                            device=device, seed=seed, progress=progress,
                            depth_variant=depth_variant, unaligned=unaligned,
                            samples_per_batch=samples_per_batch, symmetry=symmetry, outputs=outputs)
+    if budget is not None:
+        from mergec.budget import plan_merge
+        state, planned = plan_merge(options, (model_a, model_b), example_inputs, calibration,
+                                    budget, budget_measure)
+        report = report_of(state)
+        report.budget = planned
+        return MergeResult(module=state.merged, report=report)
     state = run_merge(options, (model_a, model_b), example_inputs, calibration,
                       callback=callback)
     return MergeResult(module=state.merged, report=report_of(state))

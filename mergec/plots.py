@@ -63,4 +63,26 @@ def plot_report(report: "MergeReport", folder: Path, max_heatmaps: int = 24) -> 
         axes.set_ylabel("mean correlation of merged pairs")
         axes.legend(fontsize=7)
         save(figure, "matched_similarity.png")
+    if report.budget:
+        save(budget_figure(report.budget, plt), "budget.png")
     return written
+
+
+def budget_figure(budget: dict, plt) -> "object":
+    """Agreement with the ensemble against size, one point per candidate of the size planner,
+    the chosen one and the budget marked."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    candidates = sorted(budget["candidates"], key=lambda c: c["size"])
+    axes.plot([c["size"] for c in candidates], [c["agreement"] for c in candidates], "o-",
+              color="tab:blue", markersize=4)
+    for candidate in candidates:
+        axes.annotate(candidate["label"], (candidate["size"], candidate["agreement"]),
+                      fontsize=6, xytext=(3, -8), textcoords="offset points")
+    chosen = next(c for c in candidates if c["chosen"])
+    axes.plot([chosen["size"]], [chosen["agreement"]], "*", color="tab:red", markersize=14,
+              label=f"chosen: {chosen['label']}")
+    axes.axvline(budget["budget"], color="grey", linestyle="--", label="budget")
+    axes.set_xlabel(budget["measure"])
+    axes.set_ylabel("agreement with the ensemble (held out)")
+    axes.legend(fontsize=7)
+    return figure
