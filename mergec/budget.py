@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -82,15 +82,35 @@ def plan_merge(options: MergeOptions, models: tuple[nn.Module, ...], example_inp
                ) -> tuple[PipelineState, dict]:
     """The best merge of ``models`` within ``budget`` (its last pipeline state) and what the
     planner did: every candidate tried, with its size and agreement, the chosen one marked."""
-    from mergec.merge import run_merge
-
     check_budget(budget, measure, options)
     fit, held = split_calibration(list(calibration))
+    best, candidates = None, []
+    for candidate, state in evaluated(options, models, example_inputs, fit, held, measure):
+        candidates.append(candidate)
+        if candidate.size <= budget and (best is None or better(candidate, best[0])):
+            best = (candidate, state)
+    if best is None:
+        smallest = min(candidates, key=lambda c: c.size)
+        raise MergeError(f"merge: no merge fits a budget of {budget} {measure}; the smallest, "
+                         f"{smallest.label}, has {smallest.size}")
+    best[0].chosen = True
+    return best[1], {"measure": measure, "budget": budget, "held_out_batches": len(held),
+                     "candidates": [c.to_dict() for c in candidates]}
+
+
+def evaluated(options: MergeOptions, models: tuple[nn.Module, ...], example_inputs: Any,
+              fit: list, held: list, measure: str = "parameters"
+              ) -> Iterator[tuple[Candidate, PipelineState]]:
+    """Every candidate merge of ``models`` with its size and its agreement with the ensemble
+    on the ``held`` batches, and its final state. The pipeline runs once up to collect-stats
+    on the ``fit`` batches; each candidate runs match (once per width), zip and repair from
+    there."""
+    from mergec.merge import run_merge
+
     base = run_merge(options, models, example_inputs, fit, stop_after="collect-stats")
     one = tuple(t[:1] for t in base.example)
     reference = _predict(list(base.graphs), held)  # the models' graphs: eval semantics
     by_width: dict[Any, PipelineState] = {}
-    best, candidates = None, []
     for candidate in _candidates(options, base):
         chosen = dataclasses.replace(options, width=candidate.width, stop_at=candidate.stop_at,
                                      heads=candidate.heads, repair=_repair(options, candidate))
@@ -106,18 +126,9 @@ def plan_merge(options: MergeOptions, models: tuple[nn.Module, ...], example_inp
             continue
         candidate.size = size_of(state.merged, measure, one)
         candidate.agreement = agreement(state.merged, held, reference)
-        candidates.append(candidate)
         log.info("budget: %s: %d %s, agreement %.4f", candidate.label, candidate.size,
                  measure, candidate.agreement)
-        if candidate.size <= budget and (best is None or _better(candidate, best[0])):
-            best = (candidate, state)
-    if best is None:
-        smallest = min(candidates, key=lambda c: c.size)
-        raise MergeError(f"merge: no merge fits a budget of {budget} {measure}; the smallest, "
-                         f"{smallest.label}, has {smallest.size}")
-    best[0].chosen = True
-    return best[1], {"measure": measure, "budget": budget, "held_out_batches": len(held),
-                     "candidates": [c.to_dict() for c in candidates]}
+        yield candidate, state
 
 
 def _repair(options: MergeOptions, candidate: Candidate) -> str | None:
@@ -130,7 +141,7 @@ def _repair(options: MergeOptions, candidate: Candidate) -> str | None:
     return options.repair
 
 
-def _better(candidate: Candidate, best: Candidate) -> bool:
+def better(candidate: Candidate, best: Candidate) -> bool:
     """Higher agreement wins; at equal agreement, the smaller merge."""
     return (candidate.agreement, -candidate.size) > (best.agreement, -best.size)
 
