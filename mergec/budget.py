@@ -189,7 +189,7 @@ def size_of(module: nn.Module, measure: str, example: tuple) -> int:
     return int(counter.get_total_flops())
 
 
-def _probabilities(output: Any) -> torch.Tensor:
+def probabilities(output: Any) -> torch.Tensor:
     """A classifier's class probabilities; a partial merge's two outputs averaged as the
     ensemble averages its models'."""
     if isinstance(output, torch.Tensor):
@@ -210,8 +210,8 @@ def _predict(modules: list[nn.Module], batches: list) -> torch.Tensor:
         for batch in batches:
             inputs = tuple(t.to(device) for t in _as_tuple(batch))
             outputs = [module(*inputs) for module in modules]
-            probabilities = _probabilities(outputs if len(outputs) > 1 else outputs[0])
-            classes.append(probabilities.argmax(dim=-1).flatten().cpu())
+            probs = probabilities(outputs if len(outputs) > 1 else outputs[0])
+            classes.append(probs.argmax(dim=-1).flatten().cpu())
     return torch.cat(classes)
 
 

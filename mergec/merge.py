@@ -139,31 +139,22 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     are aligned block by block, or layer by layer (linear CKA, ``depth_variant`` "segment-wise"
     or "layer-wise"); the shallow model is padded with identity blocks or layers and the merged
     model has the deep one's architecture. Blocks only the deep model has are averaged with the
-    identity (``unaligned="average"``, the paper) or kept as they are (``"keep"``). When the
-    models were swapped (A the deeper), the merged outputs are the same. ``repair="reset"``
-    recomputes BatchNorm statistics on the calibration data; ``repair="repair"`` also applies
-    REPAIR (each merged channel after a normalisation rescaled to the interpolated parents'
-    mean and std). ``samples_per_batch`` bounds the statistics' cost on wide spaces: each
-    calibration batch contributes at most that many pixels or tokens (the same ones in both
-    models, drawn with ``seed``) to each space's moments. Under ``torch.distributed``, pass
-    each process its shard of the calibration data: statistics are summed over the processes
-    and every process gets the same merge. ``symmetry="auto"`` (default) merges every space
-    under the largest group the graph allows: after fold-norms has moved the LayerNorms'
-    gains into the layers that read them, a pre-norm transformer's residual stream is aligned
-    by a rotation (orthogonal Procrustes on the activations' second moments, or on the weights
-    for weight-match) and averaged, the other spaces by the method; ``"permutation"`` merges
-    every space under permutations only (the papers' methods as published). ``outputs="auto"``
-    (default) keeps labels (logits, plain tensors) in order and matches the features a
-    transformers backbone returns like any space, returned in A's basis (a head trained on A
-    reads them); ``"fixed"`` keeps every output in order; ``"a"`` matches every output (a
-    feature extractor); ``"both"`` returns A's and B's basis side by side. ``budget`` (an int,
-    of ``budget_measure``: ``"parameters"`` or ``"flops"`` per sample) plans the merge to a
-    size: the stop point of partial zipping and the merged width are chosen so that the merged
-    module has at most that many and its predictions agree best with the ensemble of A and B
-    on the last quarter of the calibration batches (held out); every candidate tried is in
-    ``report.budget`` and ``report.plot`` draws them (:mod:`mergec.budget`). The input models
-    are not modified. ``callback(pass_name, state)`` is
-    called after each pass with the pipeline state (:class:`~mergec.ir.state.PipelineState`).
+    identity (``unaligned="average"``, the paper) or kept as they are (``"keep"``).
+    ``repair="reset"`` recomputes BatchNorm statistics on the calibration data; ``"repair"``
+    also applies REPAIR (each merged channel after a normalisation rescaled to the
+    interpolated parents' mean and std). ``samples_per_batch`` caps the pixels or tokens each
+    batch adds to a space's moments (the same ones in both models, drawn with ``seed``). Under
+    ``torch.distributed``, give each process its shard of the calibration data: statistics are
+    summed and every process gets the same merge. ``symmetry="auto"`` merges every space under
+    the largest group the graph allows (a pre-norm transformer's residual stream by a rotation,
+    once fold-norms has moved the LayerNorms' gains into their readers); ``"permutation"``
+    under permutations only, as the papers do. ``outputs="auto"`` keeps labels (logits, plain
+    tensors) in order and matches the features a transformers backbone returns, returned in
+    A's basis; ``"fixed"`` keeps every output in order, ``"a"`` matches every output, ``"both"``
+    returns A's and B's bases side by side. ``budget`` (of ``budget_measure``: ``"parameters"``
+    or ``"flops"``) chooses the stop point and the width that agree best with the ensemble
+    within it (:mod:`mergec.budget`). The input models are not modified. ``callback(pass_name,
+    state)`` is called after each pass with the :class:`~mergec.ir.state.PipelineState`.
 
     Example::
 
@@ -176,15 +167,22 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
                            depth_variant=depth_variant, unaligned=unaligned,
                            samples_per_batch=samples_per_batch, symmetry=symmetry, outputs=outputs)
     if budget is not None:
-        from mergec.budget import plan_merge
-        state, planned = plan_merge(options, (model_a, model_b), example_inputs, calibration,
-                                    budget, budget_measure)
-        report = report_of(state)
-        report.budget = planned
-        return MergeResult(module=state.merged, report=report)
+        return _to_budget(options, (model_a, model_b), example_inputs, calibration, budget,
+                          budget_measure)
     state = run_merge(options, (model_a, model_b), example_inputs, calibration,
                       callback=callback)
     return MergeResult(module=state.merged, report=report_of(state))
+
+
+def _to_budget(options: MergeOptions, models: tuple[nn.Module, ...], example_inputs: Any,
+               calibration: Iterable[Any], budget: int, measure: str) -> MergeResult:
+    """The merge the size planner chooses, with every candidate in ``report.budget``."""
+    from mergec.budget import plan_merge
+
+    state, planned = plan_merge(options, models, example_inputs, calibration, budget, measure)
+    report = report_of(state)
+    report.budget = planned
+    return MergeResult(module=state.merged, report=report)
 
 
 def run_merge(options: MergeOptions, models: tuple[nn.Module, ...], example_inputs: Any,

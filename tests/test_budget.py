@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from test_merge import calibration_of, cnn
 
 import mergec
 from mergec.budget import size_of
 from mergec.errors import MergeError
-from test_merge import calibration_of, cnn
 
 
 @pytest.fixture(scope="module")
