@@ -189,9 +189,8 @@ def _merge_prepared(options: MergeOptions, prepared: list[PipelineState], exampl
         plans, summaries, moments, many = _zip_plans(options, graphs, specs, example,
                                                      calibration)
     else:
-        plans, summaries, many = _aligned_plans(options, graphs, specs, example, calibration,
-                                                rounds)
-        moments = {}
+        plans, summaries, moments, many = _aligned_plans(options, graphs, specs, example,
+                                                         calibration, rounds)
     timings["match"] = timings.get("match", 0.0) + time.perf_counter() - start
     start = time.perf_counter()
     merged, maps = _emit(graphs, specs, plans, example)
@@ -296,7 +295,8 @@ def _zip_summary(plan: ManyPlan, similarity: torch.Tensor) -> dict:
 # ---------------------------------------------------------------------------------------------
 def _aligned_plans(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
                    specs: tuple[UnitSpec, ...], example: tuple, calibration: Iterable[Any],
-                   rounds: int) -> tuple[dict[str, ManyPlan], dict[str, dict], dict]:
+                   rounds: int
+                   ) -> tuple[dict[str, ManyPlan], dict[str, dict], dict[str, JointMoments], dict]:
     """Each model's transport into the universe (an orthogonal map per space: a permutation,
     or a rotation of a residual stream), first to model 0, then refined against the mean of
     the others, finally labelled in model 0's order; the plans average the aligned models.
@@ -338,7 +338,7 @@ def _aligned_plans(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
     summaries = {s: {"width": specs[0].spaces[s].size,
                      "moved_units": [int((t[s].diagonal() != 1).sum()) for t in transports]}
                  for s in identity if specs[0].is_free(s)}
-    return plans, summaries, {"refinement": history, "rounds": len(history)}
+    return plans, summaries, joint, {"refinement": history, "rounds": len(history)}
 
 
 def _match(options: MergeOptions, module_a: fx.GraphModule, module_b: fx.GraphModule,

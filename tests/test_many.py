@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -164,3 +165,35 @@ def test_models_of_different_architectures_are_refused() -> None:
     with pytest.raises(MergeError):
         mergec.merge_many([mlp(), mlp(seed=1), wide], x[:4], calibration_of(x),
                           method="permute", progress=False)
+
+
+def wide_mlp(width: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, width), nn.GELU(),
+                         nn.Linear(width, 4)).eval()
+
+
+@pytest.mark.parametrize("width, expected", [("max", 12), ("min", 8), ("sum", 30), (16, 16)])
+def test_models_of_different_widths_zip_to_any_width(width, expected: int) -> None:
+    x = inputs()
+    models = [wide_mlp(w, seed) for seed, w in enumerate((12, 8, 10))]
+    result = mergec.merge_many(models, x[:4], calibration_of(x), method="zip", width=width,
+                               repair=None, progress=False)
+    assert result.module.state_dict()["0.weight"].shape[0] == expected
+    merged = outputs(result.module, x)
+    if width == "sum":
+        ensemble = sum(outputs(model, x) for model in models) / 3
+        torch.testing.assert_close(merged, ensemble, rtol=RTOL, atol=ATOL)
+    assert torch.isfinite(merged).all()
+
+
+@pytest.mark.parametrize("method", ["zip", "permute"])
+def test_the_report_of_n_models_is_json_and_plots(method: str, tmp_path) -> None:
+    x = inputs()
+    result = mergec.merge_many([mlp(seed=s) for s in range(3)], x[:4], calibration_of(x),
+                               method=method, repair=None, progress=False)
+    report = json.loads(result.report.to_json())
+    assert report["many"]["models"] == 3 and report["method"] == method
+    assert set(report["spaces"]) == set(result.report.spec.spaces)
+    written = result.report.plot(tmp_path)
+    assert any(path.name.startswith("similarity_") for path in written)
