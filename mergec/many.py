@@ -22,9 +22,11 @@ Every model is traced and annotated by the pipeline's own passes (run pairwise a
 
 The merged weights are Σ_m M_m W_m U_m over the N models (:func:`~mergec.passes.zip.
 merged_state`), and BatchNorm statistics are reset on the calibration data (``repair="reset"``).
-Two models go through the same code; the options it does not cover (mudsc, partial zipping,
-REPAIR, ``outputs="both"``, models of different depths, zipping heads) are merged by
-:func:`mergec.merge` for two models and refused for more.
+Partial zipping (``stop_at``, ``heads="separate"``) merges the trunk of the N models and runs
+each model's own tail after the cut: the module returns N outputs. Two models go through the
+same code; the options it does not cover (mudsc, REPAIR, ``outputs="both"``, models of
+different depths, zipping heads) are merged by :func:`mergec.merge` for two models and
+refused for more.
 """
 from __future__ import annotations
 
@@ -48,7 +50,14 @@ from mergec.merge import MergeResult, report_of, run_merge
 from mergec.passes.collect_stats import joint_moments
 from mergec.passes.match import full_plan, is_leaf, output_leaves, resized
 from mergec.passes.repair import reset_batch_norms
-from mergec.passes.zip import check_runs, map_outputs, merged_state, resize_module
+from mergec.passes.zip import (
+    Zip,
+    check_runs,
+    map_outputs,
+    merged_state,
+    partial_of,
+    resize_module,
+)
 from mergec.pipeline import build_passes, run_pipeline
 
 log = logging.getLogger(__name__)
@@ -129,8 +138,6 @@ def _unsupported(options: MergeOptions) -> str | None:
     if options.method not in MANY_METHODS:
         return (f"method {options.method!r} merges two models; N models merge with "
                 f"{', '.join(MANY_METHODS)}")
-    if options.partial:
-        return "partial zipping (stop_at, heads='separate') merges two models"
     if options.repair == "repair":
         return "REPAIR (repair='repair') merges two models; use repair='reset'"
     if options.outputs == "both":
@@ -193,7 +200,7 @@ def _merge_prepared(options: MergeOptions, prepared: list[PipelineState], exampl
                                                          calibration, rounds)
     timings["match"] = timings.get("match", 0.0) + time.perf_counter() - start
     start = time.perf_counter()
-    merged, maps = _emit(graphs, specs, plans, example)
+    merged, maps = _emit(options, graphs, specs, plans, example)
     timings["zip"] = time.perf_counter() - start
     start = time.perf_counter()
     reset = 0 if options.repair is None else reset_batch_norms(
@@ -209,12 +216,17 @@ def _merge_prepared(options: MergeOptions, prepared: list[PipelineState], exampl
         many={"models": len(graphs), **many})
 
 
-def _emit(graphs: tuple[fx.GraphModule, ...], specs: tuple[UnitSpec, ...],
-          plans: dict[str, ManyPlan], example: tuple) -> tuple[fx.GraphModule, list[dict]]:
+def _emit(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
+          specs: tuple[UnitSpec, ...], plans: dict[str, ManyPlan], example: tuple
+          ) -> tuple[fx.GraphModule, list[dict]]:
     """A copy of model 0's graph module holding the merged weights (resized where the merged
-    widths differ), its free outputs mapped into model 0's basis."""
+    widths differ), its free outputs mapped into model 0's basis; with ``stop_at`` or
+    ``heads="separate"``, the merged trunk and the N models' tails, which return N outputs."""
     spec = specs[0]
     state = merged_state([graph.state_dict() for graph in graphs], spec, plans)
+    stop = Zip(stop_at=options.stop_at, heads=options.heads).stop_node(graphs[0])
+    if stop is not None:
+        return partial_of(graphs, spec, plans, state, stop), []
     merged = copy.deepcopy(graphs[0])
     original = merged.state_dict()
     resizing = any(state[key].shape != original[key].shape for key in state)

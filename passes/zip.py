@@ -155,16 +155,7 @@ class Zip:
             else:
                 resize_module(merged, state, {s: p.width for s, p in plans.items()}, spec)
             return merged
-        check_cut(module_a, stop)
-        axis, unmerge = None, (None, None)
-        ids = _space_ids_of(spec, module_a, stop)
-        for position, space_id in enumerate(ids):
-            if space_id is not None:
-                axis = position
-                plan = plans[space_id]
-                unmerge = (plan.unmerge_a.to(torch.float32), plan.unmerge_b.to(torch.float32))
-        widths = {s: p.width for s, p in plans.items()}
-        return partial_module(module_a, module_b, stop, state, unmerge, axis, widths, spec)
+        return partial_of((module_a, module_b), spec, plans, state, stop)
 
     def stop_node(self, module: fx.GraphModule) -> fx.Node | None:
         if self.stop_at is not None:
@@ -475,13 +466,31 @@ def check_cut(module: fx.GraphModule, stop: fx.Node) -> None:
                     "that every path crosses (e.g. a residual stream's add, not a branch).")
 
 
-def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.Node,
-                   merged: Mapping[str, torch.Tensor], unmerge: tuple[torch.Tensor, torch.Tensor],
+def partial_of(modules: Sequence[fx.GraphModule], spec: UnitSpec,
+               plans: Mapping[str, MergePlan | ManyPlan], merged: Mapping[str, torch.Tensor],
+               stop: fx.Node) -> fx.GraphModule:
+    """The partial merge of ``modules`` (two, or N with N-way plans) cut at ``stop``: the
+    merged trunk (``merged``, the merged state) and every model's tail on its unmerged
+    features."""
+    check_cut(modules[0], stop)
+    axis, unmerges = None, tuple(None for _ in modules)
+    for position, space_id in enumerate(_space_ids_of(spec, modules[0], stop)):
+        if space_id is not None:
+            axis = position
+            unmerges = tuple(u.to_dense().to(torch.float32) for u in plans[space_id].unmerges)
+    widths = {s: p.width for s, p in plans.items()}
+    return partial_module(modules, stop, merged, unmerges, axis, widths, spec)
+
+
+def partial_module(modules: Sequence[fx.GraphModule], stop: fx.Node,
+                   merged: Mapping[str, torch.Tensor], unmerge: tuple[torch.Tensor | None, ...],
                    axis: int | None, widths: Mapping[str, int] | None = None,
                    spec: UnitSpec | None = None) -> fx.GraphModule:
-    """The merged trunk up to ``stop``, then A's and B's tails on the unmerged features;
-    returns (output of A's tail, output of B's tail). Each tail is copied from its own
-    model's graph, so the models may differ in width; ``widths`` rewrites the trunk's sizes."""
+    """The merged trunk up to ``stop`` (a node of ``modules[0]``), then every model's tail on
+    its unmerged features (``unmerge[m]``); returns (output of A's tail, output of B's tail),
+    one per model. Each tail is copied from its own model's graph, so the models may differ
+    in width; ``widths`` rewrites the trunk's sizes."""
+    module_a = modules[0]
     trunk = _ancestors(stop)
     parameters = {name for name, _ in module_a.named_parameters()}
     root = torch.nn.Module()
@@ -493,8 +502,10 @@ def partial_module(module_a: fx.GraphModule, module_b: fx.GraphModule, stop: fx.
             if node.op == "get_attr":
                 attach(root, node.target, merged[node.target], node.target in parameters)
     outputs = []
-    states = (module_a.state_dict(), module_b.state_dict())
-    for index, (prefix, module) in enumerate((("tail_a", module_a), ("tail_b", module_b))):
+    states = [module.state_dict() for module in modules]
+    prefixes = ("tail_a", "tail_b") if len(modules) == 2 else \
+        tuple(f"tail_{index}" for index in range(len(modules)))
+    for index, (prefix, module) in enumerate(zip(prefixes, modules)):
         as_a = dict(zip(module.graph.nodes, module_a.graph.nodes))
         own_stop = next(n for n, m in as_a.items() if m is stop)
         start = values[stop]

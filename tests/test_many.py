@@ -138,7 +138,7 @@ def test_many_plan_refuses_inconsistent_shapes() -> None:
 @pytest.mark.parametrize("models, options, message", [
     (1, {}, "at least two"),
     (3, {"method": "mudsc"}, "merges two models"),
-    (3, {"stop_at": "2"}, "partial zipping"),
+    (3, {"stop_at": "2", "outputs": "both"}, "outputs='both'"),
     (3, {"repair": "repair"}, "REPAIR"),
     (3, {"method": "permute", "width": "sum"}, "zip option"),
     (3, {"rounds": -1}, "rounds"),
@@ -197,3 +197,14 @@ def test_the_report_of_n_models_is_json_and_plots(method: str, tmp_path) -> None
     assert set(report["spaces"]) == set(result.report.spec.spaces)
     written = result.report.plot(tmp_path)
     assert any(path.name.startswith("similarity_") for path in written)
+
+
+@pytest.mark.parametrize("cut", [{"stop_at": "3"}, {"heads": "separate"}])
+def test_partial_zipping_of_n_models_returns_n_outputs(cut: dict) -> None:
+    model, x = cnn(), inputs(shape=(128, 1, 8, 8))
+    result = mergec.merge_many(twins(model, x, 3), x[:4], calibration_of(x), method="zip",
+                               beta=0.0, repair=None, progress=False, **cut)
+    merged = outputs(result.module, x)
+    assert isinstance(merged, tuple) and len(merged) == 3
+    for output in merged:  # each tail is its own model's, on the trunk's unmerged features
+        torch.testing.assert_close(output, outputs(model, x), rtol=RTOL, atol=ATOL)
