@@ -99,6 +99,10 @@ MERGES: list[tuple[str, dict[str, Any]]] = [
     ("weight-match, refined (MergeMany rounds)", {"method": "weight-match"}),
     ("zip (α=0.5, β=0.5)", {"method": "zip", "alpha": 0.5, "beta": 0.5}),
     ("zip (α=0.5, β=0)", {"method": "zip", "alpha": 0.5, "beta": 0.0}),
+    # partial zipping: the trunk merged up to the cut, each model's own tail after it; the N
+    # outputs are combined as the ensemble combines the parents (mean of the softmax)
+    ("zip partial (α=0.5, β=0.5), stop after layer2", {"method": "zip", "stop_at": "layer2"}),
+    ("zip partial (α=0.5, β=0.5), heads='separate'", {"method": "zip", "heads": "separate"}),
 ]
 
 
@@ -152,11 +156,21 @@ def run_split(config: Config, data: Data, tasks: tuple[tuple[int, ...], ...]) ->
             rows.append(Row(label, error=f"{type(error).__name__}: {error}".splitlines()[0]))
             continue
         seconds = time.perf_counter() - start
-        merged = predict_logits(result.module, data.x_test, device="cpu")
+        merged = test_probabilities(result.module, data)
         rows.append(scored(label, merged, data, tasks, seconds=seconds,
                            rounds=result.report.many.get("rounds")))
         log.info("%s: joint %.4f in %.0fs", label, rows[-1].joint, seconds)
     return rows
+
+
+def test_probabilities(module: nn.Module, data: Data) -> torch.Tensor:
+    """The class probabilities of ``module`` on the test images; a partial merge's outputs
+    (one per model) averaged."""
+    with torch.no_grad():
+        parts = [module(batch) for batch in data.x_test.split(1000)]
+    if isinstance(parts[0], tuple):
+        return probabilities([torch.cat(outputs) for outputs in zip(*parts)])
+    return probabilities(torch.cat(parts))
 
 
 def format_rows(rows: list[Row], ensemble: Row) -> str:
@@ -212,13 +226,7 @@ def budget_curve(config: Config, data: Data) -> tuple[list[Point], float, float]
     fit, held = split_calibration(list(data.calibration))
     points = []
     for candidate, state in evaluated(options, tuple(models), data.example, fit, held):
-        with torch.no_grad():
-            outputs = [state.merged(part) for part in data.x_test.split(1000)]
-        if isinstance(outputs[0], tuple):
-            outputs = [tuple(torch.cat(parts) for parts in zip(*outputs))]
-        else:
-            outputs = [torch.cat(outputs)]
-        row = scored(candidate.label, probabilities(outputs[0]), data, FIVE_FIVE)
+        row = scored(candidate.label, test_probabilities(state.merged, data), data, FIVE_FIVE)
         points.append(Point(candidate.label, candidate.size, candidate.agreement, row.joint,
                             row.per_task))
         log.info("budget: %s: %d parameters, joint %.4f", candidate.label, candidate.size,
