@@ -106,14 +106,18 @@ def _merge_in_group(args: argparse.Namespace, output: Path | None, rank: int,
     if not calibration:
         raise MergecError(f"merge: the calibration data {args.calibration!r} holds no inputs")
     example = calibration[0]
+    planned = {}
     if len(models) > 2:
         state = _merge_many(args, options, models, example, calibration, world)
+    elif args.budget is not None:
+        state, planned = _to_budget(args, options, models, example, calibration, world)
     else:
         state = run_merge(options, models, example, calibration[rank::world],
                           stop_after=args.stop_after)
     if rank != 0:  # every process holds the same merge; one writes it
         return 0
     report = report_of(state)
+    report.budget = planned
     report.inputs = _recorded_inputs(args)
     if args.dump:
         Path(args.dump).write_text(report.to_json())
@@ -136,6 +140,17 @@ def _merge_many(args: argparse.Namespace, options: Any, models: tuple, example: 
         raise MergecError("merge: --stop-after and process groups merge two models; "
                           f"{len(models)} checkpoints are merged by one process, to the end")
     return merge_many_state(options, models, example, calibration)
+
+
+def _to_budget(args: argparse.Namespace, options: Any, models: tuple, example: Any,
+               calibration: list, world: int) -> tuple[Any, dict]:
+    """The merge the size planner chooses (:mod:`mergec.budget`) and its candidates."""
+    from mergec.budget import plan_merge
+
+    if args.stop_after is not None or world > 1:
+        raise MergecError("merge: --budget plans a whole merge in one process; drop "
+                          "--stop-after and run it in one process")
+    return plan_merge(options, models, example, calibration, args.budget, args.budget_measure)
 
 
 def _save(args: argparse.Namespace, merged: Any, model_a: Any, report: Any,
@@ -206,10 +221,11 @@ RECORDED = ("model_a", "model_b", "more", "model", "kwargs", "kwargs_b", "calibr
             "batch_size",
             "batches", "method", "alpha", "beta", "width", "depth_variant", "unaligned",
             "repair", "samples_per_batch", "seed", "device", "stop_after", "symmetry",
-            "outputs")
+            "outputs", "budget", "budget_measure")
 FILES = ("model_a", "model_b", "calibration")
 #: What a merge did before an argument was recorded: merges were under permutations only.
-BEFORE_RECORDED = {"symmetry": "permutation", "outputs": "fixed", "more": []}
+BEFORE_RECORDED = {"symmetry": "permutation", "outputs": "fixed", "more": [], "budget": None,
+                   "budget_measure": "parameters"}
 
 
 def _sha256(path: str) -> str | None:
@@ -414,6 +430,11 @@ def _add_method_options(merge: argparse.ArgumentParser) -> None:
                        help="auto: every space under the largest group the graph allows "
                             "(rotations of a pre-norm transformer's residual stream and "
                             "heads); permutation: permutations only")
+    merge.add_argument("--budget", type=int, default=None, metavar="N",
+                       help="plan the merge to at most N parameters (or FLOPs per sample, "
+                            "--budget-measure flops): the stop point and width that agree best "
+                            "with the two models' ensemble on held-out calibration batches")
+    merge.add_argument("--budget-measure", default="parameters", choices=["parameters", "flops"])
     merge.add_argument("--outputs", default="auto", choices=OUTPUTS,
                        help="auto: labels (logits) keep their order, a backbone's hidden "
                             "states are matched and returned in A's basis; fixed: every "

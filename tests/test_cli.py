@@ -136,3 +136,23 @@ def test_merge_of_three_checkpoints_merges_them_at_once(tmp_path, capsys):
                  "--kwargs", '{"width": 4}', "--calibration", "digits", "--batches", "2",
                  "--stop-after", "match", "--quiet"])
     assert code != 0 and "--stop-after" in capsys.readouterr().err
+
+
+def test_merge_to_a_budget_from_the_command_line(tmp_path, capsys):
+    paths = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        path = tmp_path / f"cnn{seed}.safetensors"
+        save_file(zoo.digits_cnn(width=4).state_dict(), str(path))
+        paths.append(str(path))
+    size = sum(p.numel() for p in zoo.digits_cnn(width=4).parameters())
+    output = tmp_path / "merged"
+    code = main(["merge", *paths, "--model", "mergec_lab.zoo:digits_cnn",
+                 "--kwargs", '{"width": 4}', "--calibration", "digits", "--batches", "4",
+                 "--batch-size", "64", "--budget", str(int(1.5 * size)), "--quiet",
+                 "-o", str(output)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((output / "report.json").read_text())
+    chosen = next(c for c in report["budget"]["candidates"] if c["chosen"])
+    assert chosen["size"] <= 1.5 * size
+    assert report["inputs"]["arguments"]["budget"] == int(1.5 * size)
