@@ -192,13 +192,18 @@ def _merge_prepared(options: MergeOptions, prepared: list[PipelineState], exampl
         for name, seconds in state.timings.items():
             timings[name] = timings.get(name, 0.0) + seconds
     start = time.perf_counter()
+    moments = joint_moments(graphs, specs, calibration, example, options.device,
+                            options.progress, options.samples_per_batch, options.seed,
+                            rotations=options.method != "zip" and options.symmetry == "auto") \
+        if options.method in ("zip", "permute") else {}
+    if moments:
+        timings["collect-stats"] = time.perf_counter() - start
+    start = time.perf_counter()
     if options.method == "zip":
-        plans, summaries, moments, many = _zip_plans(options, graphs, specs, example,
-                                                     calibration)
+        plans, summaries, many = _zip_plans(options, specs, moments)
     else:
-        plans, summaries, moments, many = _aligned_plans(options, graphs, specs, example,
-                                                         calibration, rounds)
-    timings["match"] = timings.get("match", 0.0) + time.perf_counter() - start
+        plans, summaries, many = _aligned_plans(options, graphs, specs, moments, rounds)
+    timings["match"] = time.perf_counter() - start
     start = time.perf_counter()
     merged, maps = _emit(options, graphs, specs, plans, example)
     timings["zip"] = time.perf_counter() - start
@@ -243,16 +248,13 @@ def _emit(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
 # ---------------------------------------------------------------------------------------------
 # zip: ZipIt!'s N-way greedy on one joint accumulator per space
 # ---------------------------------------------------------------------------------------------
-def _zip_plans(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
-               specs: tuple[UnitSpec, ...], example: tuple, calibration: Iterable[Any]
-               ) -> tuple[dict[str, ManyPlan], dict[str, dict], dict[str, JointMoments], dict]:
-    """Every space's N-way plan: the flat free leaves zipped on their joint correlation (β = 0
-    in a space that reaches an output, relabelled to model 0's order there), the others kept
-    unit by unit."""
-    moments = joint_moments(graphs, specs, calibration, example, options.device,
-                            options.progress, options.samples_per_batch, options.seed,
-                            rotations=False)
-    spec, count = specs[0], len(graphs)
+def _zip_plans(options: MergeOptions, specs: tuple[UnitSpec, ...],
+               moments: dict[str, JointMoments]
+               ) -> tuple[dict[str, ManyPlan], dict[str, dict], dict]:
+    """Every space's N-way plan: the flat free leaves zipped on their joint correlation
+    (``moments``; β = 0 in a space that reaches an output, relabelled to model 0's order
+    there), the others kept unit by unit."""
+    spec, count = specs[0], len(specs)
     outputs = set(output_leaves(spec))
     leaf_plans, summaries, widths = {}, {}, {}
     for space_id, space in spec.spaces.items():
@@ -276,7 +278,7 @@ def _zip_plans(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
                            spec_b=specs[m], merged=merged) for m in range(1, count)]
         plans[space_id] = ManyPlan((pairs[0].merge_a, *(p.merge_b for p in pairs)),
                                    (pairs[0].unmerge_a, *(p.unmerge_b for p in pairs)))
-    return plans, summaries, moments, {"alpha": options.alpha, "beta": options.beta}
+    return plans, summaries, {"alpha": options.alpha, "beta": options.beta}
 
 
 def _target_width(dims: tuple[int, ...], width: Any) -> int:
@@ -306,21 +308,16 @@ def _zip_summary(plan: ManyPlan, similarity: torch.Tensor) -> dict:
 # permute, weight-match, average: every model aligned to a universe, MergeMany-style
 # ---------------------------------------------------------------------------------------------
 def _aligned_plans(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
-                   specs: tuple[UnitSpec, ...], example: tuple, calibration: Iterable[Any],
-                   rounds: int
-                   ) -> tuple[dict[str, ManyPlan], dict[str, dict], dict[str, JointMoments], dict]:
+                   specs: tuple[UnitSpec, ...], joint: dict[str, JointMoments], rounds: int
+                   ) -> tuple[dict[str, ManyPlan], dict[str, dict], dict]:
     """Each model's transport into the universe (an orthogonal map per space: a permutation,
     or a rotation of a residual stream), first to model 0, then refined against the mean of
     the others, finally labelled in model 0's order; the plans average the aligned models.
-    permute reads every pair's statistics from one joint accumulator per space, filled by one
-    pass of the calibration data through all N models."""
+    permute reads every pair's statistics from ``joint``, one accumulator per space of all N
+    models' features."""
     count = len(graphs)
     identity = {s: torch.eye(space.size, dtype=torch.float64)
                 for s, space in specs[0].spaces.items()}
-    joint = joint_moments(graphs, specs, calibration, example, options.device,
-                          options.progress, options.samples_per_batch, options.seed,
-                          rotations=options.symmetry == "auto") \
-        if options.method == "permute" else {}
     transports = [identity] + [
         _transport(_match(options, graphs[0], graphs[m], specs[0], specs[m],
                           {s: moments.pair(0, m) for s, moments in joint.items()}), identity)
@@ -350,7 +347,7 @@ def _aligned_plans(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
     summaries = {s: {"width": specs[0].spaces[s].size,
                      "moved_units": [int((t[s].diagonal() != 1).sum()) for t in transports]}
                  for s in identity if specs[0].is_free(s)}
-    return plans, summaries, joint, {"refinement": history, "rounds": len(history)}
+    return plans, summaries, {"refinement": history, "rounds": len(history)}
 
 
 def _match(options: MergeOptions, module_a: fx.GraphModule, module_b: fx.GraphModule,
