@@ -269,24 +269,38 @@ def budget_section(points: list[Point], ensemble: float, parent: int, commit: st
     return "\n".join(lines)
 
 
+def family(label: str) -> str:
+    """The kind of a planner candidate: full merges (at widths), partial merges (at cuts),
+    or nothing merged."""
+    if label.startswith("full merge"):
+        return "full merges (one width each)"
+    if label.startswith("nothing merged"):
+        return "nothing merged (the ensemble)"
+    return "partial merges (one cut each)"
+
+
 def plot_curve(points: list[Point], ensemble: float, parent: int) -> None:
+    """Test accuracy (filled) and held-out agreement (hollow) against size, one line per
+    family of candidates."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    ordered = sorted(points, key=lambda p: p.size)
-    sizes = [p.size / parent for p in ordered]
-    axes.plot(sizes, [p.joint for p in ordered], "o-", label="test joint accuracy")
-    axes.plot(sizes, [p.agreement for p in ordered], "s--", alpha=0.6,
-              label="agreement with the ensemble (held out)")
-    for point in ordered:
-        axes.annotate(point.label.replace("merged up to ", "cut: "),
-                      (point.size / parent, point.joint), fontsize=6, xytext=(3, 4),
-                      textcoords="offset points")
-    axes.axhline(ensemble, color="grey", linestyle=":", label="ensemble accuracy")
+    for (name, colour, marker) in (("full merges (one width each)", "tab:blue", "o"),
+                                   ("partial merges (one cut each)", "tab:green", "s"),
+                                   ("nothing merged (the ensemble)", "tab:red", "*")):
+        group = sorted((p for p in points if family(p.label) == name), key=lambda p: p.size)
+        sizes = [p.size / parent for p in group]
+        axes.plot(sizes, [p.joint for p in group], marker=marker, color=colour, label=name,
+                  markersize=9 if marker == "*" else 5)
+        axes.plot(sizes, [p.agreement for p in group], marker=marker, color=colour,
+                  linestyle=":", markerfacecolor="none", alpha=0.7,
+                  markersize=9 if marker == "*" else 5)
+    axes.axhline(ensemble, color="grey", linestyle="--", linewidth=0.8,
+                 label="ensemble's test accuracy")
     axes.set_xlabel("parameters (× one parent)")
-    axes.set_ylabel("accuracy / agreement")
+    axes.set_ylabel("test joint accuracy (filled) / held-out agreement (hollow)")
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(BUDGET_PLOT, dpi=110)

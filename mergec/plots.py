@@ -69,16 +69,17 @@ def plot_report(report: "MergeReport", folder: Path, max_heatmaps: int = 24) -> 
 
 
 def budget_figure(budget: dict, plt) -> "object":
-    """Agreement with the ensemble against size, one point per candidate of the size planner,
-    the chosen one and the budget marked."""
+    """Agreement with the ensemble against size, one point per candidate of the size planner
+    (full merges, partial merges and nothing merged apart), the chosen one and the budget
+    marked."""
     figure, axes = plt.subplots(figsize=(6, 4))
-    candidates = sorted(budget["candidates"], key=lambda c: c["size"])
-    axes.plot([c["size"] for c in candidates], [c["agreement"] for c in candidates], "o-",
-              color="tab:blue", markersize=4)
-    for candidate in candidates:
-        axes.annotate(candidate["label"], (candidate["size"], candidate["agreement"]),
-                      fontsize=6, xytext=(3, -8), textcoords="offset points")
-    chosen = next(c for c in candidates if c["chosen"])
+    kinds = {"full": "full merges", "partial": "partial merges", "whole": "nothing merged"}
+    for kind, name in kinds.items():
+        group = sorted((c for c in budget["candidates"] if _kind(c) == kind),
+                       key=lambda c: c["size"])
+        axes.plot([c["size"] for c in group], [c["agreement"] for c in group], "o-",
+                  markersize=4, label=name)
+    chosen = next(c for c in budget["candidates"] if c["chosen"])
     axes.plot([chosen["size"]], [chosen["agreement"]], "*", color="tab:red", markersize=14,
               label=f"chosen: {chosen['label']}")
     axes.axvline(budget["budget"], color="grey", linestyle="--", label="budget")
@@ -86,3 +87,11 @@ def budget_figure(budget: dict, plt) -> "object":
     axes.set_ylabel("agreement with the ensemble (held out)")
     axes.legend(fontsize=7)
     return figure
+
+
+def _kind(candidate: dict) -> str:
+    if candidate.get("whole"):
+        return "whole"
+    if candidate["stop_at"] is not None or candidate["heads"] != "average":
+        return "partial"
+    return "full"
