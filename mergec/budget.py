@@ -9,7 +9,8 @@ ensemble of the two models on a held-out part of the calibration data.
 
 The candidates share one statistics pass: the pipeline runs once up to collect-stats on the
 fitting part of the calibration data, and each candidate runs only match (once per width),
-zip and repair from that state.
+zip and repair from that state. The calibration batches are held in a list, to be split into
+the fitting three quarters and the held-out quarter.
 """
 from __future__ import annotations
 
