@@ -10,11 +10,11 @@ columns: joint accuracy (argmax over all 10 logits, all test images), per-task a
 (argmax over the task's own logits, the task's images: ZipIt!'s protocol) and both as ratios to
 the ensemble's, measured in the same process.
 
-``--budget``: the size planner (``merge(..., budget=P)``) on a 5+5 pair (classes 0-4 and
-5-9): every candidate it tries (full merge, partial merges at each cut, heads apart, elastic
-widths, nothing merged) with its parameters, its held-out agreement with the ensemble and its
-test accuracy, the planner's choice at budgets of 1 to 2 parents, and a plot
-(``docs/budget_5+5.png``).
+``--budget``: the size planner (``merge(..., budget=P)``) on the merge benchmark's 5+5 pair
+(classes 0-4 and 5-9, ``benchmarks/merge_benchmark.py``'s parents): every candidate it tries
+(full merge, partial merges at each cut, heads apart, elastic widths, nothing merged) with its
+parameters, its held-out agreement with the ensemble and its test accuracy, the planner's
+choice at budgets of 1 to 2 parents, and a plot (``docs/budget_5+5.png``).
 
 Parents are trained once by ``mergec_lab.training.cached_train`` (``benchmarks/checkpoints``,
 keyed by their settings and data). The script prints the tables and rewrites its section of
@@ -30,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -39,7 +40,16 @@ from typing import Any
 
 import torch
 from _doc import cpu_name, write_section
-from merge_benchmark import Config, Data, git_commit, load_data, train_parent
+from merge_benchmark import (
+    TASK_A,
+    TASK_B,
+    Config,
+    Data,
+    git_commit,
+    load_data,
+    task_subsets,
+    train_parent,
+)
 from torch import nn
 
 from mergec.budget import evaluated, probabilities, split_calibration
@@ -217,11 +227,20 @@ class Point:
     per_task: float
 
 
+def benchmark_pair(config: Config, data: Data) -> list[nn.Module]:
+    """The merge benchmark's disjoint 5+5 pair (``merge_benchmark.disjoint_protocol``'s
+    parents: every training image of the task), from its cache."""
+    config = dataclasses.replace(config, train_limit=None)
+    subsets = task_subsets(config, data)
+    return [train_parent(config, "fmnist-resnet20-classes0-4", *subsets[0], TASK_A, seed=0),
+            train_parent(config, "fmnist-resnet20-classes5-9", *subsets[1], TASK_B, seed=1)]
+
+
 def budget_curve(config: Config, data: Data) -> tuple[list[Point], float, float]:
-    """Every candidate of the planner for the 5+5 pair (zip, α = β = 0.5): parameters,
-    held-out agreement with the ensemble, test accuracy; the ensemble's joint accuracy and one
-    parent's parameter count."""
-    models = train_parents(config, data, FIVE_FIVE)
+    """Every candidate of the planner for the merge benchmark's 5+5 pair (zip, α = β = 0.5):
+    parameters, held-out agreement with the ensemble, test accuracy; the ensemble's joint
+    accuracy and one parent's parameter count."""
+    models = benchmark_pair(config, data)
     options = MergeOptions(method="zip", alpha=0.5, beta=0.5, progress=False)
     fit, held = split_calibration(list(data.calibration))
     points = []
@@ -246,8 +265,11 @@ def planner_choice(points: list[Point], budget: float) -> Point:
 def budget_section(points: list[Point], ensemble: float, parent: int, commit: str) -> str:
     lines = [BUDGET_BEGIN, "", "### A merge planned to a size budget (`benchmarks/"
              "many_benchmark.py --budget`)", "",
-             "The 5+5 pair of this section's parents (classes 0-4 and 5-9, ResNet-20, 5,000 "
-             "training images each), zip α = β = 0.5. Every candidate the planner tries, from "
+             "The 5+5 pair of the merge benchmark above (classes 0-4 and 5-9, ResNet-20 trained "
+             "on all of its task's training images), zip α = β = 0.5, the options of that "
+             "benchmark's zip rows (its full merge and its partial merges after layer1, after "
+             "layer2 and with heads apart are candidates here). Every candidate the planner "
+             "tries, from "
              "one statistics pass on three quarters of the 2,000 calibration images; agreement "
              "is with the two parents' ensemble on the held-out quarter, accuracy on the 10,000 "
              "test images.", "",
@@ -333,8 +355,9 @@ def main() -> None:
     data = load_data(config)
     splits = {name: SPLITS[name] for name in (args.split or SPLITS)}
     if args.train_only:
-        for tasks in (*splits.values(), FIVE_FIVE):
+        for tasks in splits.values():
             train_parents(config, data, tasks)
+        benchmark_pair(config, data)
         return
     if args.budget:
         points, ensemble, parent = budget_curve(config, data)
