@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mergec.errors import MergeError
+from mergec.ir.fx import check_batch
 from mergec.ir.state import MergeOptions, PipelineState
 from mergec.passes.zip import check_cut, find_stop_node
 from mergec.pipeline import build_passes, run_pipeline
@@ -110,7 +111,7 @@ def evaluated(options: MergeOptions, models: tuple[nn.Module, ...], example_inpu
 
     base = run_merge(options, models, example_inputs, fit, stop_after="collect-stats")
     one = tuple(t[:1] for t in base.example)
-    reference = _predict(list(base.graphs), held)  # the models' graphs: eval semantics
+    reference = _predict(list(base.graphs), held, base.example)  # eval semantics
     by_width: dict[Any, PipelineState] = {}
     for candidate in _candidates(options, base):
         chosen = dataclasses.replace(options, width=candidate.width, stop_at=candidate.stop_at,
@@ -126,7 +127,7 @@ def evaluated(options: MergeOptions, models: tuple[nn.Module, ...], example_inpu
             log.info("budget: %s skipped: %s", candidate.label, error)
             continue
         candidate.size = size_of(state.merged, measure, one)
-        candidate.agreement = agreement(state.merged, held, reference)
+        candidate.agreement = agreement(state.merged, held, reference, base.example)
         log.info("budget: %s: %d %s, agreement %.4f", candidate.label, candidate.size,
                  measure, candidate.agreement)
         yield candidate, state
@@ -202,24 +203,21 @@ def probabilities(output: Any) -> torch.Tensor:
                      f"{type(output).__name__}")
 
 
-def _predict(modules: list[nn.Module], batches: list) -> torch.Tensor:
+def _predict(modules: list[nn.Module], batches: list, example: tuple) -> torch.Tensor:
     """The class each held-out sample is given by ``modules`` (one module, or the ensemble of
     several: the mean of their probabilities)."""
     device = next((p.device for p in modules[0].parameters()), torch.device("cpu"))
     classes = []
     with torch.no_grad():
-        for batch in batches:
-            inputs = tuple(t.to(device) for t in _as_tuple(batch))
+        for index, batch in enumerate(batches):
+            inputs = tuple(t.to(device) for t in check_batch(batch, example, index))
             outputs = [module(*inputs) for module in modules]
             probs = probabilities(outputs if len(outputs) > 1 else outputs[0])
             classes.append(probs.argmax(dim=-1).flatten().cpu())
     return torch.cat(classes)
 
 
-def _as_tuple(batch: Any) -> tuple:
-    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-
-
-def agreement(module: nn.Module, batches: list, reference: torch.Tensor) -> float:
+def agreement(module: nn.Module, batches: list, reference: torch.Tensor, example: tuple
+              ) -> float:
     """The share of held-out samples on which ``module`` predicts the ensemble's class."""
-    return (_predict([module], batches) == reference).float().mean().item()
+    return (_predict([module], batches, example) == reference).float().mean().item()

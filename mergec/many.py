@@ -30,7 +30,6 @@ refused for more.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import replace
@@ -48,16 +47,9 @@ from mergec.ir.spec import UnitSpec
 from mergec.ir.state import MergeOptions, PipelineState
 from mergec.merge import MergeResult, report_of, run_merge
 from mergec.passes.collect_stats import joint_moments
-from mergec.passes.match import full_plan, is_leaf, output_leaves, resized
+from mergec.passes.match import flat_width, full_plan, is_leaf, output_leaves, resized
 from mergec.passes.repair import reset_batch_norms
-from mergec.passes.zip import (
-    Zip,
-    check_runs,
-    map_outputs,
-    merged_state,
-    partial_of,
-    resize_module,
-)
+from mergec.passes.zip import Zip, check_runs, full_module, map_outputs, merged_state, partial_of
 from mergec.pipeline import build_passes, run_pipeline
 
 log = logging.getLogger(__name__)
@@ -232,15 +224,9 @@ def _emit(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
     stop = Zip(stop_at=options.stop_at, heads=options.heads).stop_node(graphs[0])
     if stop is not None:
         return partial_of(graphs, spec, plans, state, stop), []
-    merged = copy.deepcopy(graphs[0])
-    original = merged.state_dict()
-    resizing = any(state[key].shape != original[key].shape for key in state)
-    if resizing:
-        resize_module(merged, state, {s: p.width for s, p in plans.items()}, spec)
-    else:
-        merged.load_state_dict(state)
+    merged = full_module(graphs[0], state, plans, spec)
     maps = map_outputs(merged, spec, {s: p.pair(1) for s, p in plans.items()}, (0,))
-    if resizing:
+    if any(p.width != spec.spaces[s].size for s, p in plans.items()):
         check_runs(merged, example)
     return merged, maps
 
@@ -264,7 +250,7 @@ def _zip_plans(options: MergeOptions, specs: tuple[UnitSpec, ...],
         if not spec.is_free(space_id) or space_id not in moments:
             leaf_plans[space_id] = ManyPlan.average(space.size, count)
             continue
-        target = _target_width(dims, options.width)
+        target = flat_width(dims, options.width)
         similarity = activation_similarity(moments[space_id], space.size)
         plan = zip_many(similarity, dims, target, alpha=options.alpha,
                         beta=0.0 if space_id in outputs else options.beta)
@@ -279,19 +265,6 @@ def _zip_plans(options: MergeOptions, specs: tuple[UnitSpec, ...],
         plans[space_id] = ManyPlan((pairs[0].merge_a, *(p.merge_b for p in pairs)),
                                    (pairs[0].unmerge_a, *(p.unmerge_b for p in pairs)))
     return plans, summaries, {"alpha": options.alpha, "beta": options.beta}
-
-
-def _target_width(dims: tuple[int, ...], width: Any) -> int:
-    """The merged width of a flat space whose models have widths ``dims``."""
-    named = {"max": max(dims), "min": min(dims), "a": dims[0], "sum": sum(dims)}
-    if width in named and isinstance(width, str):
-        return named[width]
-    if width == "b":
-        raise MergeError("merge_many: width='b' names model B of a pair; give N models' "
-                         "merged width as 'max', 'min', 'a', 'sum', a fraction or an int")
-    if isinstance(width, float):
-        return max(1, round(width * sum(dims)))
-    return min(width, sum(dims))
 
 
 def _zip_summary(plan: ManyPlan, similarity: torch.Tensor) -> dict:
@@ -342,8 +315,7 @@ def _aligned_plans(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
                 break
     back = {s: t.T for s, t in transports[0].items()}  # the universe in model 0's order
     transports = [{s: back[s] @ t[s] for s in t} for t in transports]
-    plans = {s: ManyPlan(tuple(t[s] / count for t in transports),
-                         tuple(t[s].T.contiguous() for t in transports)) for s in identity}
+    plans = _averaging(transports, list(range(count)))
     summaries = {s: {"width": specs[0].spaces[s].size,
                      "moved_units": [int((t[s].diagonal() != 1).sum()) for t in transports]}
                  for s in identity if specs[0].is_free(s)}
@@ -396,10 +368,15 @@ def _mean_module(graphs: tuple[fx.GraphModule, ...], spec: UnitSpec,
                  ) -> fx.GraphModule:
     """The mean of the models ``members`` as aligned so far, in model 0's graph (its
     BatchNorm statistics the mean of theirs: the mean of copies of one model is that model)."""
-    share = 1.0 / len(members)
-    plans = {s: ManyPlan(tuple(transports[m][s] * share for m in members),
-                         tuple(transports[m][s].T.contiguous() for m in members))
-             for s in transports[0]}
-    mean = copy.deepcopy(graphs[0])
-    mean.load_state_dict(merged_state([graphs[m].state_dict() for m in members], spec, plans))
-    return mean
+    plans = _averaging(transports, members)
+    states = [graphs[m].state_dict() for m in members]
+    return full_module(graphs[0], merged_state(states, spec, plans), plans, spec)
+
+
+def _averaging(transports: list[dict[str, torch.Tensor]], members: list[int]
+               ) -> dict[str, ManyPlan]:
+    """The plans that average the models ``members``, each carried into the universe by its
+    transports (merge ``T_m / n``, unmerge ``T_mᵀ``)."""
+    return {s: ManyPlan(tuple(transports[m][s] / len(members) for m in members),
+                        tuple(transports[m][s].T.contiguous() for m in members))
+            for s in transports[0]}

@@ -184,26 +184,29 @@ def target_widths(spec_a: UnitSpec, spec_b: UnitSpec, width: Any) -> dict[str, i
             continue
         if space.kind != "flat" or not spec_a.is_free(space_id):
             continue
-        d_a, d_b = space.size, other.size
-        if width == "max":
-            target = max(d_a, d_b)
-        elif width == "min":
-            target = min(d_a, d_b)
-        elif width == "a":
-            target = d_a
-        elif width == "b":
-            target = d_b
-        elif width == "sum":
-            target = d_a + d_b
-        elif isinstance(width, float) and 0 < width <= 1:
-            target = max(1, round(width * (d_a + d_b)))
-        elif isinstance(width, int) and not isinstance(width, bool) and width >= 1:
-            target = min(width, d_a + d_b)
-        else:
-            raise MergeError(f"merge: width must be 'max', 'min', 'a', 'b', 'sum', a fraction "
-                             f"in (0, 1] or a positive int, got {width!r}")
-        widths[space_id] = target
+        widths[space_id] = flat_width((space.size, other.size), width)
     return widths
+
+
+def flat_width(dims: tuple[int, ...], width: Any) -> int:
+    """The merged width of a flat space whose models have widths ``dims`` (two, or N):
+    ``"max"``, ``"min"``, ``"a"`` (the first model's), ``"b"`` (the second's, for two models),
+    ``"sum"`` (nothing merged), a fraction of the sum, or an int (at most the sum)."""
+    total = sum(dims)
+    named = {"max": max(dims), "min": min(dims), "a": dims[0], "sum": total}
+    if len(dims) == 2:
+        named["b"] = dims[1]
+    if isinstance(width, str) and width in named:
+        return named[width]
+    if width == "b":
+        raise MergeError("merge_many: width='b' names model B of a pair; give N models' "
+                         "merged width as 'max', 'min', 'a', 'sum', a fraction or an int")
+    if isinstance(width, float) and 0 < width <= 1:
+        return max(1, round(width * total))
+    if isinstance(width, int) and not isinstance(width, bool) and width >= 1:
+        return min(width, total)
+    raise MergeError(f"merge: width must be 'max', 'min', 'a', 'b', 'sum', a fraction "
+                     f"in (0, 1] or a positive int, got {width!r}")
 
 
 def _head_size(space_a: Any, space_b: Any, width: Any) -> int:

@@ -148,13 +148,7 @@ class Zip:
         state = merged_state((module_a.state_dict(), module_b.state_dict()), spec, plans,
                              only_b)
         if stop is None:
-            merged = copy.deepcopy(module_a)
-            original = merged.state_dict()
-            if all(state[key].shape == original[key].shape for key in state):
-                merged.load_state_dict(state)
-            else:
-                resize_module(merged, state, {s: p.width for s, p in plans.items()}, spec)
-            return merged
+            return full_module(module_a, state, plans, spec)
         return partial_of((module_a, module_b), spec, plans, state, stop)
 
     def stop_node(self, module: fx.GraphModule) -> fx.Node | None:
@@ -257,6 +251,19 @@ def check_runs(module: fx.GraphModule, example: tuple) -> None:
         raise MergeError(f"zip: the merged model at its new widths does not run ({error}); a "
                          "size in the graph is fixed by something mergec does not rewrite. "
                          "Merge at the models' own width (width='a').") from error
+
+
+def full_module(module: fx.GraphModule, state: Mapping[str, torch.Tensor],
+                plans: Mapping[str, MergePlan | ManyPlan], spec: UnitSpec) -> fx.GraphModule:
+    """A copy of ``module`` (model A's graph) holding the merged state dict ``state``, resized
+    to the plans' widths where they differ from A's."""
+    merged = copy.deepcopy(module)
+    original = merged.state_dict()
+    if all(state[key].shape == original[key].shape for key in state):
+        merged.load_state_dict(state)
+    else:
+        resize_module(merged, state, {s: p.width for s, p in plans.items()}, spec)
+    return merged
 
 
 def resize_module(module: fx.GraphModule, state: Mapping[str, torch.Tensor],

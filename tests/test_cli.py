@@ -116,13 +116,19 @@ def test_merge_refuses_an_unknown_pass_and_a_missing_output(vgg_checkpoints, cap
     assert "no merged model after match" in capsys.readouterr().err
 
 
-def test_merge_of_three_checkpoints_merges_them_at_once(tmp_path, capsys):
+def digits_checkpoints(folder, count: int) -> list[str]:
+    """``count`` digits CNNs of width 4 (seeds 0, 1, ...) saved as safetensors in ``folder``."""
     paths = []
-    for seed in range(3):
+    for seed in range(count):
         torch.manual_seed(seed)
-        path = tmp_path / f"cnn{seed}.safetensors"
+        path = folder / f"cnn{seed}.safetensors"
         save_file(zoo.digits_cnn(width=4).state_dict(), str(path))
         paths.append(str(path))
+    return paths
+
+
+def test_merge_of_three_checkpoints_merges_them_at_once(tmp_path, capsys):
+    paths = digits_checkpoints(tmp_path, 3)
     output = tmp_path / "merged"
     code = main(["merge", *paths, "--model", "mergec_lab.zoo:digits_cnn",
                  "--kwargs", '{"width": 4}', "--calibration", "digits", "--batches", "2",
@@ -139,12 +145,7 @@ def test_merge_of_three_checkpoints_merges_them_at_once(tmp_path, capsys):
 
 
 def test_merge_to_a_budget_from_the_command_line(tmp_path, capsys):
-    paths = []
-    for seed in range(2):
-        torch.manual_seed(seed)
-        path = tmp_path / f"cnn{seed}.safetensors"
-        save_file(zoo.digits_cnn(width=4).state_dict(), str(path))
-        paths.append(str(path))
+    paths = digits_checkpoints(tmp_path, 2)
     size = sum(p.numel() for p in zoo.digits_cnn(width=4).parameters())
     output = tmp_path / "merged"
     code = main(["merge", *paths, "--model", "mergec_lab.zoo:digits_cnn",

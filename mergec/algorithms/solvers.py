@@ -161,30 +161,29 @@ class ManyPlan:
     def in_order_of(self, model: int = 0) -> ManyPlan:
         """The same merge with merged unit i as unit i of ``model`` where every unit of that
         model has a merged unit of its own (see :func:`in_order_of`)."""
-        order = as_permutation(self.unmerges[model])
-        if order is None or torch.equal(order, torch.arange(len(order), device=order.device)):
-            return self
-        return ManyPlan(tuple(m.index_select(0, order) for m in self.merges),
-                        tuple(u.index_select(1, order) for u in self.unmerges))
+        return in_order_of(self, model)
 
 
-def in_order_of(plan: MergePlan, model: int = 0) -> MergePlan:
+def in_order_of(plan: MergePlan | ManyPlan, model: int = 0) -> MergePlan | ManyPlan:
     """The same merge with its merged units relabelled so that merged unit i is unit i of
     model ``model`` (0: A, 1: B), where every unit of that model has a merged unit of its own
     (its unmerge matrix a permutation): the merged features then come out in its basis. Any
-    other plan is returned as it is.
+    other plan is returned as it is. A :class:`ManyPlan` gives a ManyPlan.
 
     >>> swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     >>> in_order_of(MergePlan(swap / 2, swap / 2, swap, swap)).unmerge_a
     tensor([[1., 0.],
             [0., 1.]])
     """
-    order = as_permutation(plan.unmerge_b if model else plan.unmerge_a)
+    order = as_permutation(plan.unmerges[model])
     # the model's unit i is merged unit order[i]
     if order is None or torch.equal(order, torch.arange(len(order), device=order.device)):
         return plan
-    return MergePlan(plan.merge_a.index_select(0, order), plan.merge_b.index_select(0, order),
-                     plan.unmerge_a.index_select(1, order), plan.unmerge_b.index_select(1, order))
+    merges = tuple(m.index_select(0, order) for m in plan.merges)
+    unmerges = tuple(u.index_select(1, order) for u in plan.unmerges)
+    if isinstance(plan, MergePlan):
+        return MergePlan(*merges, *unmerges)
+    return ManyPlan(merges, unmerges)
 
 
 def average(d: int) -> MergePlan:
