@@ -211,8 +211,8 @@ def run_merge(options: MergeOptions, models: tuple[nn.Module, ...], example_inpu
 def report_of(state: PipelineState) -> MergeReport:
     """The report of what the passes that ran so far decided."""
     spec = state.specs[0] if state.specs else None
-    similarities = {s: m.correlation()[: spec.spaces[s].size, spec.spaces[s].size:].cpu()
-                    for s, m in state.moments.items()} if spec is not None else {}
+    similarities = {s: m.cross_correlation().cpu() for s, m in state.moments.items()} \
+        if spec is not None else {}
     options = state.options
     return MergeReport(
         method=options.method, spec=spec, matches=dict(state.summaries),

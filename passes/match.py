@@ -493,7 +493,7 @@ def _solver(method: str, alpha: float, beta: float) -> BlockSolver:
         return _keep_order
     if method in ("permute", "weight-match"):
         return solvers.permute_joint
-    return functools.partial(solvers.zip, alpha=alpha, beta=beta)  # zip, and mudsc's zip
+    return solvers.ZipSolver(alpha, beta)  # zip, and mudsc's zip
 
 
 @dataclass(frozen=True)
@@ -714,7 +714,7 @@ class Match:
                 joint = similarity(leaf)
                 if self.method in ("zip", "mudsc") and leaf in output_leaves(spec):
                     # each unit of an output keeps a merged unit of its own, in A's basis
-                    solve = functools.partial(solvers.zip, alpha=self.alpha, beta=0.0)
+                    solve = solvers.ZipSolver(self.alpha, 0.0)
             return None if joint is None else ({leaf: solve(joint, space.size, space.size)}, joint)
         order = groups["key"].get(leaf, space.block_space)
         members = groups["members"][order]
@@ -751,9 +751,12 @@ class Match:
             width = space.size // space.block_count
             block_space = blocks.BlockSpace(joint, width, width, within, blocks.plan_score(within))
             layouts.append((space, times, block_space))
-            for a, b, r in itertools.product(range(count), range(count), range(times)):
-                pair = block_space.pair(a * times + r, b * times + r, count * times)
-                scores[a, b] += block_space.score(pair, width, width)
+            triples = list(itertools.product(range(count), range(count), range(times)))
+            pairs = torch.stack([block_space.pair(a * times + r, b * times + r, count * times)
+                                 for a, b, r in triples])
+            for (a, b, _), value in zip(triples, blocks.score_pairs(block_space.score, pairs,
+                                                                   width, width)):
+                scores[a, b] += value
         pairing = solvers.hungarian(scores)[1] if self.method != "average" \
             else torch.arange(count)
         plans = {order: solvers.pairing_plan(pairing)}
@@ -1080,9 +1083,8 @@ def _same_plan(old: MergePlan | None, new: MergePlan) -> bool:
 
 def _summary(plan: MergePlan, joint: torch.Tensor | None) -> dict:
     """What the report keeps of a plan: width, how many A–B pairs, mean matched correlation."""
-    together = (plan.unmerge_a.detach().to(torch.float64)
-                @ plan.unmerge_b.detach().T.to(torch.float64))
-    if not plan.unmerge_b.is_sparse and not bool(((together == 0) | (together == 1)).all()):
+    together = _together(plan)
+    if not plan.unmerge_b.is_sparse and not _is_binary(together):
         return _rotation_summary(plan, joint)
     result = {"width": plan.width, "cross_pairs": int((together > 0).sum())}
     if joint is not None:
@@ -1092,6 +1094,21 @@ def _summary(plan: MergePlan, joint: torch.Tensor | None) -> dict:
         result["matched_similarity"] = float(cross[pairs].mean()) if pairs.any() else 0.0
         result["identity_similarity"] = float(cross.diagonal().mean())
     return result
+
+
+def _together(plan: MergePlan) -> torch.Tensor:
+    """``U_a U_bᵀ``: for each unit of A and of B, whether the plan puts them in one merged
+    unit (float64). A zip or permutation plan's unmerge matrices hold one 1 per row, so the
+    product is taken sparse (exact: sums of ones), in O(d²) where a dense one is O(d³)."""
+    unmerge_a = plan.unmerge_a.detach().to("cpu", torch.float64)
+    unmerge_b = plan.unmerge_b.detach().to("cpu", torch.float64)
+    if not unmerge_a.is_sparse and _is_binary(unmerge_a) and _is_binary(unmerge_b):
+        unmerge_a = unmerge_a.to_sparse()
+    return unmerge_a @ unmerge_b.T
+
+
+def _is_binary(matrix: torch.Tensor) -> bool:
+    return bool(((matrix == 0) | (matrix == 1)).all())
 
 
 def _rotation_summary(plan: MergePlan, joint: torch.Tensor | None) -> dict:

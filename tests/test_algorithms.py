@@ -4,6 +4,7 @@ weight similarity, CKA, alignment."""
 from __future__ import annotations
 
 import doctest
+import functools
 import importlib
 import itertools
 import math
@@ -21,7 +22,12 @@ from mergec.algorithms import blocks, cka, solvers
 from mergec.algorithms.alignment import align_depth
 from mergec.algorithms.blocks import Placement, match_blocks, place
 from mergec.algorithms.cka import LinearCKA, linear_cka
-from mergec.algorithms.covariance import JointMoments, feature_rows, feature_view
+from mergec.algorithms.covariance import (
+    DEAD_UNIT_RELATIVE_VARIANCE,
+    JointMoments,
+    feature_rows,
+    feature_view,
+)
 from mergec.algorithms.solvers import (
     BlockSolver,
     MergePlan,
@@ -875,3 +881,57 @@ def test_apply_along_a_sparse_matrix_equals_the_dense_product(axis: int) -> None
         torch.testing.assert_close(apply_along(tensor, axis, matrix), dense, rtol=0, atol=1e-12)
     assert torch.equal(apply_along(tensor, axis, permutation),
                        tensor.index_select(axis % 3, permutation.argmax(dim=1)))
+
+
+@FAST
+@given(seed=seeds, width=st.integers(1, 6), problems=st.integers(1, 5),
+       alpha=st.sampled_from([0.0, 0.5, 1.0]), beta=st.sampled_from([0.0, 0.5, 1.0]),
+       rounded=st.booleans())
+def test_batched_zip_gives_each_problem_its_own_plan(seed: int, width: int, problems: int,
+                                                    alpha: float, beta: float,
+                                                    rounded: bool) -> None:
+    # rounded similarities tie often: the batched greedy must break ties as each zip does
+    joints = torch.stack([random_symmetric(2 * width, seed + p) for p in range(problems)])
+    if rounded:
+        joints = joints.round(decimals=1)
+    original = joints.clone()
+    plans = solvers.ZipSolver(alpha, beta).batch(joints, width, width)
+    assert torch.equal(joints, original)
+    for joint, plan in zip(joints, plans):
+        alone = solvers.zip(joint, width, width, alpha=alpha, beta=beta)
+        for name in ("merge_a", "merge_b", "unmerge_a", "unmerge_b"):
+            assert torch.equal(getattr(plan, name), getattr(alone, name))
+
+
+def test_batched_block_scores_equal_pair_by_pair_scores() -> None:
+    x = torch.randn(300, 12, dtype=torch.float64)
+    joint = torch.corrcoef(torch.cat([x, x[:, torch.randperm(12)] + 0.3 * torch.randn(300, 12)],
+                                     dim=1).T)
+    solve = solvers.ZipSolver(alpha=0.5, beta=0.5)
+    space = blocks.BlockSpace(joint, 3, 3, solve, blocks.plan_score(solve))
+    scores = blocks.block_scores([space], 4)
+    for a, b in itertools.product(range(4), repeat=2):
+        pair = space.pair(a, b, 4)
+        assert scores[a, b].item() == blocks.plan_score(functools.partial(
+            solvers.zip, alpha=0.5, beta=0.5))(pair, 3, 3)
+
+
+def test_correlation_in_place_equals_the_textbook_formula() -> None:
+    moments = JointMoments(6, 5, 4)
+    xs = [torch.randn(200, d, dtype=torch.float64) * 3 + 1 for d in (6, 5, 4)]
+    xs[0][:, 2] = 2.0  # a dead unit in A and one in the third model
+    xs[2][:, 0] = -1.0
+    moments.update(*xs)
+    mean = moments.mean
+    covariance = moments.sum_outer / moments.count - torch.outer(mean, mean)
+    covariance = (covariance + covariance.T) / 2
+    variance = covariance.diagonal()
+    alive = variance > DEAD_UNIT_RELATIVE_VARIANCE * moments.sum_outer.diagonal() / moments.count
+    std = torch.where(alive, variance.sqrt(), torch.ones_like(variance))
+    expected = (covariance / torch.outer(std, std) * torch.outer(alive, alive)).clamp(-1, 1)
+    assert torch.equal(moments.covariance(), covariance)
+    assert torch.equal(moments.correlation(), expected)
+    for first, second in itertools.permutations(range(3), 2):
+        rows = slice(moments.offsets[first], moments.offsets[first] + moments.dims[first])
+        columns = slice(moments.offsets[second], moments.offsets[second] + moments.dims[second])
+        assert torch.equal(moments.cross_correlation(first, second), expected[rows, columns])

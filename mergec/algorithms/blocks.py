@@ -13,6 +13,7 @@ Every ``joint`` similarity here is the square similarity of ``[x_a; x_b]``, A's 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -62,11 +63,21 @@ def place(placements: Iterable[Placement], width: int, dim_a: int, dim_b: int) -
     unmerge_a = torch.zeros(dim_a, width, dtype=torch.float64)
     unmerge_b = torch.zeros(dim_b, width, dtype=torch.float64)
     for plan, merged, units_a, units_b in placements:
-        merge_a[merged[:, None], units_a[None, :]] = plan.merge_a.to(torch.float64).cpu()
-        merge_b[merged[:, None], units_b[None, :]] = plan.merge_b.to(torch.float64).cpu()
-        unmerge_a[units_a[:, None], merged[None, :]] = plan.unmerge_a.to(torch.float64).cpu()
-        unmerge_b[units_b[:, None], merged[None, :]] = plan.unmerge_b.to(torch.float64).cpu()
+        merge_a[_block(merged, units_a)] = plan.merge_a.to(torch.float64).cpu()
+        merge_b[_block(merged, units_b)] = plan.merge_b.to(torch.float64).cpu()
+        unmerge_a[_block(units_a, merged)] = plan.unmerge_a.to(torch.float64).cpu()
+        unmerge_b[_block(units_b, merged)] = plan.unmerge_b.to(torch.float64).cpu()
     return MergePlan(merge_a, merge_b, unmerge_a, unmerge_b)
+
+
+def _block(rows: Tensor, columns: Tensor) -> tuple[slice | Tensor, slice | Tensor]:
+    """The index of the block at ``rows`` × ``columns``: slices where the positions are
+    consecutive (a block copy, where a gather indexes every entry), else broadcast tensors."""
+    index = [slice(int(p[0]), int(p[-1]) + 1) if len(p) and bool((p.diff() == 1).all())
+             else p for p in (rows, columns)]
+    if isinstance(index[0], Tensor) and isinstance(index[1], Tensor):
+        return index[0][:, None], index[1][None, :]
+    return index[0], index[1]
 
 
 def _place_sparse(placements: list[Placement], width: int, dim_a: int, dim_b: int
@@ -114,17 +125,57 @@ def matching_score(joint: Tensor, d_a: int, d_b: int) -> float:
     return best_matching(joint[:d_a, d_a:])[1]
 
 
-def plan_score(solve: BlockSolver) -> PairScore:
+def plan_score(solve: BlockSolver) -> PlanScore:
     """A :data:`PairScore`: the similarity of the units that ``solve``'s plan of the pair puts
     together across the models, summed and divided by A's block width."""
+    return PlanScore(solve)
 
-    def score(joint: Tensor, d_a: int, d_b: int) -> float:
-        """The score of one block pair."""
-        plan = solve(joint, d_a, d_b)
+
+@dataclass(frozen=True)
+class PlanScore:
+    """:func:`plan_score`'s score; :meth:`batch` scores many pairs with one batched solve
+    where the solver has one (:class:`~mergec.algorithms.solvers.ZipSolver`)."""
+
+    solve: BlockSolver
+
+    def __call__(self, joint: Tensor, d_a: int, d_b: int) -> float:
+        return self._score(joint, self.solve(joint, d_a, d_b), d_a)
+
+    def batch(self, joints: Tensor, d_a: int, d_b: int) -> list[float]:
+        """The scores of ``joints[p]``, each as :meth:`__call__` gives it."""
+        plans = solve_pairs(self.solve, joints, d_a, d_b)
+        return [self._score(joint, plan, d_a) for joint, plan in zip(joints, plans)]
+
+    @staticmethod
+    def _score(joint: Tensor, plan: MergePlan, d_a: int) -> float:
         together = plan.unmerge_a.to(torch.float64) @ plan.unmerge_b.T.to(torch.float64)
         return float((joint[:d_a, d_a:] * together).sum() / d_a)
 
-    return score
+
+#: Block pairs solved or scored at once hold at most this many similarity entries (64 MB).
+BATCH_ENTRIES = 1 << 23
+
+
+def _chunks(joints: Tensor) -> list[Tensor]:
+    size = max(1, BATCH_ENTRIES // max(1, joints[0].numel())) if len(joints) else 1
+    return list(joints.split(size))
+
+
+def solve_pairs(solve: BlockSolver, joints: Tensor, d_a: int, d_b: int) -> list[MergePlan]:
+    """``solve``'s plan of every block pair ``joints[p]`` (``[P, n, n]``), batched where the
+    solver can be (a ``batch`` method), else one call per pair."""
+    batch = getattr(solve, "batch", None)
+    if batch is None:
+        return [solve(joint, d_a, d_b) for joint in joints]
+    return [plan for chunk in _chunks(joints) for plan in batch(chunk, d_a, d_b)]
+
+
+def score_pairs(score: PairScore, joints: Tensor, d_a: int, d_b: int) -> list[float]:
+    """``score`` of every block pair ``joints[p]``, batched where the score can be."""
+    batch = getattr(score, "batch", None)
+    if batch is None:
+        return [score(joint, d_a, d_b) for joint in joints]
+    return [value for chunk in _chunks(joints) for value in batch(chunk, d_a, d_b)]
 
 
 def rotation_score(joint: Tensor, d_a: int, d_b: int) -> float:
@@ -160,11 +211,12 @@ class BlockSpace:
 def block_scores(spaces: Sequence[BlockSpace], count: int) -> Tensor:
     """``scores[i, j]``: how alike A's block i and B's block j are, summed over the spaces."""
     scores = torch.zeros(count, count, dtype=torch.float64)
+    pairs = list(itertools.product(range(count), repeat=2))
     for space in spaces:
-        for block_a in range(count):
-            for block_b in range(count):
-                joint = space.pair(block_a, block_b, count)
-                scores[block_a, block_b] += space.score(joint, space.width_a, space.width_b)
+        joints = torch.stack([space.pair(block_a, block_b, count) for block_a, block_b in pairs])
+        values = score_pairs(space.score, joints, space.width_a, space.width_b)
+        for (block_a, block_b), value in zip(pairs, values):
+            scores[block_a, block_b] += value
     return scores
 
 
@@ -201,9 +253,11 @@ def paired_plan(space: BlockSpace, pairing: Tensor) -> MergePlan:
     """The plan of one space: the solver's plan of every block pair (A's block k with B's
     block ``pairing[k]``), side by side."""
     count, placements, start = len(pairing), [], 0
-    for block_a in range(count):
+    joints = torch.stack([space.pair(block_a, int(pairing[block_a]), count)
+                          for block_a in range(count)])
+    plans = solve_pairs(space.solve, joints, space.width_a, space.width_b)
+    for block_a, plan in enumerate(plans):
         block_b = int(pairing[block_a])
-        plan = space.solve(space.pair(block_a, block_b, count), space.width_a, space.width_b)
         placements.append(Placement(plan, start + torch.arange(plan.width),
                                     block_units(block_a, space.width_a),
                                     block_units(block_b, space.width_b)))

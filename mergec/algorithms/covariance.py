@@ -218,10 +218,18 @@ class JointMoments:
         return self.sum / self.count
 
     def covariance(self) -> Tensor:
-        """Population covariance (divided by the count) of ``[x_a; x_b]``, ``[d, d]``."""
+        """Population covariance (divided by the count) of ``[x_a; x_b]``, ``[d, d]``.
+
+        Computed in place on two ``[d, d]`` buffers (a wide space's float64 matrix is hundreds
+        of megabytes), with the same operations, in the same order, as
+        ``(c + c.T) / 2`` for ``c = sum_outer / count - outer(mean, mean)``.
+        """
         mean = self.mean
-        covariance = self.sum_outer / self.count - torch.outer(mean, mean)
-        return (covariance + covariance.T) / 2
+        covariance = self.sum_outer / self.count
+        covariance.sub_(torch.outer(mean, mean))
+        symmetric = covariance + covariance.T
+        del covariance
+        return symmetric.div_(2)
 
     def correlation(self) -> Tensor:
         """Pearson correlation ``cov / outer(std, std)`` of ``[x_a; x_b]``.
@@ -229,15 +237,42 @@ class JointMoments:
         A dead unit (constant over the data) has no defined correlation; it gets 0 with every
         unit, itself included, so matchers see "no evidence" instead of NaN.
         """
-        covariance = self.covariance()
-        variance = covariance.diagonal()
+        correlation = self.covariance()
+        std, alive = self._scales(correlation.diagonal().clone())
+        correlation.div_(torch.outer(std, std))
+        if not bool(alive.all()):
+            correlation.mul_(torch.outer(alive, alive))
+        return correlation.clamp_(-1.0, 1.0)
+
+    def cross_correlation(self, first: int = 0, second: int = 1) -> Tensor:
+        """The block of :meth:`correlation` between models ``first`` and ``second``
+        (``[d_first, d_second]``, the same values), computed from that block alone.
+
+        >>> moments = JointMoments(3, 2)
+        >>> x = torch.randn(100, 3)
+        >>> moments.update(x, x[:, :2] + torch.randn(100, 2))
+        >>> torch.equal(moments.cross_correlation(), moments.correlation()[:3, 3:])
+        True
+        """
+        self._require_samples()
+        rows = slice(self.offsets[first], self.offsets[first] + self.dims[first])
+        columns = slice(self.offsets[second], self.offsets[second] + self.dims[second])
+        mean, count = self.mean, self.count
+        upper = self.sum_outer[rows, columns] / count - torch.outer(mean[rows], mean[columns])
+        lower = self.sum_outer[columns, rows] / count - torch.outer(mean[columns], mean[rows])
+        cross = (upper + lower.T).div_(2)
+        diagonal = (self.sum_outer.diagonal() / count - mean * mean)
+        std, alive = self._scales(diagonal)
+        cross.div_(torch.outer(std[rows], std[columns]))
+        if not bool(alive.all()):
+            cross.mul_(torch.outer(alive[rows], alive[columns]))
+        return cross.clamp_(-1.0, 1.0)
+
+    def _scales(self, variance: Tensor) -> tuple[Tensor, Tensor]:
+        """Each unit's standard deviation (1 for a dead unit) and whether it is alive."""
         mean_square = self.sum_outer.diagonal() / self.count
         alive = variance > DEAD_UNIT_RELATIVE_VARIANCE * mean_square
-        std = torch.where(alive, variance.clamp(min=0).sqrt(), torch.ones_like(variance))
-        correlation = covariance / torch.outer(std, std)
-        correlation = correlation * torch.outer(alive, alive)
-        return correlation.clamp(-1.0, 1.0)
-
+        return torch.where(alive, variance.clamp(min=0).sqrt(), torch.ones_like(variance)), alive
 
 def activation_similarity(moments: JointMoments | None, size: int,
                           tie_break: Tensor | None = None, tie_scale: float = 1e-3

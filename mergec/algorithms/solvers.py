@@ -382,6 +382,14 @@ def zip(  # noqa: A001 - the name of the ZipIt! algorithm
             [0.5000, 0.0000, 0.0000]])
     """
     _check_joint(correlation, d_a, d_b, "zip")
+    target, budgets = _zip_budgets(d_a, d_b, target, alpha, beta)
+    labels = _greedy_zip(correlation, (d_a, d_b), target, alpha, budgets)
+    return _plan_from_labels(labels, (d_a, d_b), correlation.device).pair(1)
+
+
+def _zip_budgets(d_a: int, d_b: int, target: int | None, alpha: float, beta: float
+                 ) -> tuple[int, tuple[int, int]]:
+    """:func:`zip`'s target width and within-model budgets, its arguments checked."""
     target = max(d_a, d_b) if target is None else target
     _check_target(target, d_a, d_b, "zip")
     if not 0.0 <= alpha <= 1.0:
@@ -396,8 +404,38 @@ def zip(  # noqa: A001 - the name of the ZipIt! algorithm
             f"{budgets} leave at least {narrowest} features for d_a={d_a}, d_b={d_b}; "
             "raise beta or the target"
         )
-    labels = _greedy_zip(correlation, (d_a, d_b), target, alpha, budgets)
-    return _plan_from_labels(labels, (d_a, d_b), correlation.device).pair(1)
+    return target, budgets
+
+
+@dataclass(frozen=True)
+class ZipSolver:
+    """:func:`zip` at fixed ``alpha`` and ``beta`` as a :data:`BlockSolver`. :meth:`batch`
+    zips many block pairs of one shape at once, in one greedy run (the plans of separate
+    calls, at a fraction of their Python overhead).
+
+    >>> x = torch.randn(100, 3)
+    >>> joint = torch.corrcoef(torch.cat([x, x[:, [2, 0, 1]]], dim=1).T)
+    >>> plans = ZipSolver(alpha=0.5).batch(torch.stack([joint, joint]), 3, 3)
+    >>> all(torch.equal(plan.merge_b, zip(joint, 3, 3, alpha=0.5).merge_b) for plan in plans)
+    True
+    """
+
+    alpha: float = 0.0
+    beta: float = 0.0
+
+    def __call__(self, correlation: Tensor, d_a: int, d_b: int) -> MergePlan:
+        return zip(correlation, d_a, d_b, alpha=self.alpha, beta=self.beta)
+
+    def batch(self, correlations: Tensor, d_a: int, d_b: int) -> list[MergePlan]:
+        """The plans of ``correlations[p]`` (``[P, d_a + d_b, d_a + d_b]``), each as
+        :meth:`__call__` gives it."""
+        for correlation in correlations:
+            _check_joint(correlation, d_a, d_b, "zip")
+        target, budgets = _zip_budgets(d_a, d_b, None, self.alpha, self.beta)
+        matrices = correlations.detach().to("cpu", torch.float64).numpy().copy()
+        labels = greedy_zips(matrices, (d_a, d_b), target, self.alpha, budgets)
+        return [_plan_from_labels(torch.from_numpy(row), (d_a, d_b), correlations.device).pair(1)
+                for row in labels]
 
 
 def elastic_zip(
@@ -480,113 +518,122 @@ def zip_many(correlation: Tensor, dims: tuple[int, ...], target: int | None = No
 
 
 def _row_max(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's largest value and the column of its first occurrence."""
-    return matrix.max(axis=1), matrix.argmax(axis=1)
+    """Each row's largest value and the column of its first occurrence (along the last axis)."""
+    return matrix.max(axis=-1), matrix.argmax(axis=-1)
 
 
 class _ZipState:
-    """Working state of the greedy zip: similarities between current features, and per row its best.
+    """Working state of P greedy zips of one shape, run in lockstep: similarities between
+    current features, and per row its best.
 
-    Feature ``k`` stands for the set ``labels == k``; a merge of ``k`` and ``gone`` keeps the lower
-    index. ``row_best``/``row_best_index`` cache each row's maximum so that a step costs O(n)
-    unless a row's best partner was one of the merged pair.
+    Feature ``k`` of problem ``p`` stands for the set ``labels[p] == k``; a merge of ``k`` and
+    ``gone`` keeps the lower index. ``row_best``/``row_best_index`` cache each row's maximum so
+    that a step costs O(P n) unless a row's best partner was one of the merged pair.
 
-    The state is NumPy: a step is a dozen operations on one row or column, and NumPy's cost per
-    operation is a tenth of torch's (the zips inside 12 × 12 pairs of attention heads are 10^4
-    -10^5 steps of 64 features), single-threaded, which a row of a few thousand values needs.
+    The state is NumPy, single-threaded: a step is a few dozen operations on one row or column
+    of each problem, and NumPy's cost per operation is a tenth of torch's. Problems run
+    together so that the many small zips of a structured space (one per pair of attention
+    heads: 144 pairs of 64 + 64 features per layer) cost one zip's Python overhead, not 144.
     """
 
-    def __init__(self, similarity: Tensor, dims: tuple[int, ...], budgets: tuple[int, ...]
-                 ) -> None:
-        """Every feature its own merged feature; within-model merges barred where a budget is 0."""
-        size = similarity.shape[0]
-        self.similarity = similarity.detach().to("cpu", torch.float64).numpy().copy()
-        np.fill_diagonal(self.similarity, -np.inf)
-        self.labels = np.arange(size)
-        self.has_model = np.zeros((size, len(dims)), dtype=bool)
-        starts = np.cumsum((0,) + tuple(dims))
+    def __init__(self, similarities: np.ndarray, dims: tuple[int, ...],
+                 budgets: tuple[int, ...]) -> None:
+        """Every feature its own merged feature; within-model merges barred where a budget is 0.
+        ``similarities`` is ``[P, n, n]`` float64, owned by the state (it is modified)."""
+        count, size = similarities.shape[:2]
+        self.similarity = similarities
+        diagonal = np.arange(size)
+        self.similarity[:, diagonal, diagonal] = -np.inf
+        self.problems = np.arange(count)
+        self.labels = np.tile(diagonal, (count, 1))
+        model_of = np.repeat(np.arange(len(dims)), dims)
+        self.has_model = np.tile(model_of[:, None] == np.arange(len(dims)), (count, 1, 1))
+        self.budgets = np.tile(np.array(budgets, dtype=np.int64), (count, 1))
         for model in range(len(dims)):
-            self.has_model[starts[model]:starts[model + 1], model] = True
-        self.budgets = list(budgets)
-        for model in range(len(dims)):
-            if self.budgets[model] == 0:
-                self._forbid_within(model)
+            if budgets[model] == 0:
+                for problem in range(count):
+                    self._forbid_within(problem, model)
         self.row_best, self.row_best_index = _row_max(self.similarity)
 
-    def _forbid_within(self, model: int) -> None:
+    def _forbid_within(self, problem: int, model: int) -> None:
         """No more merges of two features that both hold a feature of ``model``."""
-        members = self.has_model[:, model]
-        self.similarity[np.ix_(members, members)] = -np.inf
+        members = self.has_model[problem, :, model]
+        self.similarity[problem][np.ix_(members, members)] = -np.inf
 
-    def best_pair(self) -> tuple[int, int]:
-        """The most similar pair of current features, lower index first."""
-        row = int(self.row_best.argmax())
-        if self.row_best[row] == -np.inf:
+    def best_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each problem's most similar pair of current features, lower index first."""
+        rows = self.row_best.argmax(axis=1)
+        if (self.row_best[self.problems, rows] == -np.inf).any():
             raise MergeError(
                 "zip: no mergeable pair is left before the target width (every similarity is -inf)"
             )
-        column = int(self.row_best_index[row])
-        return min(row, column), max(row, column)
+        columns = self.row_best_index[self.problems, rows]
+        return np.minimum(rows, columns), np.maximum(rows, columns)
 
-    def merge(self, keep: int, gone: int, alpha: float) -> None:
-        """Merges ``gone`` into ``keep``: decayed similarities, budgets spent, conflicts barred."""
-        within = self.has_model[keep] & self.has_model[gone]
-        self.labels[self.labels == gone] = keep
-        self.has_model[keep] |= self.has_model[gone]
-        decayed = np.minimum(self.similarity[keep], self.similarity[gone])
-        if within.any() or self.has_model[keep].all():
-            # a merged feature decays once it holds a unit of every model (two models: after
-            # every merge) or merged within a model; one still missing a model (three models
-            # or more) keeps its similarity to the units it lacks
-            finite = np.isfinite(decayed)
-            decayed[finite] *= alpha
-        self.similarity[gone, :] = -np.inf
-        self.similarity[:, gone] = -np.inf
-        newly_exhausted = self._spend_budget(within)
-        for model in newly_exhausted:
-            self._forbid_within(model)
-        exhausted = np.array([budget == 0 for budget in self.budgets])
-        conflicts = (self.has_model & self.has_model[keep] & exhausted).any(axis=1)
+    def merge(self, keep: np.ndarray, gone: np.ndarray, alpha: float) -> None:
+        """Merges ``gone`` into ``keep`` in each problem: decayed similarities, budgets spent,
+        conflicts barred."""
+        problems, has_model, similarity = self.problems, self.has_model, self.similarity
+        within = has_model[problems, keep] & has_model[problems, gone]
+        self.labels = np.where(self.labels == gone[:, None], keep[:, None], self.labels)
+        has_model[problems, keep] |= has_model[problems, gone]
+        decayed = np.minimum(similarity[problems, keep], similarity[problems, gone])
+        # a merged feature decays once it holds a unit of every model (two models: after
+        # every merge) or merged within a model; one still missing a model (three models
+        # or more) keeps its similarity to the units it lacks
+        decays = within.any(axis=1) | has_model[problems, keep].all(axis=1)
+        scaled = decays[:, None] & np.isfinite(decayed)
+        decayed[scaled] *= alpha
+        similarity[problems, gone, :] = -np.inf
+        similarity[problems, :, gone] = -np.inf
+        self.budgets -= within
+        newly_exhausted = within & (self.budgets == 0)
+        for problem, model in builtins.zip(*newly_exhausted.nonzero()):
+            self._forbid_within(problem, model)
+        exhausted = self.budgets == 0
+        conflicts = (has_model & (has_model[problems, keep] & exhausted)[:, None, :]).any(axis=2)
         decayed[conflicts] = -np.inf
-        decayed[[keep, gone]] = -np.inf
-        self.similarity[keep, :] = decayed
-        self.similarity[:, keep] = decayed
-        self._refresh_row_best(keep, gone, full=bool(newly_exhausted))
+        decayed[problems, keep] = -np.inf
+        decayed[problems, gone] = -np.inf
+        similarity[problems, keep, :] = decayed
+        similarity[problems, :, keep] = decayed
+        self._refresh_row_best(keep, gone, full=newly_exhausted.any(axis=1))
 
-    def _spend_budget(self, within: np.ndarray) -> list[int]:
-        """Spends the budgets of the models a merge was within; the models just exhausted."""
-        newly_exhausted = []
-        for model in range(len(self.budgets)):
-            if within[model]:
-                self.budgets[model] -= 1
-                if self.budgets[model] == 0:
-                    newly_exhausted.append(model)
-        return newly_exhausted
-
-    def _refresh_row_best(self, keep: int, gone: int, full: bool) -> None:
-        """Updates the cached row maxima after a merge (all rows where ``full``)."""
-        if full:
-            self.row_best, self.row_best_index = _row_max(self.similarity)
-            return
-        stale = (self.row_best_index == keep) | (self.row_best_index == gone)
-        stale[[keep, gone]] = True
-        rows = stale.nonzero()[0]
+    def _refresh_row_best(self, keep: np.ndarray, gone: np.ndarray, full: np.ndarray) -> None:
+        """Updates the cached row maxima after a merge (all rows of the ``full`` problems)."""
+        problems = self.problems
+        for problem in full.nonzero()[0]:
+            self.row_best[problem], self.row_best_index[problem] = \
+                _row_max(self.similarity[problem])
+        stale = (self.row_best_index == keep[:, None]) | (self.row_best_index == gone[:, None])
+        stale[problems, keep] = True
+        stale[problems, gone] = True
+        stale &= ~full[:, None]
+        rows = stale.nonzero()
         self.row_best[rows], self.row_best_index[rows] = _row_max(self.similarity[rows])
-        column = self.similarity[:, keep]
-        improved = (column > self.row_best) & ~stale
+        column = self.similarity[problems, :, keep]
+        improved = (column > self.row_best) & ~stale & ~full[:, None]
         self.row_best[improved] = column[improved]
-        self.row_best_index[improved] = keep
+        self.row_best_index[improved] = np.broadcast_to(keep[:, None], improved.shape)[improved]
 
 
 def _greedy_zip(similarity: Tensor, dims: tuple[int, ...], target: int, alpha: float,
                 budgets: tuple[int, ...]) -> Tensor:
     """Label of the merged feature of every original feature after greedy merging to ``target``."""
-    state = _ZipState(similarity, dims, budgets)
+    matrix = similarity.detach().to("cpu", torch.float64).numpy()[None].copy()
+    return torch.from_numpy(greedy_zips(matrix, dims, target, alpha, budgets)[0])
+
+
+def greedy_zips(similarities: np.ndarray, dims: tuple[int, ...], target: int, alpha: float,
+                budgets: tuple[int, ...]) -> np.ndarray:
+    """ZipIt!'s greedy on P problems of one shape at once (``similarities`` ``[P, n, n]``
+    float64, overwritten): the label of each original feature's merged feature, ``[P, n]``.
+    Each problem's labels are those of its own greedy (:func:`zip`, :func:`zip_many`)."""
+    state = _ZipState(similarities, dims, budgets)
     for _ in range(sum(dims) - target):
-        keep, gone = state.best_pair()
-        state.merge(keep, gone, alpha)
-    logger.debug("zip: %s features -> %d, budgets left %s", dims, target, state.budgets)
-    return torch.from_numpy(state.labels)
+        state.merge(*state.best_pairs(), alpha)
+    logger.debug("zip: %d × %s features -> %d", len(similarities), dims, target)
+    return state.labels
 
 
 def _plan_from_labels(labels: Tensor, dims: tuple[int, ...], device: torch.device) -> ManyPlan:
