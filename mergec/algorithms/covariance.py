@@ -81,7 +81,21 @@ class JointMoments:
         dim = sum(self.dims)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        # allocated by the first batch (its scatter becomes the accumulator): a wide space's
+        # float64 matrix is hundreds of megabytes, and zeroing it costs a pass over fresh memory
+        self._sum_outer: Tensor | None = None
+
+    @property
+    def sum_outer(self) -> Tensor:
+        """Sum of outer products of ``[x_1; ...; x_N]``, ``[d, d]`` float64."""
+        if self._sum_outer is None:
+            dim = self.sum.shape[0]
+            self._sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+        return self._sum_outer
+
+    @sum_outer.setter
+    def sum_outer(self, value: Tensor) -> None:
+        self._sum_outer = value
 
     @property
     def dim_a(self) -> int:
@@ -135,7 +149,12 @@ class JointMoments:
         shift = shift.to(torch.float64)
         half = total - samples * shift + (samples / 2) * shift
         shift, half = shift.to(self.device), half.to(self.device)
-        self.sum_outer.add_(scatter.to(self.device)).addr_(shift, half).addr_(half, shift)
+        scatter = scatter.to(self.device, torch.float64)
+        if self._sum_outer is None:  # 0 + scatter is scatter
+            self._sum_outer = scatter
+        else:
+            self._sum_outer.add_(scatter)
+        self._sum_outer.addr_(shift, half).addr_(half, shift)
         self.count += samples
         self.sum += total.to(self.device)
 
