@@ -72,10 +72,7 @@ class Row:
     forward: float
     timings: dict[str, float]
     peaks: dict[str, int | None]
-
-    @property
-    def total(self) -> float:
-        return sum(self.timings.values())
+    total: float  # the whole ``mergec.merge`` call: every pass, and the report
 
     @property
     def without_repair(self) -> float:
@@ -188,14 +185,16 @@ def measure(case: Case, similarities: list[torch.Tensor]) -> Row:
     def keep_widest(name: str, state) -> None:
         if name == "collect-stats":
             widest.extend(sorted(state.moments.values(), key=lambda m: -m.dim_a)[:1])
+    start = time.perf_counter()
     result = mergec.merge(model_a, model_b, example, calibration, progress=False,
                           callback=keep_widest, **case.options)
+    total = time.perf_counter() - start
     after = forward_seconds((model_a, model_b), calibration)
     similarities.extend(m.correlation() for m in widest)
     peaks = {name: peak["host"] for name, peak in result.report.peak_memory.items()}
     parameters = sum(p.numel() for p in model_a.parameters())
     row = Row(case.name, case.calibration, parameters, statistics.mean([before, after]),
-              dict(result.report.timings), peaks)
+              dict(result.report.timings), peaks, total)
     log.info("%s: forward %.2fs, merge %.2fs (%.2f×)", case.name, row.forward, row.total,
              row.total / row.forward)
     return row
@@ -311,6 +310,9 @@ def plot(rows: list[Row], points: dict[str, list[tuple]], folder: Path) -> list[
         share = [row.timings.get(name, 0.0) / row.forward for row in rows]
         axes.barh([row.case for row in rows], share, left=left, label=name)
         left = [a + b for a, b in zip(left, share)]
+    rest = [(row.total - sum(row.timings.get(name, 0.0) for name in PASSES)) / row.forward
+            for row in rows]
+    axes.barh([row.case for row in rows], rest, left=left, label="other", color="lightgrey")
     axes.axvline(1.0, color="black", linewidth=0.8)
     axes.set_xlabel("merge time / forward time of both models (per pass)")
     axes.invert_yaxis()
@@ -356,8 +358,10 @@ def section(rows: list[Row], points: dict[str, list[tuple]], environment_text: s
 Measured by `benchmarks/speed_benchmark.py`. Each merge is `method="zip"` (α = β = 0.5), the
 BatchNorm reset where the models have BatchNorms; **forward A+B** is the plain forward passes
 of both models over the same calibration data in the same process (mean of a run before and
-one after the merge). The floor is 1× without repair (the statistics need one forward pass of
-both models) and 1.5× with the reset (a forward pass of the merged model).
+one after the merge). **merge s** is the whole `mergec.merge` call: the passes shown, the
+others (fold-norms, segment) and building the report. The floor is 1× without repair (the
+statistics need one forward pass of both models) and 1.5× with the reset (a forward pass of
+the merged model).
 
 {environment_text}
 
