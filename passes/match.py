@@ -752,8 +752,8 @@ class Match:
             block_space = blocks.BlockSpace(joint, width, width, within, blocks.plan_score(within))
             layouts.append((space, times, block_space))
             triples = list(itertools.product(range(count), range(count), range(times)))
-            pairs = torch.stack([block_space.pair(a * times + r, b * times + r, count * times)
-                                 for a, b, r in triples])
+            pairs = (block_space.pair(a * times + r, b * times + r, count * times)
+                     for a, b, r in triples)
             for (a, b, _), value in zip(triples, blocks.score_pairs(block_space.score, pairs,
                                                                    width, width)):
                 scores[a, b] += value
@@ -1083,8 +1083,8 @@ def _same_plan(old: MergePlan | None, new: MergePlan) -> bool:
 
 def _summary(plan: MergePlan, joint: torch.Tensor | None) -> dict:
     """What the report keeps of a plan: width, how many A–B pairs, mean matched correlation."""
-    together = _together(plan)
-    if not plan.unmerge_b.is_sparse and not _is_binary(together):
+    together = solvers.together(plan)
+    if not plan.unmerge_b.is_sparse and not solvers.is_binary(together):
         return _rotation_summary(plan, joint)
     result = {"width": plan.width, "cross_pairs": int((together > 0).sum())}
     if joint is not None:
@@ -1094,21 +1094,6 @@ def _summary(plan: MergePlan, joint: torch.Tensor | None) -> dict:
         result["matched_similarity"] = float(cross[pairs].mean()) if pairs.any() else 0.0
         result["identity_similarity"] = float(cross.diagonal().mean())
     return result
-
-
-def _together(plan: MergePlan) -> torch.Tensor:
-    """``U_a U_bᵀ``: for each unit of A and of B, whether the plan puts them in one merged
-    unit (float64). A zip or permutation plan's unmerge matrices hold one 1 per row, so the
-    product is taken sparse (exact: sums of ones), in O(d²) where a dense one is O(d³)."""
-    unmerge_a = plan.unmerge_a.detach().to("cpu", torch.float64)
-    unmerge_b = plan.unmerge_b.detach().to("cpu", torch.float64)
-    if not unmerge_a.is_sparse and _is_binary(unmerge_a) and _is_binary(unmerge_b):
-        unmerge_a = unmerge_a.to_sparse()
-    return unmerge_a @ unmerge_b.T
-
-
-def _is_binary(matrix: torch.Tensor) -> bool:
-    return bool(((matrix == 0) | (matrix == 1)).all())
 
 
 def _rotation_summary(plan: MergePlan, joint: torch.Tensor | None) -> dict:

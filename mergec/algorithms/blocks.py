@@ -14,7 +14,7 @@ Every ``joint`` similarity here is the square similarity of ``[x_a; x_b]``, A's 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -148,30 +148,40 @@ class PlanScore:
 
     @staticmethod
     def _score(joint: Tensor, plan: MergePlan, d_a: int) -> float:
-        together = plan.unmerge_a.to(torch.float64) @ plan.unmerge_b.T.to(torch.float64)
-        return float((joint[:d_a, d_a:] * together).sum() / d_a)
+        return float((joint[:d_a, d_a:] * solvers.together(plan)).sum() / d_a)
 
 
 #: Block pairs solved or scored at once hold at most this many similarity entries (64 MB).
 BATCH_ENTRIES = 1 << 23
 
 
-def _chunks(joints: Tensor) -> list[Tensor]:
-    size = max(1, BATCH_ENTRIES // max(1, joints[0].numel())) if len(joints) else 1
-    return list(joints.split(size))
+def _chunks(joints: Iterable[Tensor]) -> Iterator[Tensor]:
+    """The block pairs' joint similarities stacked, ``[P, n, n]`` at most
+    :data:`BATCH_ENTRIES` entries at a time (a generator is read as the chunks are needed)."""
+    chunk: list[Tensor] = []
+    for joint in joints:
+        chunk.append(joint)
+        if len(chunk) * joint.numel() >= BATCH_ENTRIES:
+            yield torch.stack(chunk)
+            chunk = []
+    if chunk:
+        yield torch.stack(chunk)
 
 
-def solve_pairs(solve: BlockSolver, joints: Tensor, d_a: int, d_b: int) -> list[MergePlan]:
-    """``solve``'s plan of every block pair ``joints[p]`` (``[P, n, n]``), batched where the
-    solver can be (a ``batch`` method), else one call per pair."""
+def solve_pairs(solve: BlockSolver, joints: Iterable[Tensor], d_a: int, d_b: int
+                ) -> list[MergePlan]:
+    """``solve``'s plan of every block pair's joint similarity in ``joints``, batched where
+    the solver can be (a ``batch`` method), else one call per pair."""
     batch = getattr(solve, "batch", None)
     if batch is None:
         return [solve(joint, d_a, d_b) for joint in joints]
     return [plan for chunk in _chunks(joints) for plan in batch(chunk, d_a, d_b)]
 
 
-def score_pairs(score: PairScore, joints: Tensor, d_a: int, d_b: int) -> list[float]:
-    """``score`` of every block pair ``joints[p]``, batched where the score can be."""
+def score_pairs(score: PairScore, joints: Iterable[Tensor], d_a: int, d_b: int
+                ) -> list[float]:
+    """``score`` of every block pair's joint similarity in ``joints``, batched where the
+    score can be."""
     batch = getattr(score, "batch", None)
     if batch is None:
         return [score(joint, d_a, d_b) for joint in joints]
@@ -213,7 +223,7 @@ def block_scores(spaces: Sequence[BlockSpace], count: int) -> Tensor:
     scores = torch.zeros(count, count, dtype=torch.float64)
     pairs = list(itertools.product(range(count), repeat=2))
     for space in spaces:
-        joints = torch.stack([space.pair(block_a, block_b, count) for block_a, block_b in pairs])
+        joints = (space.pair(block_a, block_b, count) for block_a, block_b in pairs)
         values = score_pairs(space.score, joints, space.width_a, space.width_b)
         for (block_a, block_b), value in zip(pairs, values):
             scores[block_a, block_b] += value
@@ -253,8 +263,7 @@ def paired_plan(space: BlockSpace, pairing: Tensor) -> MergePlan:
     """The plan of one space: the solver's plan of every block pair (A's block k with B's
     block ``pairing[k]``), side by side."""
     count, placements, start = len(pairing), [], 0
-    joints = torch.stack([space.pair(block_a, int(pairing[block_a]), count)
-                          for block_a in range(count)])
+    joints = (space.pair(block_a, int(pairing[block_a]), count) for block_a in range(count))
     plans = solve_pairs(space.solve, joints, space.width_a, space.width_b)
     for block_a, plan in enumerate(plans):
         block_b = int(pairing[block_a])

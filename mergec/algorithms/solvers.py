@@ -186,6 +186,27 @@ def in_order_of(plan: MergePlan | ManyPlan, model: int = 0) -> MergePlan | ManyP
     return ManyPlan(merges, unmerges)
 
 
+def together(plan: MergePlan) -> Tensor:
+    """``U_a U_bᵀ`` in float64: for each unit of A and each of B, whether the plan puts them in
+    one merged unit. A zip or permutation plan's unmerge matrices hold one 1 per row, so the
+    product is taken sparse (exact: sums of ones), in O(d²) where a dense one is O(d³).
+
+    >>> swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    >>> together(MergePlan(swap / 2, swap / 2, swap, torch.eye(2)))
+    tensor([[0., 1.],
+            [1., 0.]], dtype=torch.float64)
+    """
+    unmerge_a = plan.unmerge_a.detach().to(torch.float64)
+    unmerge_b = plan.unmerge_b.detach().to(torch.float64)
+    if not unmerge_a.is_sparse and is_binary(unmerge_a) and is_binary(unmerge_b):
+        unmerge_a = unmerge_a.to_sparse()
+    return unmerge_a @ unmerge_b.T
+
+
+def is_binary(matrix: Tensor) -> bool:
+    """Whether every entry of ``matrix`` is 0 or 1."""
+    return bool(((matrix == 0) | (matrix == 1)).all())
+
 def average(d: int) -> MergePlan:
     """Plain weight averaging: feature i of A merges with feature i of B (no matching).
 
