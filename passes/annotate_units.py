@@ -73,6 +73,7 @@ class Annotator:
         self.spaces = Spaces(locate=self.where)
         self.node_labels: dict[fx.Node, Any] = {}
         self.param_axes: dict[int, tuple[str, int]] = {}
+        self.param_parts: dict[int, int] = {}  # a split parameter axis's part -> the axis
         self.roles: dict[tuple[str, int], str] = {}
         self.grouped: dict[tuple[str, int], tuple[Label, int]] = {}
         self.fallbacks: list[str] = []
@@ -129,10 +130,22 @@ class Annotator:
         merge and unmerge differ, the embedding's rows are its units' unmerged sums)."""
         if isinstance(label, int):
             self.spaces.mark_feature(label)
+            label = self.param_parts.get(label, label)
             if label in self.param_axes:
+                self.spaces.mark_feature(label)
                 axis = self.param_axes[label]
                 if role == "consumes" or axis not in self.roles:
                     self.roles[axis] = role
+
+    def split_parameter(self, label: Label, parts: Sequence[Label]) -> None:
+        """Records the parts of a split parameter axis (a packed q/k/v weight split into the
+        rows of each projection): a role a part takes is the role of the whole axis, which
+        is bound to the composite space, so that permuting a part moves the parameter's rows."""
+        whole = self.param_parts.get(label, label)
+        if isinstance(label, int) and whole in self.param_axes:
+            for part in parts:
+                if isinstance(part, int):
+                    self.param_parts[part] = whole
 
     def bind_grouped_input(self, weight: Any, label: Label, groups: int) -> None:
         """Axis 1 of a grouped convolution's weight consumes ``label`` group by group: bound
@@ -644,6 +657,11 @@ def transpose(a: Annotator, node: fx.Node) -> Any:
     return tuple(x)
 
 
+def reverse_axes(a: Annotator, node: fx.Node) -> Any:
+    """``Tensor.T``: every axis reversed."""
+    return tuple(reversed(a.labels_of(node.args[0])))
+
+
 def unsqueeze(a: Annotator, node: fx.Node) -> Any:
     """A new axis of size 1."""
     x = list(a.labels_of(node.args[0]))
@@ -753,6 +771,7 @@ def split(a: Annotator, node: fx.Node) -> Any:
         a.spaces.fix(x[dim], "split into parts of unknown size")
         return [tuple(x[:dim]) + (None,) + tuple(x[dim + 1:]) for _ in values]
     pieces = a.spaces.split(x[dim], sizes)
+    a.split_parameter(x[dim], pieces)
     return [tuple(x[:dim]) + (piece,) + tuple(x[dim + 1:]) for piece in pieces]
 
 
@@ -795,6 +814,7 @@ def slice_axis(a: Annotator, node: fx.Node) -> Any:
     end = size if end is None else min(size, end + size if end < 0 else end)
     sizes = [s for s in (start, end - start, size - end) if s > 0]
     pieces = a.spaces.split(label, sizes)
+    a.split_parameter(label, pieces)
     out[dim] = pieces[1 if start > 0 else 0]
     return tuple(out)
 
@@ -928,6 +948,8 @@ _TABLE: tuple[tuple[str, Rule], ...] = (
     ("permute", permute),
     # two axes swapped
     ("transpose t swapaxes", transpose),
+    # Tensor.T: the axes in reverse order
+    ("numpy_T", reverse_axes),
     # a new size-1 axis
     ("unsqueeze", unsqueeze),
     # size-1 axes removed

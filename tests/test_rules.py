@@ -460,6 +460,69 @@ def test_multihead_attention_module() -> None:
     assert_permutations_keep_outputs(model, TOKENS, spec)
 
 
+class ProbePooling(nn.Module):
+    """A learned query attends over the tokens (SigLIP's pooling head): with a query that is
+    not the key, ``nn.MultiheadAttention`` splits its packed weight into q rows and k/v rows
+    before projecting, so the rows are cut from the parameter, not from an activation."""
+
+    def __init__(self, width: int = 8, count: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(3, width)
+        self.probe = nn.Parameter(torch.randn(1, 1, width))
+        self.attention = nn.MultiheadAttention(width, count, batch_first=True)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        probe = self.probe.expand(x.shape[0], -1, -1)
+        return self.head(self.attention(probe, x, x, need_weights=False)[0][:, 0])
+
+
+class SplitWeight(nn.Module):
+    """One parameter whose rows the model cuts into two projections, the second a slice of
+    a part (rows it never reads are left over)."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.embed = nn.Linear(3, width)
+        self.packed = nn.Parameter(torch.randn(3 * width, width))
+        self.head = nn.Linear(2 * width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        width = self.packed.shape[1]
+        first, rest = self.packed.split([width, 2 * width])
+        second = rest[:width]
+        return self.head(torch.cat([F.relu(x @ first.T), F.relu(x @ second.T)], -1))
+
+
+def test_a_parameter_split_into_projections_binds_its_rows() -> None:
+    """Permuting the k/v features of a probe-pooling head moves the packed weight's rows: the
+    weight's axis 0 is bound to the composite of its parts (it was left unbound, and a
+    permuted copy computed another function)."""
+    model = randomized(ProbePooling())
+    spec = mergec.discover(model, TOKENS)
+    packed = space(spec, "attention.in_proj_weight")
+    assert packed.kind == "composite"
+    assert space(spec, "attention.in_proj_bias").parts == packed.parts
+    assert any(spec.is_free(s.id) for s in spec.spaces.values()
+               if s.id != packed.id and s.kind == "blocks")
+    assert_permutations_keep_outputs(model, TOKENS, spec)
+    twin = mergec.permute(model, TOKENS, seed=1, spec=spec)
+    for method in ("zip", "permute"):
+        result = mergec.merge(model, twin, TOKENS, [(TOKENS,)], method=method, repair=None,
+                              progress=False)
+        torch.testing.assert_close(result.module(TOKENS), model(TOKENS), rtol=1e-4, atol=1e-5)
+
+
+def test_a_parameter_cut_by_the_model_binds_its_rows() -> None:
+    model = randomized(SplitWeight())
+    spec = mergec.discover(model, TOKENS)
+    packed = space(spec, "packed")
+    assert packed.kind == "composite" and spec.is_free(packed.parts[0])
+    assert_permutations_keep_outputs(model, TOKENS, spec)
+
+
 class Tokens(nn.Module):
     """Embedding, positional embedding, class token, LayerNorm, class-token head."""
 
