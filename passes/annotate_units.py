@@ -1071,10 +1071,25 @@ def _bindings(a: Annotator, bound: list[int],
     return tuple(sorted(bindings, key=lambda b: (b.key, b.axis)))
 
 
+def _fix_unbound_parts(a: Annotator) -> None:
+    """The sound default for a parameter axis that no rule bound but whose parts, blocks or
+    factors became feature spaces (the parameter was cut or reshaped before its use in a way
+    no role follows back): its data flows into those spaces, and permuting them without
+    moving the parameter would change the function, so they are fixed."""
+    for element, (key, axis) in a.param_axes.items():
+        if a.spaces.info(element).feature:
+            continue
+        root = a.spaces.find(element)
+        for nested in a.spaces.closure([element]):
+            if nested != root and a.spaces.info(nested).feature:
+                a.spaces.fix(nested, f"part of {key}[{axis}], which no rule binds")
+
+
 def build_spec(a: Annotator, model_name: str = "") -> UnitSpec:
     """Turns the annotator's union-find into a :class:`UnitSpec` (spaces numbered s0, s1, ...
     in the order of their oldest element) and writes each annotated node's space ids into
     its ``node.meta["mergec"]``."""
+    _fix_unbound_parts(a)
     a.spaces.propagate_fixed()
     bound = [e for e in sorted(a.param_axes)
              if a.spaces.info(e).feature and static_size(a.spaces.info(e).size) != 1]

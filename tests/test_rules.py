@@ -19,7 +19,7 @@ import mergec
 from mergec.ir.fx import aten_name
 from mergec.ir.labels import NodeUnits
 from mergec.ir.spec import Space, UnitSpec
-from mergec.passes.annotate_units import annotate_units
+from mergec.passes.annotate_units import Annotator, annotate_units
 from mergec.permute import random_permutations
 
 
@@ -521,6 +521,16 @@ def test_a_parameter_cut_by_the_model_binds_its_rows() -> None:
     packed = space(spec, "packed")
     assert packed.kind == "composite" and spec.is_free(packed.parts[0])
     assert_permutations_keep_outputs(model, TOKENS, spec)
+
+
+def test_parts_of_a_parameter_no_rule_binds_are_fixed(monkeypatch) -> None:
+    """The sound default beneath the binding: with the parts of a split parameter not
+    followed back to it, the spaces they made are fixed, not left free and unbound."""
+    monkeypatch.setattr(Annotator, "split_parameter", lambda *_: None)
+    for model in (randomized(ProbePooling()), randomized(SplitWeight())):
+        spec = mergec.discover(model, TOKENS)
+        assert any("which no rule binds" in (s.fixed or "") for s in spec.spaces.values())
+        assert_permutations_keep_outputs(model, TOKENS, spec)
 
 
 class Tokens(nn.Module):

@@ -241,17 +241,22 @@ class Spaces:
         if isinstance(label, int):
             record = self._record(label)
             if record.fixed is None:
-                record.fixed = f"{reason} at {self._locate()}"
+                record.fixed = self._placed(reason)
         elif isinstance(label, Within):
             record = self._record(label.space)
             if record.within_fixed is None:
-                record.within_fixed = f"{reason} at {self._locate()}"
+                record.within_fixed = self._placed(reason)
         elif isinstance(label, Product):
             for factor, _ in label.factors:
                 self.fix(factor, reason)
         elif isinstance(label, PartLevel):
             for part in self.structure(label.space).parts:
                 self.fix(part, reason)
+
+    def _placed(self, reason: str) -> str:
+        """``reason`` with the place it was found, where there is one."""
+        where = self._locate()
+        return f"{reason} at {where}" if where else reason
 
     def propagate_fixed(self) -> None:
         """A fixed space fixes its blocks and parts; a fixed part fixes nothing more."""
