@@ -137,15 +137,18 @@ class Annotator:
                 if role == "consumes" or axis not in self.roles:
                     self.roles[axis] = role
 
-    def split_parameter(self, label: Label, parts: Sequence[Label]) -> None:
-        """Records the parts of a split parameter axis (a packed q/k/v weight split into the
-        rows of each projection): a role a part takes is the role of the whole axis, which
-        is bound to the composite space, so that permuting a part moves the parameter's rows."""
-        whole = self.param_parts.get(label, label)
-        if isinstance(label, int) and whole in self.param_axes:
+    def split(self, label: Label, sizes: Sequence[int]) -> list[Label]:
+        """The consecutive parts of a feature axis (split, chunk, slice, a cat's inputs): see
+        :meth:`Spaces.split`. The parts of a parameter axis (a packed q/k/v weight cut into
+        each projection's rows) are recorded: a role a part takes is the whole axis's role,
+        and the axis is bound to the composite, so that permuting a part moves its rows."""
+        parts = self.spaces.split(label, sizes)
+        whole = self.param_parts.get(label, label) if isinstance(label, int) else None
+        if whole in self.param_axes:
             for part in parts:
                 if isinstance(part, int):
                     self.param_parts[part] = whole
+        return parts
 
     def bind_grouped_input(self, weight: Any, label: Label, groups: int) -> None:
         """Axis 1 of a grouped convolution's weight consumes ``label`` group by group: bound
@@ -744,7 +747,7 @@ def _concatenated(a: Annotator, node: fx.Node, parts: list[Label], sizes: list[A
             a.spaces.fix(part, "concatenated along an axis of unknown size")
         return None
     whole = a.spaces.new(sum(static), f"cat {node.name}")
-    for piece, part in zip(a.spaces.split(whole, static), parts):
+    for piece, part in zip(a.split(whole, static), parts):
         a.spaces.unify(piece, part, "concatenation")
     return whole
 
@@ -770,8 +773,7 @@ def split(a: Annotator, node: fx.Node) -> Any:
     if any(size is None for size in sizes):
         a.spaces.fix(x[dim], "split into parts of unknown size")
         return [tuple(x[:dim]) + (None,) + tuple(x[dim + 1:]) for _ in values]
-    pieces = a.spaces.split(x[dim], sizes)
-    a.split_parameter(x[dim], pieces)
+    pieces = a.split(x[dim], sizes)
     return [tuple(x[:dim]) + (piece,) + tuple(x[dim + 1:]) for piece in pieces]
 
 
@@ -813,8 +815,7 @@ def slice_axis(a: Annotator, node: fx.Node) -> Any:
     start = max(0, start + size if start < 0 else start)
     end = size if end is None else min(size, end + size if end < 0 else end)
     sizes = [s for s in (start, end - start, size - end) if s > 0]
-    pieces = a.spaces.split(label, sizes)
-    a.split_parameter(label, pieces)
+    pieces = a.split(label, sizes)
     out[dim] = pieces[1 if start > 0 else 0]
     return tuple(out)
 

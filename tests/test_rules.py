@@ -526,7 +526,7 @@ def test_a_parameter_cut_by_the_model_binds_its_rows() -> None:
 def test_parts_of_a_parameter_no_rule_binds_are_fixed(monkeypatch) -> None:
     """The sound default beneath the binding: with the parts of a split parameter not
     followed back to it, the spaces they made are fixed, not left free and unbound."""
-    monkeypatch.setattr(Annotator, "split_parameter", lambda *_: None)
+    monkeypatch.setattr(Annotator, "split", lambda a, label, sizes: a.spaces.split(label, sizes))
     for model in (randomized(ProbePooling()), randomized(SplitWeight())):
         spec = mergec.discover(model, TOKENS)
         assert any("which no rule binds" in (s.fixed or "") for s in spec.spaces.values())
