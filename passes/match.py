@@ -47,7 +47,7 @@ from mergec.algorithms.covariance import (
     activation_similarity,
 )
 from mergec.algorithms.solvers import BlockSolver, MergePlan
-from mergec.algorithms.tensors import as_permutation
+from mergec.algorithms.tensors import as_permutation, block_diagonal
 from mergec.algorithms.weight_matching import weight_similarity
 from mergec.errors import MergeError
 from mergec.ir.fx import aten_name
@@ -279,10 +279,12 @@ def leaf_weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, tor
     (:func:`~mergec.algorithms.weight_matching.weight_similarity`): every trainable parameter
     (``params``: no running statistics) bound along a space where the leaf occurs, B's other
     axes put in A's order by the current full ``plans`` (twice B's merge matrix: a pair's merged
-    unit averages two). Grouped convolution weights, which hold only diagonal blocks, are left
-    out. This is the computation from scratch; the pass uses :class:`WeightSimilarities`,
-    which gives the same numbers while leaf plans change one at a time."""
+    unit averages two). A grouped convolution's weight is compared as the block-diagonal matrix
+    it holds the blocks of, where that is not too large (:func:`weight_parameters`). This is
+    the computation from scratch; the pass uses :class:`WeightSimilarities`, which gives the
+    same numbers while leaf plans change one at a time."""
     axes = _weight_axes(spec, params_a)
+    params_a, params_b = weight_parameters(spec, params_a), weight_parameters(spec, params_b)
     spaces = {space for bound in axes.values() for _, space in bound}
     units = {}
     for space in spaces:
@@ -293,16 +295,44 @@ def leaf_weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, tor
     return weight_similarity(params_a, params_b, axes, units, align_b, spec.spaces[leaf].size)
 
 
+def _parameters(graph: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every parameter of ``graph`` under each of its names: a tied weight (T5's token
+    embedding, ``shared.weight`` and ``encoder.embed_tokens.weight``) is listed once by
+    ``named_parameters()``, and the spec may bind it under the other name."""
+    return dict(graph.named_parameters(remove_duplicate=False))
+
+
 def _weight_axes(spec: UnitSpec, params: Mapping[str, torch.Tensor]
                  ) -> dict[str, list[tuple[int, str]]]:
-    """The bound axes of every parameter in ``params`` but grouped convolution weights."""
+    """The bound axes of every parameter in ``params`` but grouped convolution weights too
+    large to compare as block-diagonal matrices (:data:`MAX_EXPANDED`)."""
     axes: dict[str, list[tuple[int, str]]] = {}
-    grouped = set()
+    too_large = {b.key for b in spec.bindings if b.groups > 1 and b.key in params
+                 and params[b.key].numel() * b.groups > MAX_EXPANDED}
     for binding in spec.bindings:
-        axes.setdefault(binding.key, []).append((binding.axis, binding.space))
-        if binding.groups > 1:
-            grouped.add(binding.key)
-    return {key: bound for key, bound in axes.items() if key not in grouped and key in params}
+        if binding.key in params and binding.key not in too_large:
+            axes.setdefault(binding.key, []).append((binding.axis, binding.space))
+    return axes
+
+
+#: the most elements a grouped convolution's weight may have as a block-diagonal matrix for
+#: weight matching to compare it (32 MB in float64); a larger one (a wide depthwise convolution:
+#: channels² × kernel) is left out
+MAX_EXPANDED = 2**22
+
+
+def weight_parameters(spec: UnitSpec, params: Mapping[str, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+    """The parameters weight matching compares (those of :func:`_weight_axes`), float64 on the
+    CPU. A grouped convolution's ``(out, in/groups, ...)`` weight becomes the ``(out, in, ...)``
+    block-diagonal matrix it holds the blocks of, whose axes are the spaces' full widths (the
+    zeros off the blocks stay off them under every permutation the spec allows)."""
+    out = {}
+    groups = {b.key: b.groups for b in spec.bindings if b.groups > 1}
+    for key in _weight_axes(spec, params):
+        tensor = params[key].detach().to("cpu", torch.float64)
+        out[key] = block_diagonal(tensor, groups[key]) if key in groups else tensor
+    return out
 
 
 class WeightSimilarities:
@@ -332,10 +362,8 @@ class WeightSimilarities:
         their block order (:func:`_free_repeated`)."""
         self.spec, self.plans = spec, plans
         self.axes = _weight_axes(spec, params_a)
-        self.params_a = {key: params_a[key].detach().to("cpu", torch.float64)
-                         for key in self.axes}
-        self.params_b = {key: params_b[key].detach().to("cpu", torch.float64)
-                         for key in self.axes}
+        self.params_a = weight_parameters(spec, params_a)
+        self.params_b = weight_parameters(spec, params_b)
         spaces = {space for bound in self.axes.values() for _, space in bound}
         self.occurrences = {space: occurrences(spec, space) for space in spaces}
         self.leaves_of = {space: {leaf for leaf, _ in found}
@@ -524,8 +552,7 @@ class Match:
         resizing = spec_a.shapes != spec_b.shapes or any(
             widths[s] != spec_a.spaces[s].size for s in widths)
         plans, summaries = self._plan(
-            spec_a, state.moments, dict(graphs[0].named_parameters()),
-            dict(graphs[1].named_parameters()), spec_b=spec_b,
+            spec_a, state.moments, _parameters(graphs[0]), _parameters(graphs[1]), spec_b=spec_b,
             widths=widths if resizing else None, exclude=state.unaligned_spaces,
             attention=attention_roles(graphs[0], spec_a),
             # align-depth makes the shallow model "A"; the caller's A is then plans' B
@@ -603,10 +630,17 @@ class Match:
         that hold some are solved again (with their groups), ties broken by the weight
         similarity under the plans found so far
         (:func:`~mergec.algorithms.covariance.activation_similarity`'s ``tie_break``), until
-        no plan changes. merge(A, π(A)) then recovers A wherever the weights identify π."""
+        no plan changes. A free leaf no activation carries (DeBERTa's relative position
+        embeddings, read by the attention's position projections as a parameter) has no
+        statistics at all: it is solved on its weight similarity alone. merge(A, π(A)) then
+        recovers A wherever the weights identify π."""
+        def unsettled(leaf: str) -> bool:
+            if leaf not in moments:
+                return spec.is_free(leaf)
+            return not self.rotates(spec, leaf) and len(_constant_units(moments[leaf])) > 0
+
         tied = dict.fromkeys(_members(spec, leaf, groups)[0] for leaf in leaves
-                             if leaf in moments and not self.rotates(spec, leaf)
-                             and len(_constant_units(moments[leaf])))
+                             if unsettled(leaf))
         if not tied:
             return
         weights = WeightSimilarities(spec, *params, plans, groups["repeated"])
@@ -678,12 +712,14 @@ class Match:
         """The joint similarity ``leaf`` is solved on, under the current leaf plans (those
         ``weight_similarities`` reads, for the methods that use weights; those ``ties`` reads,
         whose weight similarity breaks the ties of constant units for the methods that use
-        activations only); None where nothing is known of the leaf: it is then averaged, unit
-        i with i. ``rotation``: the similarity of a rotation space
-        (:meth:`_rotation_similarity`)."""
+        activations only, and is all they know of a leaf without statistics); None where
+        nothing is known of the leaf: it is then averaged, unit i with i. ``rotation``: the
+        similarity of a rotation space (:meth:`_rotation_similarity`)."""
         observed = moments.get(leaf)
         if rotation:
-            weights = weight_similarities(leaf) if weight_similarities is not None else None
+            source = weight_similarities if weight_similarities is not None else \
+                ties if observed is None else None
+            weights = source(leaf) if source is not None else None
             return self._rotation_similarity(observed, weights)
         if weight_similarities is not None:
             weights = weight_similarities(leaf)
@@ -692,7 +728,7 @@ class Match:
             activation = activation_similarity(observed, spec.spaces[leaf].size)
             return self.weight_beta * weights + (1 - self.weight_beta) * activation
         if observed is None:
-            return None
+            return ties(leaf) if ties is not None else None
         constant = _constant_units(observed)
         tie_break = ties(leaf, constant) if ties is not None and len(constant) else None
         return activation_similarity(observed, spec.spaces[leaf].size, tie_break)

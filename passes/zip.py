@@ -30,7 +30,13 @@ log = logging.getLogger(__name__)
 def merge_entry(tensors: tuple[torch.Tensor, ...], bindings: list[Binding],
                 plans: Mapping[str, MergePlan | ManyPlan]) -> torch.Tensor:
     """One merged state-dict entry from every model's tensor (two, or N with
-    :class:`~mergec.algorithms.solvers.ManyPlan` plans)."""
+    :class:`~mergec.algorithms.solvers.ManyPlan` plans).
+
+    A merge matrix averages as it maps (for N models its rows sum to 1/N over each model's
+    units), so an entry is averaged once whatever its number of output or elementwise axes: by
+    a merge matrix where it has one, by 1/N where it has none, and each further such axis
+    (a mixture of experts' ``(experts, out, in)`` weight bound along all three) is mapped by
+    N · merge, which only moves units."""
     reference = tensors[0]
     if not reference.is_floating_point():
         return reference.clone()
@@ -49,8 +55,11 @@ def merge_entry(tensors: tuple[torch.Tensor, ...], bindings: list[Binding],
         if groups is not None:
             work = diagonal_blocks(work, groups[-1])
         merged = work if merged is None else merged + work
-    if not any(b.role != "consumes" for b in bindings):
+    mapped = sum(b.role != "consumes" for b in bindings)
+    if mapped == 0:
         merged = merged / len(tensors)
+    elif mapped > 1:
+        merged = merged * len(tensors) ** (mapped - 1)
     return merged.to(reference.dtype)
 
 

@@ -27,6 +27,9 @@ import archgen  # tests/ is on sys.path under pytest's default (prepend) import 
 import mergec
 from mergec import MergeError
 from mergec.algorithms import blocks as algorithm_blocks
+from mergec.algorithms.solvers import ManyPlan, average
+from mergec.ir.spec import Binding
+from mergec.passes.zip import merge_entry
 from mergec_lab import datasets, training, zoo
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -649,3 +652,19 @@ def test_the_batch_norm_reset_follows_the_merged_width(width: str) -> None:
     features = F.conv2d(x, state["0.weight"], padding=1)  # what the first BatchNorm sees
     torch.testing.assert_close(state["1.running_mean"], features.mean(dim=(0, 2, 3)),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("models", [2, 3])
+def test_an_entry_bound_along_several_output_axes_is_averaged_once(models: int) -> None:
+    """A mixture of experts' (experts, out, in) weight is bound along all three axes, none of
+    them consumed: the merge averages it once, not once per axis (which left a quarter of the
+    weight, and Mixtral merged with itself computed another function)."""
+    weight = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(0))
+    bindings = [Binding("w", 0, "experts", "elementwise"), Binding("w", 1, "out", "produces"),
+                Binding("w", 2, "in", "elementwise")]
+    sizes = {"experts": 4, "out": 6, "in": 5}
+    plans = {space: average(n) if models == 2 else ManyPlan.average(n, models)
+             for space, n in sizes.items()}
+    tensors = tuple(weight * (m + 1) for m in range(models))
+    expected = weight * (models + 1) / 2
+    torch.testing.assert_close(merge_entry(tensors, bindings, plans), expected)

@@ -67,6 +67,30 @@ def _albert() -> nn.Module:
     return transformers.AlbertModel(transformers.AlbertConfig(**TEXT, embedding_size=32))
 
 
+def _t5_encoder() -> nn.Module:
+    return transformers.T5EncoderModel(transformers.T5Config(
+        d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=100,
+        relative_attention_num_buckets=8))
+
+
+def _squeezebert() -> nn.Module:
+    groups = dict(q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2,
+                  intermediate_groups=2, output_groups=2)
+    return transformers.SqueezeBertModel(transformers.SqueezeBertConfig(
+        **TEXT, embedding_size=64, **groups))
+
+
+def _deberta_v2() -> nn.Module:
+    return transformers.DebertaV2Model(transformers.DebertaV2Config(
+        **TEXT, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"]))
+
+
+def _mixtral() -> nn.Module:
+    return transformers.MixtralModel(transformers.MixtralConfig(
+        **TEXT, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
 tv = torchvision.models
 #: name -> (constructor, example inputs with a seed, marks)
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple], list]] = {
@@ -78,6 +102,10 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple], list]] 
     "bert": (_bert, _tokens, []),
     "llama_gqa (GQA, rotary, RMSNorm)": (_llama_gqa, _tokens, []),
     "albert (shared layers)": (_albert, _tokens, []),
+    "t5_encoder (tied embedding under two names)": (_t5_encoder, _tokens, []),
+    "squeezebert (grouped convs on the stream)": (_squeezebert, _tokens, []),
+    "deberta_v2 (a parameter no activation carries)": (_deberta_v2, _tokens, []),
+    "mixtral (experts' weights bound along three axes)": (_mixtral, _tokens, []),
 }
 
 
@@ -87,6 +115,13 @@ def _params(xfail: dict[str, str] | None = None) -> list:
                                                                  reason=xfail[name])]
                                               if name in xfail else []), id=name.split()[0])
             for name, (_, _, marks) in MODELS.items()]
+
+
+#: the share of varying entries a permutation with the outputs in order moves, where not half:
+#: SqueezeBERT's heads sit inside its grouped convolutions' groups, a split no rule describes,
+#: so its attention spaces are fixed, and with the hidden states in order only the feed-forward
+#: layers move
+MOVED_SHARE = {"squeezebert (grouped convs on the stream)": 0.25}
 
 
 @dataclass(frozen=True)
@@ -100,7 +135,8 @@ class Case:
 def outputs(model: nn.Module, args: tuple) -> list[torch.Tensor]:
     """The output tensors in pytree order (``use_cache=False`` where the model takes it, as
     mergec's trace does)."""
-    kwargs = {"use_cache": False} if isinstance(model, transformers.LlamaModel) else {}
+    takes_cache = isinstance(model, (transformers.LlamaModel, transformers.MixtralModel))
+    kwargs = {"use_cache": False} if takes_cache else {}
     with torch.no_grad():
         result = model(*args, **kwargs)
     return [leaf for leaf in pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
@@ -145,7 +181,7 @@ def test_permuted_copy_computes_the_same_function(name: str) -> None:
     varying = [key for key, tensor in c.model.state_dict().items()
                if tensor.is_floating_point() and tensor.numel() > 1 and tensor.min() < tensor.max()]
     moved = [key for key in varying if not torch.equal(state[key], c.model.state_dict()[key])]
-    assert len(moved) >= 0.5 * len(varying)
+    assert len(moved) >= MOVED_SHARE.get(name, 0.5) * len(varying)
     assert relative_error(outputs(twin, c.example(0)), c.expected) <= INVARIANT_TOLERANCE
 
 
@@ -156,4 +192,17 @@ def test_weight_match_merge_with_permuted_copy_gives_the_model_back(name: str) -
     calibration: list[Any] = [c.example(seed) for seed in (1, 2)]
     result = mergec.merge(c.model, permuted(name, "auto"), c.example(0), calibration,
                           method="weight-match", repair=None, progress=False)
+    assert relative_error(outputs(result.module, c.example(0)), c.expected) <= MERGE_TOLERANCE
+
+
+@pytest.mark.parametrize("name", [p for p in _params() if MODELS[p.values[0]][1] is _tokens])
+def test_permute_merge_with_permuted_copy_gives_the_model_back(name: str) -> None:
+    """Activation matching undoes the permutation too, also of a space no activation carries
+    (it is matched on its weights). The transformers only: on the randomly initialised CNNs and
+    a few 64×64 images the calibration statistics do not single out every unit (resnet18 comes
+    back within 5e-3, docs/coverage.md's zoo)."""
+    c = case(name)
+    calibration: list[Any] = [c.example(seed) for seed in (1, 2)]
+    result = mergec.merge(c.model, permuted(name, "auto"), c.example(0), calibration,
+                          method="permute", repair=None, progress=False)
     assert relative_error(outputs(result.module, c.example(0)), c.expected) <= MERGE_TOLERANCE
