@@ -415,6 +415,23 @@ def matmul(a: Annotator, node: fx.Node) -> Any:
     return tuple(reversed(batch)) + (left[-2], right[-1])
 
 
+def grouped_matmul(a: Annotator, node: fx.Node) -> Any:
+    """A mixture of experts' grouped product (``_grouped_mm``, transformers'
+    ``grouped_mm_fallback``): rows of x (S, in), sorted by expert, times their expert's matrix
+    of w (experts, in, out). The contracted axes are one space, every expert's output axis one
+    space; the experts, chosen by position, keep their order."""
+    x, weight = a.labels_of(node.args[0]), a.labels_of(node.args[1])
+    if len(x) != 2 or len(weight) != 3:
+        return a.fallback(node, "a grouped product of other ranks than (S, in) × (experts, "
+                                "in, out)")
+    a.role(weight[0], "elementwise")
+    a.role(weight[1], "consumes")
+    a.role(weight[2], "produces")
+    a.spaces.unify(x[1], weight[1], "grouped product contraction")
+    a.spaces.fix(weight[0], "is the experts axis of a grouped product, chosen by position")
+    return (x[0], weight[2])
+
+
 def convolution(a: Annotator, node: fx.Node) -> Any:
     """conv: channel axis 1. Plain: a new output space; depthwise: output space = input space;
     grouped: input and output spaces get blocks tied to each other."""
@@ -911,6 +928,7 @@ _TABLE: tuple[tuple[str, Rule], ...] = (
     ("addmm", addmm),
     # contracted axes one space, batch axes broadcast
     ("matmul mm bmm", matmul),
+    ("_grouped_mm grouped_mm_fallback", grouped_matmul),
     # plain, depthwise and grouped convolutions
     ("conv1d conv2d conv3d", convolution),
     # transposed convolutions without groups

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers.integrations.moe  # noqa: F401 - registers torch.ops.transformers.grouped_mm_fallback
 from torch import nn
 
 import mergec
@@ -531,6 +532,43 @@ def test_parts_of_a_parameter_no_rule_binds_are_fixed(monkeypatch) -> None:
         spec = mergec.discover(model, TOKENS)
         assert any("which no rule binds" in (s.fixed or "") for s in spec.spaces.values())
         assert_permutations_keep_outputs(model, TOKENS, spec)
+
+
+class Experts(nn.Module):
+    """A mixture of two experts as transformers runs it: each feed-forward layer one grouped
+    product over tokens sorted by expert (here the first half to expert 0, the rest to 1)."""
+
+    def __init__(self, width: int = 6, hidden: int = 8, experts: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(3, width)
+        self.up = nn.Parameter(torch.randn(experts, width, hidden))
+        self.down = nn.Parameter(torch.randn(experts, hidden, width))
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(0, 1)
+        offsets = torch.tensor([tokens.shape[0] // 2, tokens.shape[0]], dtype=torch.int32)
+        hidden = F.relu(torch.ops.transformers.grouped_mm_fallback(tokens, self.up, offsets))
+        out = torch.ops.transformers.grouped_mm_fallback(hidden, self.down, offsets)
+        return self.head(tokens + out)
+
+
+def test_grouped_expert_products_bind_their_weights() -> None:
+    """Each expert matrix reads the stream and writes one hidden space; the experts axis keeps
+    its order (the product picks an expert by position). Without the rule the op took the
+    fallback and every space it touched was fixed."""
+    model = randomized(Experts())
+    spec = mergec.discover(model, TOKENS)
+    stream, hidden = space(spec, "up", 1), space(spec, "up", 2)
+    assert spec.is_free(stream.id) and spec.is_free(hidden.id)
+    assert space(spec, "down", 1) == hidden and space(spec, "down", 2) == stream
+    assert "experts axis" in space(spec, "up", 0).fixed
+    assert_permutations_keep_outputs(model, TOKENS, spec)
+    twin = mergec.permute(model, TOKENS, seed=1, spec=spec)
+    for method in ("weight-match", "permute"):
+        result = mergec.merge(model, twin, TOKENS, [(TOKENS,)], method=method, repair=None,
+                              progress=False)
+        torch.testing.assert_close(result.module(TOKENS), model(TOKENS), rtol=1e-4, atol=1e-5)
 
 
 class Tokens(nn.Module):

@@ -105,7 +105,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple], list]] 
     "t5_encoder (tied embedding under two names)": (_t5_encoder, _tokens, []),
     "squeezebert (grouped convs on the stream)": (_squeezebert, _tokens, []),
     "deberta_v2 (a parameter no activation carries)": (_deberta_v2, _tokens, []),
-    "mixtral (experts' weights bound along three axes)": (_mixtral, _tokens, []),
+    "mixtral (experts: grouped products)": (_mixtral, _tokens, []),
 }
 
 
