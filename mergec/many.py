@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -44,7 +44,7 @@ from mergec.errors import MergeError
 from mergec.inputs import check_calibration, check_device, check_models
 from mergec.ir.fx import as_args
 from mergec.ir.spec import UnitSpec
-from mergec.ir.state import MergeOptions, PipelineState
+from mergec.ir.state import MergeOptions, OutputAffine, PipelineState
 from mergec.merge import MergeResult, report_of, run_merge
 from mergec.passes.collect_stats import joint_moments
 from mergec.passes.match import flat_width, full_plan, is_leaf, output_leaves, resized
@@ -197,7 +197,8 @@ def _merge_prepared(options: MergeOptions, prepared: list[PipelineState], exampl
         plans, summaries, many = _aligned_plans(options, graphs, specs, moments, rounds)
     timings["match"] = time.perf_counter() - start
     start = time.perf_counter()
-    merged, maps = _emit(options, graphs, specs, plans, example)
+    affines = (_affines_of(prepared[0], 0),) + tuple(_affines_of(state, 1) for state in prepared)
+    merged, maps = _emit(options, graphs, specs, plans, example, affines)
     timings["zip"] = time.perf_counter() - start
     start = time.perf_counter()
     reset = 0 if options.repair is None else reset_batch_norms(
@@ -213,19 +214,26 @@ def _merge_prepared(options: MergeOptions, prepared: list[PipelineState], exampl
         many={"models": len(graphs), **many})
 
 
+def _affines_of(state: PipelineState, model: int) -> Mapping[int, OutputAffine]:
+    """fold-norms' output affines of ``model`` (0 or 1) of a prepared pair."""
+    return state.output_affines[model] if state.output_affines else {}
+
+
 def _emit(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
-          specs: tuple[UnitSpec, ...], plans: dict[str, ManyPlan], example: tuple
+          specs: tuple[UnitSpec, ...], plans: dict[str, ManyPlan], example: tuple,
+          affines: tuple[Mapping[int, OutputAffine], ...] = ()
           ) -> tuple[fx.GraphModule, list[dict]]:
     """A copy of model 0's graph module holding the merged weights (resized where the merged
     widths differ), its free outputs mapped into model 0's basis; with ``stop_at`` or
-    ``heads="separate"``, the merged trunk and the N models' tails, which return N outputs."""
+    ``heads="separate"``, the merged trunk and the N models' tails, which return N outputs.
+    ``affines``: each model's norm gains and shifts fold-norms took into its outputs."""
     spec = specs[0]
     state = merged_state([graph.state_dict() for graph in graphs], spec, plans)
     stop = Zip(stop_at=options.stop_at, heads=options.heads).stop_node(graphs[0])
     if stop is not None:
-        return partial_of(graphs, spec, plans, state, stop), []
+        return partial_of(graphs, spec, plans, state, stop, affines), []
     merged = full_module(graphs[0], state, plans, spec)
-    maps = map_outputs(merged, spec, {s: p.pair(1) for s, p in plans.items()}, (0,))
+    maps = map_outputs(merged, spec, {s: p.pair(1) for s, p in plans.items()}, (0,), affines)
     if any(p.width != spec.spaces[s].size for s, p in plans.items()):
         check_runs(merged, example)
     return merged, maps

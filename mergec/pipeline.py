@@ -55,7 +55,7 @@ def build_passes(options: MergeOptions) -> list[Pass]:
     rotations = options.symmetry == "auto" and options.width in SAME_WIDTH
     passes: list[Pass] = [
         Trace(),
-        FoldNorms(enabled=rotations),
+        FoldNorms(enabled=rotations, outputs=options.spec_outputs),
         AnnotateUnits(outputs=options.spec_outputs),
         Segment(),
         AlignDepth(variant=options.depth_variant, unaligned=options.unaligned,

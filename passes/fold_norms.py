@@ -15,16 +15,24 @@ transformers writes Llama's) folds its gain alike; what remains commutes with ev
 A norm with unit gain and zero shift needs no fold, wherever it sits: a post-norm block's norm
 (its output feeds the next residual sum) commutes with those rotations too.
 
-A norm whose output feeds anything else (a post-norm block's residual sum, a model output, a
-nonlinearity) is left as it is, with the reason recorded per node in ``state.folds``; its
-stream then admits permutations only. The pass works on the pipeline's own graph modules
+A pre-norm backbone's last norm feeds a model output (transformers' ``last_hidden_state``),
+which a merge matches and maps back into a model's basis (zip's output maps). The output is
+then a reader too: the gain and shift are taken out of the graph and recorded per output
+(``state.output_affines``), and zip applies each model's own after the map, where the merged
+module returns that model's output (``g ⊙ (U z) + β``, with ``U`` the map). The merged stream
+before the map is ``n`` again and admits rotations. Outputs kept in order (``outputs="fixed"``,
+and under ``"auto"`` the labels: logits, plain tensors) are not readers.
+
+A norm whose output feeds anything else (a post-norm block's residual sum, a nonlinearity, an
+output kept in order) is left as it is, with the reason recorded per node in ``state.folds``;
+its stream then admits permutations only. The pass works on the pipeline's own graph modules
 (trace's export): the user's models keep their weights.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Collection
 
 import torch
 from torch import fx, nn
@@ -36,10 +44,11 @@ from mergec.ir.fx import (
     attribute,
     call_arguments,
     module_path,
+    output_names,
     owner_of,
 )
 from mergec.ir.groups import one_width
-from mergec.ir.state import PipelineState
+from mergec.ir.state import OutputAffine, PipelineState
 
 log = logging.getLogger(__name__)
 
@@ -61,29 +70,73 @@ class Reader:
     transposed: bool
 
 
-def fold_norms(graph_module: fx.GraphModule) -> dict[str, str]:
+def fold_norms(graph_module: fx.GraphModule, outputs: Collection[int] = ()
+               ) -> tuple[dict[str, str], dict[int, OutputAffine]]:
     """Folds every LayerNorm and RMSNorm of ``graph_module`` whose readers allow it, in place;
-    returns, per norm (module path, else node), what was done or why not."""
+    ``outputs`` are the flat outputs that may read a norm (they are matched and mapped back).
+    Returns, per norm (module path, else node), what was done or why not, and the gain and
+    shift taken into each such output."""
     report: dict[str, str] = {}
+    at_outputs: list[tuple[str, list[Reader], list[int], Any, Any]] = []
+    pinned = None  # the first norm left with a gain or shift (its stream keeps permutations)
     for node in list(graph_module.graph.nodes):
         affine = _norm_affine(node)
         if affine is None:
             continue
         name = module_path(node) or node.name
         if isinstance(affine, str):
-            report[name] = f"left: {affine}"
+            report[name], pinned = f"left: {affine}", pinned or name
             continue
         output, weight, bias = affine
-        readers, why = _readers(graph_module, output)
-        if why is None:
+        readers, read_out, why = _readers(graph_module, output, outputs)
+        if why is None and not read_out:
             why = _check_readers(readers)
         if why is not None:
             report[name] = f"left: {why}"
+            if not _is_identity(OutputAffine(*_affine_tensors(graph_module, weight, bias))):
+                pinned = pinned or name
+        elif read_out:
+            at_outputs.append((name, readers, read_out, weight, bias))
+        else:
+            _fold(graph_module, readers, weight, bias)
+            report[name] = "folded into " + _names(readers)
+    return report, _fold_into_outputs(graph_module, at_outputs, pinned, report)
+
+
+def _fold_into_outputs(graph_module: fx.GraphModule,
+                       norms: list[tuple[str, list[Reader], list[int], Any, Any]],
+                       pinned: str | None, report: dict[str, str]) -> dict[int, OutputAffine]:
+    """Folds the norms that feed a model output (and their linear readers), once every other
+    norm is folded: where one is left with its gain, the stream keeps permutations, and
+    taking the last norm's affine out of the graph would gain nothing (and keep the merged
+    model from its architecture). Returns the affine taken into each output."""
+    affines: dict[int, OutputAffine] = {}
+    for name, readers, read_out, weight, bias in norms:
+        gain, shift = _affine_tensors(graph_module, weight, bias)
+        keys = None if readers else tuple(None if p is None else p.target for p in (weight, bias))
+        affine = OutputAffine(gain, shift, keys)
+        if _is_identity(affine):  # a unit gain and zero shift need no fold at an output
+            report[name] = "unit gain and zero shift: nothing to fold"
             continue
+        if pinned is not None:
+            report[name] = (f"left: its output feeds output (node output); the stream keeps "
+                            f"permutations ({pinned} is left)")
+            continue
+        affines.update((index, affine) for index in read_out)
         _fold(graph_module, readers, weight, bias)
-        report[name] = "folded into " + ", ".join(
-            module_path(r.node) or r.node.name for r in readers)
-    return report
+        report[name] = "folded into " + _names(readers, read_out)
+    return affines
+
+
+def _names(readers: list[Reader], outputs: list[int] = ()) -> str:
+    return ", ".join([module_path(r.node) or r.node.name for r in readers]
+                     + [f"output {index}" for index in outputs])
+
+
+def _affine_tensors(graph_module: fx.GraphModule, weight: Any, bias: Any
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return tuple(None if p is None else _tensor(graph_module, p.target).clone()
+                 for p in (weight, bias))
 
 
 def _norm_affine(node: fx.Node) -> tuple[fx.Node, fx.Node | None, fx.Node | None] | str | None:
@@ -143,13 +196,20 @@ def _last(node: fx.Node) -> int:
     return value.dim() - 1 if isinstance(value, torch.Tensor) else -1
 
 
-def _readers(graph_module: fx.GraphModule, norm: fx.Node
-             ) -> tuple[list[Reader], str | None]:
-    """The linear layers that read ``norm``'s output through moves, or why there are others."""
-    readers, pending, seen = [], [norm], set()
+def _readers(graph_module: fx.GraphModule, norm: fx.Node, outputs: Collection[int] = ()
+             ) -> tuple[list[Reader], list[int], str | None]:
+    """The linear layers and the flat outputs (of ``outputs``) that read ``norm``'s output
+    through moves, or why there are others."""
+    readers, read_out, pending, seen = [], [], [norm], set()
     while pending:
         value = pending.pop()
         for user in value.users:
+            if user.op == "output":
+                flat = _flat_outputs(user)
+                found = [index for index, leaf in enumerate(flat) if leaf is value]
+                if found and all(index in outputs for index in found):
+                    read_out.extend(found)
+                    continue
             if user in seen:
                 continue
             seen.add(user)
@@ -160,8 +220,19 @@ def _readers(graph_module: fx.GraphModule, norm: fx.Node
                 pending.append(user)
             else:
                 op = aten_name(user) or user.op
-                return [], f"its output feeds {op} (node {user.name})"
-    return readers, None
+                return [], [], f"its output feeds {op} (node {user.name})"
+    return readers, sorted(read_out), None
+
+
+def _is_identity(affine: OutputAffine) -> bool:
+    gain, shift = affine.gain, affine.shift
+    return (gain is None or bool(torch.all(gain == 1))) and \
+        (shift is None or bool(torch.all(shift == 0)))
+
+
+def _flat_outputs(output: fx.Node) -> list[Any]:
+    result = output.args[0]
+    return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
 def _as_reader(user: fx.Node, value: fx.Node) -> Reader | None:
@@ -286,6 +357,7 @@ class FoldNorms:
     per norm, what was done or why not)."""
 
     enabled: bool = True
+    outputs: str = "auto"  # which outputs read a norm: annotate-units' outputs option
     name: ClassVar[str] = "fold-norms"
 
     def applies(self, state: PipelineState) -> bool:
@@ -298,7 +370,17 @@ class FoldNorms:
 
     def run(self, state: PipelineState) -> PipelineState:
         graphs = state.require("graphs", self.name)
-        folds = tuple(fold_norms(graph) for graph in graphs)
+        done = [fold_norms(graph, self.matched_outputs(graph)) for graph in graphs]
+        folds = tuple(fold for fold, _ in done)
         count = sum(text.startswith("folded") for fold in folds for text in fold.values())
         log.info("fold-norms: %d of %d norms folded", count, sum(len(f) for f in folds))
-        return state.evolve(folds=folds)
+        return state.evolve(folds=folds, output_affines=tuple(affines for _, affines in done))
+
+    def matched_outputs(self, graph: fx.GraphModule) -> list[int]:
+        """The flat outputs a merge matches and maps back (annotate-units' ``outputs``):
+        none for ``"fixed"``, the features for ``"auto"``, all for ``"free"``."""
+        names = output_names(graph)
+        if self.outputs == "fixed":
+            return []
+        return [index for index, (_, feature) in enumerate(names)
+                if feature or self.outputs == "free"]

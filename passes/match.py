@@ -580,7 +580,8 @@ class Match:
                                           params_a, params_b)
         plans.update({s: solvers.average(spec.spaces[s].size) for s in exclude if s in leaves})
         for space in output_leaves(spec):  # merged outputs in A's basis where they can be
-            plans[space] = solvers.in_order_of(plans[space], outputs_in)
+            relabel = solvers.in_basis_of if self.rotates(spec, space) else solvers.in_order_of
+            plans[space] = relabel(plans[space], outputs_in)
         return self._full(spec, plans), summary
 
     def _same_width(self, spec: UnitSpec, moments: Mapping[str, JointMoments],

@@ -20,9 +20,17 @@ from torch.utils import _pytree as pytree
 from mergec.algorithms.solvers import ManyPlan, MergePlan
 from mergec.algorithms.tensors import apply_along, block_diagonal, diagonal_blocks
 from mergec.errors import MergeError
-from mergec.ir.fx import OUTPUT_MAP, aten_name, attach, is_guard, module_device, output_names
+from mergec.ir.fx import (
+    OUTPUT_MAP,
+    aten_name,
+    attach,
+    is_guard,
+    module_device,
+    output_names,
+    owner_of,
+)
 from mergec.ir.spec import Binding, UnitSpec
-from mergec.ir.state import PipelineState
+from mergec.ir.state import OutputAffine, PipelineState
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +147,14 @@ class Zip:
         graphs, specs = state.require("graphs", self.name), state.require("specs", self.name)
         plans = state.require("plans", self.name)
         stop = self.stop_node(graphs[0])
-        merged = self._emit(graphs[0], graphs[1], specs[0], plans, state.only_b, stop)
+        merged = self._emit(graphs[0], graphs[1], specs[0], plans, state.only_b, stop,
+                            _affines(state))
         maps: list[dict] = []
         if stop is None:
             # align-depth makes the shallow model "A"; the caller's A is then plans' B
             own = 1 if state.depth is not None and state.depth.swapped else 0
             bases = (own, 1 - own) if self.outputs == "both" else (own,)
-            maps = map_outputs(merged, specs[0], plans, bases)
+            maps = map_outputs(merged, specs[0], plans, bases, _affines(state))
         if specs[0].shapes != specs[1].shapes or any(
                 plan.width != specs[0].spaces[s].size for s, plan in plans.items()):
             check_runs(merged, state.example)
@@ -153,12 +162,13 @@ class Zip:
 
     def _emit(self, module_a: fx.GraphModule, module_b: fx.GraphModule, spec: UnitSpec,
               plans: Mapping[str, MergePlan], only_b: Mapping[str, float],
-              stop: fx.Node | None) -> fx.GraphModule:
+              stop: fx.Node | None, affines: Sequence[Mapping[int, OutputAffine]] = ()
+              ) -> fx.GraphModule:
         state = merged_state((module_a.state_dict(), module_b.state_dict()), spec, plans,
                              only_b)
         if stop is None:
             return full_module(module_a, state, plans, spec)
-        return partial_of((module_a, module_b), spec, plans, state, stop)
+        return partial_of((module_a, module_b), spec, plans, state, stop, affines)
 
     def stop_node(self, module: fx.GraphModule) -> fx.Node | None:
         if self.stop_at is not None:
@@ -168,17 +178,26 @@ class Zip:
         return None
 
 
+def _affines(state: PipelineState) -> tuple[Mapping[int, OutputAffine], ...]:
+    """fold-norms' output affines in the order of the graphs (align-depth may swap them)."""
+    affines = tuple(state.output_affines) or ({}, {})
+    return affines[::-1] if state.depth is not None and state.depth.swapped else affines
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs: a free space that reaches an output is mapped back into a model's basis there
 # ---------------------------------------------------------------------------------------------
 def map_outputs(module: fx.GraphModule, spec: UnitSpec, plans: Mapping[str, MergePlan],
-                bases: tuple[int, ...]) -> list[dict]:
+                bases: tuple[int, ...], affines: Sequence[Mapping[int, OutputAffine]] = ()
+                ) -> list[dict]:
     """Rewrites the merged module's outputs into the bases of the models in ``bases`` (0: A,
     1: B): each output axis in a free space is multiplied by that model's unmerge matrix
     (``x_a ≈ unmerge_a z``), by selection where the matrix picks one merged unit per unit. A
     map that is the identity (permute, weight-match, rotations: the merged units are A's)
-    adds nothing. With two bases the module returns the outputs twice, (in A's, in B's), each
-    of the model's output type. Returns one record per map: output, space, basis, form."""
+    adds nothing. Then the model's own norm gain and shift that fold-norms took into the
+    output (``affines[basis]``, by flat output) are applied. With two bases the module returns
+    the outputs twice, (in A's, in B's), each of the model's output type. Returns one record
+    per map: output, space, basis, form."""
     graph = module.graph
     output = graph.find_nodes(op="output")[0]
     result = output.args[0]
@@ -189,7 +208,8 @@ def map_outputs(module: fx.GraphModule, spec: UnitSpec, plans: Mapping[str, Merg
     with graph.inserting_before(output):
         for basis in bases:
             values = []
-            for node, axes, name in zip(flat, spec.outputs, names):
+            own = affines[basis] if basis < len(affines) else {}
+            for index, (node, axes, name) in enumerate(zip(flat, spec.outputs, names)):
                 for axis, space in enumerate(axes):
                     if space is None or not spec.is_free(space) or space not in plans:
                         continue
@@ -198,12 +218,45 @@ def map_outputs(module: fx.GraphModule, spec: UnitSpec, plans: Mapping[str, Merg
                     node, form = _map_axis(module, node, axis, matrix, len(records))
                     records.append({"output": name, "space": space, "basis": "ab"[basis],
                                     "map": form})
+                if index in own:
+                    node, form = _apply_affine(module, node, flat[index], own[index],
+                                               f"{basis}_{index}", len(bases) == 1)
+                    records.append({"output": name, "basis": "ab"[basis], "map": form})
                 values.append(node)
             mapped.append(values)
     if all(record["map"] == "identity" for record in records) and len(bases) == 1:
         return records
     _set_outputs(module, output, result, mapped)
     return records
+
+
+def _apply_affine(module: fx.GraphModule, node: fx.Node, unmapped: fx.Node,
+                  affine: OutputAffine, name: str, alone: bool) -> tuple[fx.Node, str]:
+    """The output ``node`` with a model's last norm's affine: put back into the merged norm
+    (form "identity") where the output is the norm's own, unmapped, read by nothing else, and
+    returned in one basis; else applied after the map (:func:`output_affine`)."""
+    if alone and node is unmapped and affine.norm is not None:
+        for key, tensor in zip(affine.norm, (affine.gain, affine.shift)):
+            if key is not None:
+                owner, attr = owner_of(module, key)
+                getattr(owner, attr).data.copy_(tensor)
+        return node, "identity"
+    return output_affine(module, node, affine, name), "the model's last norm's gain and shift"
+
+
+def output_affine(module: fx.GraphModule, node: fx.Node, affine: OutputAffine, name: str
+                  ) -> fx.Node:
+    """``node ⊙ gain + shift`` along its last axis (a norm's affine that fold-norms took into
+    the output), the tensors attached as buffers of ``module``."""
+    graph = module.graph
+    for tensor, op, part in zip((affine.gain, affine.shift),
+                                (torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor),
+                                ("gain", "shift")):
+        if tensor is not None:
+            attach(module, f"{OUTPUT_MAP}_{part}_{name}", tensor.detach().clone(),
+                   parameter=False)
+            node = graph.call_function(op, (node, graph.get_attr(f"{OUTPUT_MAP}_{part}_{name}")))
+    return node
 
 
 def _map_axis(module: fx.GraphModule, node: fx.Node, axis: int, matrix: torch.Tensor,
@@ -484,10 +537,10 @@ def check_cut(module: fx.GraphModule, stop: fx.Node) -> None:
 
 def partial_of(modules: Sequence[fx.GraphModule], spec: UnitSpec,
                plans: Mapping[str, MergePlan | ManyPlan], merged: Mapping[str, torch.Tensor],
-               stop: fx.Node) -> fx.GraphModule:
+               stop: fx.Node, affines: Sequence[Mapping[int, OutputAffine]] = ()) -> fx.GraphModule:
     """The partial merge of ``modules`` (two, or N with N-way plans) cut at ``stop``: the
     merged trunk (``merged``, the merged state) and every model's tail on its unmerged
-    features."""
+    features, each tail's outputs with their model's ``affines`` (fold-norms') applied."""
     check_cut(modules[0], stop)
     axis, unmerges = None, tuple(None for _ in modules)
     for position, space_id in enumerate(_space_ids_of(spec, modules[0], stop)):
@@ -495,7 +548,34 @@ def partial_of(modules: Sequence[fx.GraphModule], spec: UnitSpec,
             axis = position
             unmerges = tuple(u.to_dense().to(torch.float32) for u in plans[space_id].unmerges)
     widths = {s: p.width for s, p in plans.items()}
-    return partial_module(modules, stop, merged, unmerges, axis, widths, spec)
+    partial = partial_module(modules, stop, merged, unmerges, axis, widths, spec)
+    if any(affines):
+        _tail_affines(partial, [len(_flat(module)) for module in modules], affines)
+    return partial
+
+
+def _flat(module: fx.GraphModule) -> list[Any]:
+    result = module.graph.find_nodes(op="output")[0].args[0]
+    return list(result) if isinstance(result, (tuple, list)) else [result]
+
+
+def _tail_affines(partial: fx.GraphModule, counts: list[int],
+                  affines: Sequence[Mapping[int, OutputAffine]]) -> None:
+    """Applies each model's output affines to its tail's outputs (returned one model after
+    the other, ``counts[m]`` each)."""
+    output = partial.graph.find_nodes(op="output")[0]
+    values, start = list(output.args[0]), 0
+    with partial.graph.inserting_before(output):
+        for model, count in enumerate(counts):
+            own = affines[model] if model < len(affines) else {}
+            for index in range(count):
+                if index in own:
+                    values[start + index] = output_affine(partial, values[start + index],
+                                                          own[index], f"{model}_{index}")
+            start += count
+    output.args = (tuple(values),)
+    partial.graph.lint()
+    partial.recompile()
 
 
 def partial_module(modules: Sequence[fx.GraphModule], stop: fx.Node,

@@ -97,14 +97,30 @@ def test_both_bases_side_by_side() -> None:
 
 
 def test_zip_gives_each_output_unit_a_merged_unit_of_its_own() -> None:
-    """Two unrelated models: zip merges no two units of one model in a space that reaches
-    an output, so the merged units are relabelled into A's order and the merge keeps A's
-    architecture."""
+    """Two unrelated models, merged under permutations: zip merges no two units of one model
+    in a space that reaches an output, so the merged units are relabelled into A's order and
+    the merge keeps A's architecture."""
     a, b = _bert(0), _bert(1)
-    result = _merge(a, b, method="zip", beta=0.5)
+    result = _merge(a, b, method="zip", beta=0.5, symmetry="permutation")
     assert result.report.outputs and {r["map"] for r in result.report.outputs} == {"identity"}
     hidden = result.report.spec.outputs[0][-1]
     assert result.report.matches[hidden]["cross_pairs"] == 32
+    with torch.no_grad():
+        torch.testing.assert_close(result.into(a)(IDS).last_hidden_state,
+                                   result.module(IDS).last_hidden_state)
+
+
+@pytest.mark.parametrize("build", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_a_backbones_stream_rotates_and_comes_back_in_as_basis(build) -> None:
+    """Under symmetry='auto' the hidden states a merge maps back do not pin the stream to
+    permutations: it is merged by a rotation, its merged basis turned into A's, so the output
+    needs no map and the merge keeps A's architecture. (Random initialisation: every norm has
+    unit gain, so none pins it.)"""
+    a, b = build(0), build(1)
+    result = _merge(a, b, method="permute")
+    hidden = result.report.spec.outputs[0][-1]
+    assert result.report.matches[hidden]["group"] == "orthogonal"
+    assert {r["map"] for r in result.report.outputs} == {"identity"}
     with torch.no_grad():
         torch.testing.assert_close(result.into(a)(IDS).last_hidden_state,
                                    result.module(IDS).last_hidden_state)

@@ -48,7 +48,7 @@ def _images(count: int = 16, seed: int = 1) -> torch.Tensor:
 
 def _folded(model: nn.Module, x: torch.Tensor) -> tuple[torch.fx.GraphModule, dict]:
     graph_module = mergec.trace(model, x[:2])
-    return graph_module, fold_norms(graph_module)
+    return graph_module, fold_norms(graph_module)[0]
 
 
 def _error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -131,6 +131,80 @@ def test_fold_norms_leaves_a_norm_whose_output_is_a_model_output():
     _, report = _folded(model, tokens)
     assert report["ln_f"].startswith("left: its output feeds output")
     assert report["h.1.ln_2"].startswith("folded")
+
+
+def test_fold_norms_takes_a_backbones_last_norm_into_its_output():
+    """Where the hidden states are matched (outputs=[0]), the last norm's gain and shift leave
+    the graph for the output: the graph returns the gain-free norm, and the recorded affine
+    gives the model's output back."""
+    model = _gpt2(lm_head=False)
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    graph_module = mergec.trace(model, tokens)
+    report, affines = fold_norms(graph_module, outputs=[0])
+    assert report["ln_f"] == "folded into output 0"
+    gain, shift = affines[0].gain, affines[0].shift
+    torch.testing.assert_close(gain, model.ln_f.weight.detach())
+    torch.testing.assert_close(shift, model.ln_f.bias.detach())
+    with torch.no_grad():
+        plain = graph_module(tokens)[0]
+        expected = model(tokens, use_cache=False).last_hidden_state
+    assert _error(plain * gain + shift, expected) < ATOL
+    assert _error(plain, expected) > 0.1  # the affine really left the graph
+
+
+def _gpt2_permuted(model: nn.Module, tokens: torch.Tensor) -> nn.Module:
+    """A copy with every free space permuted, the hidden states too (as a merge sees them)."""
+    return mergec.permute(model, tokens, seed=1, spec=mergec.discover(model, tokens))
+
+
+@pytest.mark.parametrize("method", ["permute", "weight-match", "zip"])
+def test_a_pre_norm_backbone_merges_with_its_stream_rotated_back(method):
+    """A GPT-2 backbone whose norms have gains (as a trained one's): its last norm feeds the
+    hidden states, and once that gain is taken into the output the stream is a rotation
+    space. Merged with a permuted copy, the merge gives back each model's own features, in
+    A's basis and side by side in B's."""
+    model = _gpt2(lm_head=False)
+    tokens = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))
+    twin = _gpt2_permuted(model, tokens)
+    calibration = [(batch,) for batch in tokens.split(4)]
+    result = mergec.merge(model, twin, tokens[:2], calibration, method=method, repair=None,
+                          progress=False, outputs="both")
+    assert result.report.folds[0]["ln_f"] == "folded into output 0"
+    stream = result.report.spec.outputs[0][-1]
+    assert result.report.matches[stream]["group"] == "orthogonal"
+    with torch.no_grad():
+        in_a, in_b = result.module(tokens)
+        assert _error(in_a.last_hidden_state, model(tokens).last_hidden_state) < ATOL
+        assert _error(in_b.last_hidden_state, twin(tokens).last_hidden_state) < ATOL
+
+
+def test_a_pre_norm_backbone_merge_keeps_its_architecture():
+    """In A's basis alone the rotated stream needs no map at the output, so A's last norm's
+    gain and shift go back into the merged norm: the merge loads into GPT2Model."""
+    model = _gpt2(lm_head=False)
+    tokens = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))
+    twin = _gpt2_permuted(model, tokens)
+    result = mergec.merge(model, twin, tokens[:2], [(tokens,)], method="permute", repair=None,
+                          progress=False)
+    assert {r["map"] for r in result.report.outputs} == {"identity"}
+    with torch.no_grad():
+        loaded = result.into(model)(tokens).last_hidden_state
+        assert _error(loaded, result.module(tokens).last_hidden_state) < ATOL
+        assert _error(loaded, model(tokens).last_hidden_state) < ATOL
+
+
+def test_a_partial_merge_applies_each_tails_last_norm():
+    """Cut inside the network, each model's tail ends in its own last norm, whose gain and
+    shift fold-norms took into the output: each tail applies its own."""
+    model = _gpt2(lm_head=False)
+    tokens = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))
+    twin = _gpt2_permuted(model, tokens)
+    result = mergec.merge(model, twin, tokens[:2], [(tokens,)], method="permute", repair=None,
+                          progress=False, stop_at="h.1")
+    with torch.no_grad():
+        out_a, out_b = result.module(tokens)[:2]
+        assert _error(out_a, model(tokens).last_hidden_state) < ATOL
+        assert _error(out_b, twin(tokens).last_hidden_state) < ATOL
 
 
 def test_fold_norms_leaves_post_norm_bert_with_its_reason():

@@ -186,6 +186,35 @@ def in_order_of(plan: MergePlan | ManyPlan, model: int = 0) -> MergePlan | ManyP
     return ManyPlan(merges, unmerges)
 
 
+def in_basis_of(plan: MergePlan, model: int = 0) -> MergePlan:
+    """The same merge of a rotation space with its merged basis turned into model ``model``'s
+    (0: A, 1: B): merged features ``z' = U z`` for that model's orthogonal unmerge matrix
+    ``U``, so its unmerge becomes the identity and the merged features come out in its basis.
+    The merged space admits every rotation, so the merged model's function is the same. A plan
+    whose unmerge is not square and orthogonal is returned as it is (:func:`in_order_of` then
+    relabels a permutation).
+
+    >>> turn = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+    >>> in_basis_of(MergePlan(turn / 2, turn / 2, turn.T, turn.T), 1).unmerge_b
+    tensor([[1., 0.],
+            [0., 1.]], dtype=torch.float64)
+    """
+    unmerge = plan.unmerges[model]
+    unmerge = unmerge.to_dense() if unmerge.is_sparse else unmerge
+    size = unmerge.shape[0]
+    identity = torch.eye(size, dtype=unmerge.dtype, device=unmerge.device)
+    if unmerge.shape != (size, size) or torch.equal(unmerge, identity) or \
+            not torch.allclose(unmerge @ unmerge.T, identity, atol=1e-5):
+        return in_order_of(plan, model)
+    turn = unmerge.T  # z = turn z'
+    merges = tuple((unmerge @ (m.to_dense() if m.is_sparse else m).to(unmerge.dtype))
+                   .to(m.dtype) for m in plan.merges)
+    unmerges = tuple(identity.to(u.dtype) if index == model else
+                     ((u.to_dense() if u.is_sparse else u).to(unmerge.dtype) @ turn).to(u.dtype)
+                     for index, u in enumerate(plan.unmerges))
+    return MergePlan(*merges, *unmerges)
+
+
 def together(plan: MergePlan) -> Tensor:
     """``U_a U_bᵀ`` in float64: for each unit of A and each of B, whether the plan puts them in
     one merged unit. A zip or permutation plan's unmerge matrices hold one 1 per row, so the

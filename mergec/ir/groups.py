@@ -25,7 +25,10 @@ the first such node is the space's ``group_reason``):
 * ``layer_norm`` with unit gain and zero shift: its centring commutes with the orthogonal maps
   that keep the all-ones direction (``ones_fixed``); ``rms_norm`` without a gain with all.
 
-A space that reaches a model output keeps permutations (an output must keep its basis).
+A free space that reaches a model output (a backbone's hidden states, which a merge matches)
+admits rotations too: zip maps the output back into a model's basis by its unmerge matrix, and
+fold-norms takes a last norm's gain and shift into the output, where zip applies them after
+the map. An output kept in order is a fixed space.
 """
 from __future__ import annotations
 
@@ -155,7 +158,7 @@ def _verdict(graph_module: fx.GraphModule, node: fx.Node, space: str,
     if node.op in ("get_attr", "placeholder"):
         return None  # the nodes that use it decide
     if node.op == "output":
-        return f"reaches a model output: {where}"
+        return None  # a free space at an output is matched and mapped back there (zip)
     op = aten_name(node) or ("getitem" if node.op == "call_function" else node.op)
     if op in CHECKS:
         return None

@@ -140,13 +140,25 @@ def _check_width(width: Any) -> None:
 
 
 @dataclass(frozen=True)
+class OutputAffine:
+    """A norm's gain and shift that fold-norms took out of a graph into a model output
+    (either may be None); ``norm``: the norm's weight and bias keys where nothing but outputs
+    reads it, so that zip can put them back where the output needs no map."""
+
+    gain: torch.Tensor | None
+    shift: torch.Tensor | None
+    norm: tuple[str | None, str | None] | None = None
+
+
+@dataclass(frozen=True)
 class PipelineState:
     """What the passes have found and built so far, for models A and B (``models[0]``,
     ``models[1]``). Fields a pass has not produced yet are empty.
 
     - ``graphs``, ``specs``: trace's graph module and annotate-units' spec of each model;
       ``folds``: fold-norms' record, per model, of each LayerNorm (folded into which layers,
-      or why it was left);
+      or why it was left); ``output_affines``: per model, the gain and shift of a norm taken
+      into a flat output (by index), which zip applies where the merged module returns it;
       align-depth replaces them by the padded shallow model's and the deep model's.
     - ``stages``: segment's blocks of each model, when the models differ in depth.
     - ``depth``: align-depth's plan; ``only_b``: state-dict keys that come from B alone (blocks
@@ -168,6 +180,7 @@ class PipelineState:
     graphs: tuple[fx.GraphModule, ...] = ()
     specs: tuple[UnitSpec, ...] = ()
     folds: tuple[Mapping[str, str], ...] = ()
+    output_affines: tuple[Mapping[int, OutputAffine], ...] = ()
     stages: tuple[Stages, ...] = ()
     depth: DepthPlan | None = None
     only_b: Mapping[str, float] = field(default_factory=dict)
