@@ -295,23 +295,6 @@ def leaf_weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, tor
     return weight_similarity(params_a, params_b, axes, units, align_b, spec.spaces[leaf].size)
 
 
-def determined(spec: UnitSpec, moments: Mapping[str, JointMoments]) -> UnitSpec:
-    """``spec`` with every rotation space observed on fewer samples than it has units (a
-    head's: than a head has) merged under permutations: activation matching's rotation would be
-    underdetermined there (the cross moment has too low a rank), where matching units by their
-    correlation still singles them out (a pooled output sees one sample per sequence)."""
-    spaces = dict(spec.spaces)
-    for space_id, space in spec.spaces.items():
-        units = space.block_size if space.kind == "blocks" else space.size
-        observed = moments.get(space_id)
-        if space.group == ORTHOGONAL and observed is not None and float(observed.count) < units:
-            spaces[space_id] = dataclasses.replace(
-                space, group="permutation", ones_fixed=False,
-                group_reason=f"observed on {int(observed.count)} samples, fewer than its {units} "
-                             "units: a rotation would be underdetermined")
-    return dataclasses.replace(spec, spaces=spaces) if spaces != spec.spaces else spec
-
-
 def _parameters(graph: fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every parameter of ``graph`` under each of its names: a tied weight (T5's token
     embedding, ``shared.weight`` and ``encoder.embed_tokens.weight``) is listed once by
@@ -565,8 +548,6 @@ class Match:
         """The state with a plan and a summary for every space of the two models."""
         graphs, specs = state.require("graphs", self.name), state.require("specs", self.name)
         spec_a, spec_b = specs
-        if self.method in ("permute", "zip"):
-            spec_a, spec_b = (determined(spec, state.moments) for spec in (spec_a, spec_b))
         widths = target_widths(spec_a, spec_b, self.width)
         resizing = spec_a.shapes != spec_b.shapes or any(
             widths[s] != spec_a.spaces[s].size for s in widths)
@@ -576,7 +557,7 @@ class Match:
             attention=attention_roles(graphs[0], spec_a),
             # align-depth makes the shallow model "A"; the caller's A is then plans' B
             outputs_in=int(state.depth is not None and state.depth.swapped))
-        return state.evolve(plans=plans, summaries=summaries, specs=(spec_a, spec_b))
+        return state.evolve(plans=plans, summaries=summaries)
 
     def _plan(self, spec: UnitSpec, moments: Mapping[str, JointMoments],
               params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],

@@ -85,13 +85,6 @@ def _deberta_v2() -> nn.Module:
         **TEXT, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"]))
 
 
-def _siglip_text() -> nn.Module:
-    sizes = {key: TEXT[key] for key in ("hidden_size", "num_hidden_layers",
-                                        "num_attention_heads", "intermediate_size",
-                                        "vocab_size", "max_position_embeddings")}
-    return transformers.SiglipTextModel(transformers.SiglipTextConfig(**sizes))
-
-
 def _mixtral() -> nn.Module:
     return transformers.MixtralModel(transformers.MixtralConfig(
         **TEXT, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2,
@@ -113,7 +106,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple], list]] 
     "squeezebert (grouped convs on the stream)": (_squeezebert, _tokens, []),
     "deberta_v2 (a parameter no activation carries)": (_deberta_v2, _tokens, []),
     "mixtral (experts: grouped products)": (_mixtral, _tokens, []),
-    "siglip_text (a pooled output, one sample per sequence)": (_siglip_text, _tokens, []),
 }
 
 
