@@ -200,8 +200,7 @@ def map_outputs(module: fx.GraphModule, spec: UnitSpec, plans: Mapping[str, Merg
     per map: output, space, basis, form."""
     graph = module.graph
     output = graph.find_nodes(op="output")[0]
-    result = output.args[0]
-    flat = list(result) if isinstance(result, (tuple, list)) else [result]
+    result, flat = output.args[0], _flat(module)
     names = [name for name, _ in output_names(module)]
     records: list[dict] = []
     mapped: list[list[fx.Node]] = []

@@ -56,6 +56,15 @@ def assert_permutations_keep_outputs(model: nn.Module, x: torch.Tensor,
             torch.testing.assert_close(twin(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def assert_merges_back(model: nn.Module, spec: UnitSpec, methods: tuple[str, ...]) -> None:
+    """A merge of ``model`` with a copy permuted under ``spec`` gives ``model`` back."""
+    twin = mergec.permute(model, TOKENS, seed=1, spec=spec)
+    for method in methods:
+        result = mergec.merge(model, twin, TOKENS, [(TOKENS,)], method=method, repair=None,
+                              progress=False)
+        torch.testing.assert_close(result.module(TOKENS), model(TOKENS), rtol=1e-4, atol=1e-5)
+
+
 def heads(x: torch.Tensor, count: int) -> torch.Tensor:
     """(B, T, D) -> (B, heads, T, D / heads)."""
     batch, tokens, width = x.shape
@@ -509,11 +518,7 @@ def test_a_parameter_split_into_projections_binds_its_rows() -> None:
     assert any(spec.is_free(s.id) for s in spec.spaces.values()
                if s.id != packed.id and s.kind == "blocks")
     assert_permutations_keep_outputs(model, TOKENS, spec)
-    twin = mergec.permute(model, TOKENS, seed=1, spec=spec)
-    for method in ("zip", "permute"):
-        result = mergec.merge(model, twin, TOKENS, [(TOKENS,)], method=method, repair=None,
-                              progress=False)
-        torch.testing.assert_close(result.module(TOKENS), model(TOKENS), rtol=1e-4, atol=1e-5)
+    assert_merges_back(model, spec, ("zip", "permute"))
 
 
 def test_a_parameter_cut_by_the_model_binds_its_rows() -> None:
@@ -564,11 +569,7 @@ def test_grouped_expert_products_bind_their_weights() -> None:
     assert space(spec, "down", 1) == hidden and space(spec, "down", 2) == stream
     assert "experts axis" in space(spec, "up", 0).fixed
     assert_permutations_keep_outputs(model, TOKENS, spec)
-    twin = mergec.permute(model, TOKENS, seed=1, spec=spec)
-    for method in ("weight-match", "permute"):
-        result = mergec.merge(model, twin, TOKENS, [(TOKENS,)], method=method, repair=None,
-                              progress=False)
-        torch.testing.assert_close(result.module(TOKENS), model(TOKENS), rtol=1e-4, atol=1e-5)
+    assert_merges_back(model, spec, ("weight-match", "permute"))
 
 
 class Tokens(nn.Module):
