@@ -319,6 +319,9 @@ def _weight_axes(spec: UnitSpec, params: Mapping[str, torch.Tensor]
 #: weight matching to compare it (32 MB in float64); a larger one (a wide depthwise convolution:
 #: channels² × kernel) is left out
 MAX_EXPANDED = 2**22
+# the weights' share in the similarity of an under-observed rotation space (_break_ties): small,
+# so that the activations decide every direction they observe and the weights only the rest
+TIE_SHARE = 1e-3
 
 
 def weight_parameters(spec: UnitSpec, params: Mapping[str, torch.Tensor]
@@ -633,12 +636,17 @@ class Match:
         (:func:`~mergec.algorithms.covariance.activation_similarity`'s ``tie_break``), until
         no plan changes. A free leaf no activation carries (DeBERTa's relative position
         embeddings, read by the attention's position projections as a parameter) has no
-        statistics at all: it is solved on its weight similarity alone. merge(A, π(A)) then
+        statistics at all: it is solved on its weight similarity alone. A rotation leaf
+        observed on fewer samples than it has units (a pooled output over a few sequences)
+        has a cross moment of too low a rank to fix a rotation: the weight similarity, at a
+        small share, fixes the rest (:meth:`_rotation_similarity`). merge(A, π(A)) then
         recovers A wherever the weights identify π."""
         def unsettled(leaf: str) -> bool:
             if leaf not in moments:
                 return spec.is_free(leaf)
-            return not self.rotates(spec, leaf) and len(_constant_units(moments[leaf])) > 0
+            if self.rotates(spec, leaf):
+                return _underdetermined(moments[leaf], spec.spaces[leaf].size)
+            return len(_constant_units(moments[leaf])) > 0
 
         tied = dict.fromkeys(_members(spec, leaf, groups)[0] for leaf in leaves
                              if unsettled(leaf))
@@ -690,10 +698,12 @@ class Match:
             and spec.spaces[leaf].group == ORTHOGONAL
 
     def _rotation_similarity(self, observed: JointMoments | None,
-                             weights: torch.Tensor | None) -> torch.Tensor | None:
+                             weights: torch.Tensor | None, share: float | None = None
+                             ) -> torch.Tensor | None:
         """What a rotation space is aligned on: the joint second moment ``E[x xᵀ]`` of the
         activations (the least-squares map ``x_a ≈ Q x_b`` reads its cross block), the weight
-        similarity for weight-match, and for mudsc both, each scaled to a unit cross block."""
+        similarity for weight-match, and for mudsc both, each scaled to a unit cross block
+        (weights at a ``share`` of the sum: MuDSC's β unless given)."""
         moment = None if observed is None else (observed.sum_outer / observed.count).cpu()
         if self.method == "weight-match" or moment is None:
             return weights
@@ -704,7 +714,8 @@ class Match:
         def unit(matrix: torch.Tensor) -> torch.Tensor:
             return matrix / matrix[:d, d:].norm().clamp(min=1e-30)
 
-        return self.weight_beta * unit(weights) + (1 - self.weight_beta) * unit(moment)
+        share = self.weight_beta if share is None else share
+        return share * unit(weights) + (1 - share) * unit(moment)
 
     def _similarity(self, moments: Mapping[str, JointMoments],
                     weight_similarities: WeightSimilarities | None, leaf: str, spec: UnitSpec,
@@ -718,10 +729,11 @@ class Match:
         similarity of a rotation space (:meth:`_rotation_similarity`)."""
         observed = moments.get(leaf)
         if rotation:
-            source = weight_similarities if weight_similarities is not None else \
-                ties if observed is None else None
-            weights = source(leaf) if source is not None else None
-            return self._rotation_similarity(observed, weights)
+            if weight_similarities is not None:
+                return self._rotation_similarity(observed, weight_similarities(leaf))
+            if ties is None:
+                return self._rotation_similarity(observed, None)
+            return self._rotation_similarity(observed, ties(leaf), TIE_SHARE)
         if weight_similarities is not None:
             weights = weight_similarities(leaf)
             if self.method == "weight-match" or observed is None:
@@ -1086,6 +1098,13 @@ def _constant_units(moments: JointMoments) -> torch.Tensor:
     mean_square = moments.sum_outer.diagonal() / moments.count
     variance = mean_square - moments.mean ** 2
     return (variance <= DEAD_UNIT_RELATIVE_VARIANCE * mean_square).nonzero().squeeze(1).cpu()
+
+
+def _underdetermined(moments: JointMoments, units: int) -> bool:
+    """Whether a rotation space's moments leave its rotation open: observed on fewer samples
+    than it has units, their cross block has a rank below the width, and Procrustes maps the
+    directions no sample reached arbitrarily."""
+    return float(moments.count) < units
 
 
 def _members(spec: UnitSpec, leaf: str, groups: dict) -> list[str]:

@@ -91,6 +91,10 @@ def _mixtral() -> nn.Module:
         bos_token_id=0, eos_token_id=0, pad_token_id=0))
 
 
+def _siglip_text() -> nn.Module:
+    return transformers.SiglipTextModel(transformers.SiglipTextConfig(**TEXT))
+
+
 tv = torchvision.models
 #: name -> (constructor, example inputs with a seed, marks)
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple], list]] = {
@@ -106,6 +110,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple], list]] 
     "squeezebert (grouped convs on the stream)": (_squeezebert, _tokens, []),
     "deberta_v2 (a parameter no activation carries)": (_deberta_v2, _tokens, []),
     "mixtral (experts: grouped products)": (_mixtral, _tokens, []),
+    "siglip_text (a pooled output seen on fewer samples than units)": (
+        _siglip_text, _tokens, []),
 }
 
 
