@@ -303,6 +303,7 @@ def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
                                                                                device)
                    for module in (module_a, module_b)]
         merged.to(device)
+        pairs = _query_key_pairs(targets)
         for name, target in targets.items():
             measured = _ChannelStats(merged, {name: target.axis}, stop_early=True).collect(
                 calibration, device)
@@ -311,8 +312,60 @@ def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
             correct = _rotated_correction if target.kind == "rotated" else _unit_correction
             scale, shift = correct(plan, *stats)
             _fold_correction(merged, target, scale, shift)
-    log.info("repair: rescaled %d targets (REPAIR)", len(targets))
+            if name in pairs:
+                _repair_temperature(merged, targets, (name, pairs[name]), parents,
+                                    spec.spaces[target.space].block_count, calibration, device)
+    log.info("repair: rescaled %d targets (REPAIR), %d heads' attention temperatures",
+             len(targets), len(pairs))
     return len(targets)
+
+
+def _query_key_pairs(targets: dict[str, Target]) -> dict[str, str]:
+    """The rotated heads' query and key projections, as ``{keys' node: queries' node}``: the
+    two targets that write one rotated heads space (the logits ``qᵀk`` read both; a values
+    space has one writer). The second in graph order is the key."""
+    writers: dict[str, list[str]] = {}
+    for name, target in targets.items():
+        if target.kind == "rotated":
+            writers.setdefault(target.space, []).append(name)
+    return {names[1]: names[0] for names in writers.values() if len(names) == 2}
+
+
+def _logit_std(sums_q: list, sums_k: list, heads: int) -> torch.Tensor:
+    """Per head, the std of the attention logits ``q·k`` over pairs of a query and a key drawn
+    independently from the calibration data, from the two projections' first and second
+    moments: ``tr(E[q qᵀ] E[k kᵀ]) − (E[q]·E[k])²`` within each head. (Pairs of one sequence
+    are not independent; on small ViTs the ratio of merged to parents' stds it gives is that
+    of the exact logits to 3 decimals.) Unchanged by a rotation inside a head."""
+    def blocks(sums: list) -> tuple[torch.Tensor, torch.Tensor]:
+        n = sums[0].shape[0]
+        size = n // heads
+        second = (sums[3] / sums[2]).reshape(heads, size, heads, size).diagonal(
+            dim1=0, dim2=2).permute(2, 0, 1)
+        return second, (sums[0] / sums[2]).reshape(heads, size)
+
+    (second_q, mean_q), (second_k, mean_k) = blocks(sums_q), blocks(sums_k)
+    variance = torch.einsum("hij,hji->h", second_q, second_k) - (mean_q * mean_k).sum(1) ** 2
+    return variance.clamp_min(0).sqrt()
+
+
+def _repair_temperature(merged: fx.GraphModule, targets: dict[str, Target],
+                        pair: tuple[str, str], parents: list[dict], heads: int,
+                        calibration: Iterable[Any], device: torch.device) -> None:
+    """After REPAIR of a head's keys (``pair``: keys, queries), the attention's temperature:
+    averaged queries and keys of two models whose heads' features are not one another's
+    correlate less than either parent's, so their logits shrink and the attention flattens
+    even where every feature has its parents' std. Each head's queries are rescaled so that
+    its logits' std (:func:`_logit_std`) is the mean of the parents'."""
+    keys, queries = pair
+    axes = {queries: targets[queries].axis, keys: targets[keys].axis}
+    measured = _ChannelStats(merged, axes, stop_early=True, outer=frozenset(axes)).collect(
+        calibration, device)
+    wanted = sum(_logit_std(p[queries], p[keys], heads) for p in parents) / len(parents)
+    got = _logit_std(measured[queries], measured[keys], heads)
+    scale = torch.where(got > 1e-8, wanted / got.clamp_min(1e-8), torch.ones_like(got))
+    size = measured[queries][0].shape[0] // heads
+    _fold_correction(merged, targets[queries], scale.repeat_interleave(size), None)
 
 
 def _unit_correction(plan: Any, sums_a: list, sums_b: list, sums_z: list

@@ -334,6 +334,59 @@ def test_merge_of_a_model_with_itself_under_rotations_is_exact_and_loads_into_it
         assert _error(loaded(x), model(x)) < ATOL
 
 
+def _logits_std_by_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per block and head, the std of ``q·k`` over every pair of a query and a key token of
+    the images (those of one image and of two)."""
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_hook(
+        lambda m, i, o, name=name: outputs.__setitem__(name, o.detach()))
+        for name, module in model.named_modules() if name.endswith(("attn.q", "attn.k"))]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    stds = []
+    for name in sorted(outputs):
+        if name.endswith("attn.q"):
+            heads = dict(model.named_modules())[name[:-2]].heads
+            q, k = (outputs[name[:-1] + part].reshape(-1, heads, outputs[name].shape[-1] // heads)
+                    .transpose(0, 1).double() for part in "qk")
+            stds.append((q @ k.transpose(1, 2)).reshape(heads, -1).std(1, correction=0))
+    return torch.stack(stds)
+
+
+def test_logit_std_from_moments_is_that_of_every_query_key_pair():
+    from mergec.passes.repair import _logit_std
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(50, 6, generator=generator, dtype=torch.float64) + 0.3
+    k = torch.randn(50, 6, generator=generator, dtype=torch.float64) @ torch.randn(
+        6, 6, generator=generator, dtype=torch.float64)
+
+    def sums(x: torch.Tensor) -> list:
+        return [x.sum(0), (x * x).sum(0), torch.tensor(float(len(x))), x.T @ x]
+
+    exact = torch.stack([(q[:, h] @ k[:, h].T).std(correction=0)
+                         for h in (slice(0, 3), slice(3, 6))])
+    assert torch.allclose(_logit_std(sums(q), sums(k), 2), exact, rtol=1e-10)
+
+
+def test_repair_gives_each_heads_logits_the_parents_mean_std():
+    """Averaging the queries and keys of two models shrinks their products (the attention
+    flattens); REPAIR rescales each head's queries to the parents' mean logit std."""
+    a, b = _vit(seed=0), _vit(seed=1)
+    x = _images(32)
+    calibration = [(x[:16],), (x[16:],)]
+    wanted = (_logits_std_by_head(a, x) + _logits_std_by_head(b, x)) / 2
+    found = {}
+    for repair in (None, "repair"):
+        result = mergec.merge(a, b, x[:4], calibration, method="zip", repair=repair,
+                              progress=False)
+        found[repair] = _logits_std_by_head(
+            result.into(small_vit(depth=2, dim=32, heads=2, mlp_dim=48)), x)
+    assert (found[None] < 0.9 * wanted).any()
+    assert torch.allclose(found["repair"], wanted, rtol=1e-3)
+
+
 # -- the solver -----------------------------------------------------------------------------
 def test_procrustes_recovers_a_rotation_of_features():
     generator = torch.Generator().manual_seed(0)
