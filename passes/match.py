@@ -636,17 +636,19 @@ class Match:
         (:func:`~mergec.algorithms.covariance.activation_similarity`'s ``tie_break``), until
         no plan changes. A free leaf no activation carries (DeBERTa's relative position
         embeddings, read by the attention's position projections as a parameter) has no
-        statistics at all: it is solved on its weight similarity alone. A rotation leaf
-        observed on fewer samples than it has units (a pooled output over a few sequences)
+        statistics at all: it is solved on its weight similarity alone. A leaf observed on
+        fewer samples than it has units ties varying units too (collinear on those samples:
+        :func:`~mergec.algorithms.covariance.activation_similarity`'s ``tied``); a rotation
+        leaf so observed (a pooled output over a few sequences)
         has a cross moment of too low a rank to fix a rotation: the weight similarity, at a
         small share, fixes the rest (:meth:`_rotation_similarity`). merge(A, π(A)) then
         recovers A wherever the weights identify π."""
         def unsettled(leaf: str) -> bool:
             if leaf not in moments:
                 return spec.is_free(leaf)
-            if self.rotates(spec, leaf):
-                return _underdetermined(moments[leaf], spec.spaces[leaf].size)
-            return len(_constant_units(moments[leaf])) > 0
+            few = _underdetermined(moments[leaf], spec.spaces[leaf].size)
+            return few or (not self.rotates(spec, leaf)
+                           and len(_constant_units(moments[leaf])) > 0)
 
         tied = dict.fromkeys(_members(spec, leaf, groups)[0] for leaf in leaves
                              if unsettled(leaf))
@@ -744,7 +746,8 @@ class Match:
             return ties(leaf) if ties is not None else None
         constant = _constant_units(observed)
         tie_break = ties(leaf, constant) if ties is not None and len(constant) else None
-        return activation_similarity(observed, spec.spaces[leaf].size, tie_break)
+        tied = None if ties is None else functools.partial(ties, leaf)
+        return activation_similarity(observed, spec.spaces[leaf].size, tie_break, tied=tied)
 
     def _solve_leaf(self, spec: UnitSpec, leaf: str, groups: dict, solve: BlockSolver,
                     similarity: Callable[[str], torch.Tensor | None]
@@ -1101,9 +1104,9 @@ def _constant_units(moments: JointMoments) -> torch.Tensor:
 
 
 def _underdetermined(moments: JointMoments, units: int) -> bool:
-    """Whether a rotation space's moments leave its rotation open: observed on fewer samples
-    than it has units, their cross block has a rank below the width, and Procrustes maps the
-    directions no sample reached arbitrarily."""
+    """Whether a space's moments leave its match open: observed on fewer samples than it has
+    units, their cross block has a rank below the width. Procrustes then maps the directions no
+    sample reached arbitrarily, and units collinear on the samples tie."""
     return float(moments.count) < units
 
 

@@ -935,3 +935,22 @@ def test_correlation_in_place_equals_the_textbook_formula() -> None:
         rows = slice(moments.offsets[first], moments.offsets[first] + moments.dims[first])
         columns = slice(moments.offsets[second], moments.offsets[second] + moments.dims[second])
         assert torch.equal(moments.cross_correlation(first, second), expected[rows, columns])
+
+
+def test_collinear_units_are_tied_and_the_weights_order_them():
+    """On few samples, two units after a ReLU that are nonzero on the same sample correlate
+    equally with everything: activations alone leave their match to the index; ``tied``
+    (their weight similarity) orders them."""
+    from mergec.algorithms.covariance import JointMoments, activation_similarity
+    base = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [2.0, 1.0, 0.0]])
+    x_a = base[:, [0, 0, 1]] * torch.tensor([1.0, 2.0, 1.0])  # units 0 and 1 collinear
+    x_b = x_a[:, [1, 0, 2]]  # B swaps them
+    moments = JointMoments(3, 3)
+    moments.update(x_a, x_b)
+    weights = torch.zeros(6, 6)
+    weights[0, 4] = weights[4, 0] = weights[1, 3] = weights[3, 1] = 1.0  # the true partners
+    plain = activation_similarity(moments, 3)
+    broken = activation_similarity(moments, 3, tied=lambda units: weights)
+    assert plain[0, 3] > plain[0, 4]  # the index decides, wrongly
+    assert broken[0, 4] > broken[0, 3] and broken[1, 3] > broken[1, 4]
+    assert torch.equal(broken[2], plain[2])  # a unit that is not tied is left alone

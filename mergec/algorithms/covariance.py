@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -293,9 +294,32 @@ class JointMoments:
         alive = variance > DEAD_UNIT_RELATIVE_VARIANCE * mean_square
         return torch.where(alive, variance.clamp(min=0).sqrt(), torch.ones_like(variance)), alive
 
+# correlations closer than this are a tie: the moments are float32 products summed into float64
+# per batch (a unit against its own exact copy correlates to 1 - 1e-7 and less)
+TIE_TOLERANCE = 1e-6
+
+
+def _break_varying_ties(joint: Tensor, model_of: Tensor, constant: Tensor,
+                        tied: Callable[[Tensor], Tensor], tie_scale: float) -> None:
+    """:func:`activation_similarity`'s ties of units that vary, broken in place in ``joint``."""
+    across = model_of[:, None] != model_of[None, :]
+    best = joint.masked_fill(~across, -math.inf).amax(1)
+    near = (joint >= best[:, None] - TIE_TOLERANCE) & across
+    near[constant] = False
+    near[:, constant] = False
+    mutual = near & near.T
+    shared = mutual.sum(1) > 1  # a best reached by several units, and their partners
+    units = (shared | mutual[shared].any(0)).nonzero().squeeze(1)
+    if len(units) == 0:
+        return
+    between = tied(units).to(torch.float64).cpu()[units[:, None], units[None, :]]
+    joint[units[:, None], units[None, :]] += tie_scale * between * mutual[units[:, None],
+                                                                          units[None, :]]
+
+
 def activation_similarity(moments: JointMoments | None, size: int,
-                          tie_break: Tensor | None = None, tie_scale: float = 1e-3
-                          ) -> torch.Tensor:
+                          tie_break: Tensor | None = None, tie_scale: float = 1e-3,
+                          tied: Callable[[Tensor], Tensor] | None = None) -> torch.Tensor:
     """Joint ``(d_a + d_b)`` square correlation (of N models' ``[x_1; ...; x_N]`` where
     ``moments`` holds N); identity-like when there are no statistics.
 
@@ -307,6 +331,13 @@ def activation_similarity(moments: JointMoments | None, size: int,
     ``tie_scale * tie_break`` is added to the similarity of every two constant units of
     different models, a step far below the gap of 1 between the two levels. Ties left
     go to the unit of the same index (a 1e-6 bonus), which is exact for a model and its copy.
+
+    Units that vary can tie too: on fewer samples than units, two units after a ReLU that are
+    nonzero on the same single sample are collinear, so correlate equally with the same units.
+    ``tied``, given the indices of such units (a unit whose best similarity to another
+    model's units is reached by more than one of them, to ``TIE_TOLERANCE``), returns their
+    joint similarity like ``tie_break``; it is added at ``tie_scale`` between every two of
+    them that are each among the other's best (so no choice that is not a tie changes).
 
     >>> moments = JointMoments(2, 2)
     >>> x = torch.stack([torch.randn(50), torch.zeros(50)], dim=1)
@@ -341,6 +372,8 @@ def activation_similarity(moments: JointMoments | None, size: int,
         rows[torch.arange(len(constant)), constant] = 0.0
         joint[constant] = rows
         joint[:, constant] = rows.T
+    if tied is not None:
+        _break_varying_ties(joint, model_of, constant, tied, tie_scale)
     for first in range(len(dims)):
         for second in range(first + 1, len(dims)):
             ties = torch.arange(min(dims[first], dims[second]))
