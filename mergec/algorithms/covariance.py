@@ -301,7 +301,12 @@ TIE_TOLERANCE = 1e-6
 
 def _break_varying_ties(joint: Tensor, model_of: Tensor, constant: Tensor,
                         tied: Callable[[Tensor], Tensor], tie_scale: float) -> None:
-    """:func:`activation_similarity`'s ties of units that vary, broken in place in ``joint``."""
+    """:func:`activation_similarity`'s ties of units that vary, broken in place in ``joint``:
+    on fewer samples than units, two units after a ReLU nonzero on the same single sample are
+    collinear and correlate equally with the same units. A unit whose best similarity to
+    another model's units is reached by several (to ``TIE_TOLERANCE``) is tied; ``tied(units)``
+    is added at ``tie_scale`` between every two that are each among the other's best (so no
+    choice that is not a tie changes)."""
     across = model_of[:, None] != model_of[None, :]
     best = joint.masked_fill(~across, -math.inf).amax(1)
     near = (joint >= best[:, None] - TIE_TOLERANCE) & across
@@ -332,12 +337,8 @@ def activation_similarity(moments: JointMoments | None, size: int,
     different models, a step far below the gap of 1 between the two levels. Ties left
     go to the unit of the same index (a 1e-6 bonus), which is exact for a model and its copy.
 
-    Units that vary can tie too: on fewer samples than units, two units after a ReLU that are
-    nonzero on the same single sample are collinear, so correlate equally with the same units.
-    ``tied``, given the indices of such units (a unit whose best similarity to another
-    model's units is reached by more than one of them, to ``TIE_TOLERANCE``), returns their
-    joint similarity like ``tie_break``; it is added at ``tie_scale`` between every two of
-    them that are each among the other's best (so no choice that is not a tie changes).
+    Varying units tie too (collinear on few samples): ``tied``, given their indices, returns
+    their joint similarity like ``tie_break`` (:func:`_break_varying_ties`).
 
     >>> moments = JointMoments(2, 2)
     >>> x = torch.stack([torch.randn(50), torch.zeros(50)], dim=1)
