@@ -141,8 +141,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     model has the deep one's architecture. Blocks only the deep model has are averaged with the
     identity (``unaligned="average"``, the paper) or kept as they are (``"keep"``).
     ``repair="reset"`` recomputes BatchNorm statistics on the calibration data; ``"repair"``
-    also applies REPAIR (each merged channel after a normalisation rescaled to the
-    interpolated parents' mean and std; under rotations also heads and their temperature).
+    also applies REPAIR (merged units rescaled to the interpolated parents' statistics).
     ``samples_per_batch`` caps the pixels or tokens each batch adds to a space's moments
     (the same ones in both models, drawn with ``seed``). Under ``torch.distributed``, give
     each process its shard of the calibration data: statistics are summed and every process
