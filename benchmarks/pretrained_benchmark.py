@@ -32,7 +32,9 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -141,19 +143,35 @@ def _pooled(model, inputs) -> torch.Tensor:
     return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
-def parent(name: str, start, tokenizer, texts: list[str], seed: int, steps: int, batch: int):
-    """A fine-tuned copy of ``start``, cached by its settings."""
+def cached_copy(path: Path, start, label: str, train: Callable[[Any], Any]):
+    """A copy of ``start`` trained in place by ``train``, loaded from ``path`` where an earlier
+    run saved it (the file name holds every setting), else trained and saved there."""
     import copy
-    path = CHECKPOINTS / f"minilm_{name}_seed{seed}_steps{steps}_batch{batch}.safetensors"
     model = copy.deepcopy(start)
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
-    print(f"fine-tuning {name} ({steps} steps of {batch})", flush=True)
-    fine_tune(model, tokenizer, texts, seed, steps, batch)
+    print(f"fine-tuning {label}", flush=True)
+    train(model)
     CHECKPOINTS.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return model
+    return model.eval()
+
+
+def pair_sections(pairs: tuple[tuple[str, tuple], ...], table: Callable[[tuple], list[str]]
+                  ) -> list[str]:
+    """A ``### title`` section with ``table(pair)`` for each ``(title, pair)``."""
+    lines: list[str] = []
+    for title, pair in pairs:
+        lines += [f"### {title}", "", *table(pair), ""]
+    return lines
+
+
+def parent(name: str, start, tokenizer, texts: list[str], seed: int, steps: int, batch: int):
+    """A fine-tuned copy of ``start``, cached by its settings."""
+    path = CHECKPOINTS / f"minilm_{name}_seed{seed}_steps{steps}_batch{batch}.safetensors"
+    return cached_copy(path, start, f"{name} ({steps} steps of {batch})", lambda model: (
+        fine_tune(model, tokenizer, texts, seed, steps, batch)))
 
 
 def agreement(model, reference, tokenizer, texts: list[str]) -> tuple[float, float]:
@@ -195,11 +213,10 @@ def run(args: argparse.Namespace) -> str:
              f"tokens of both corpora's training sentences; fine-tuning {steps} steps of "
              f"{batch} sentences each; {len(held['numeric'])} + {len(held['stdlib'])} held-out "
              "sentences.", ""]
-    for title, pair in (("B fine-tuned from the pretrained model (a shared start)", (a, b)),
-                        ("B fine-tuned from a copy with every space permuted (no shared "
-                         "basis)", (a, b_moved))):
-        lines += [f"### {title}", "", *_pair_table(pair, pretrained, tokenizer, held,
-                                                    calibration), ""]
+    lines += pair_sections(
+        (("B fine-tuned from the pretrained model (a shared start)", (a, b)),
+         ("B fine-tuned from a copy with every space permuted (no shared basis)", (a, b_moved))),
+        lambda pair: _pair_table(pair, pretrained, tokenizer, held, calibration))
     return "\n".join(lines)
 
 
@@ -292,32 +309,27 @@ def tuned_efficientnet(name: str, start, x: torch.Tensor, y: torch.Tensor, seed:
                        args: argparse.Namespace, flip: bool):
     """A copy of ``start`` fine-tuned on ``(x, y)`` (AdamW at 3e-4, batches of ``args.batch``,
     ``args.steps`` steps, random horizontal flips where ``flip``), cached by its settings."""
-    import copy
     path = CHECKPOINTS / (f"effnet_{name}_seed{seed}_steps{args.steps}_batch{args.batch}_"
                           f"n{len(x)}_flip{int(flip)}.safetensors")
-    model = copy.deepcopy(start)
-    if path.is_file():
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
-    print(f"fine-tuning {name} ({args.steps} steps of {args.batch})", flush=True)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    model.train()
-    for step in range(args.steps):
-        picked = torch.randint(0, len(x), (args.batch,), generator=generator)
-        images = x[picked]
-        if flip:
-            flipped = torch.rand(args.batch, generator=generator) < 0.5
-            images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
-        loss = F.cross_entropy(model(images), y[picked])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"  step {step}: loss {loss.item():.3f}", flush=True)
-    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return model.eval()
+
+    def train(model) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        model.train()
+        for step in range(args.steps):
+            picked = torch.randint(0, len(x), (args.batch,), generator=generator)
+            images = x[picked]
+            if flip:
+                flipped = torch.rand(args.batch, generator=generator) < 0.5
+                images = torch.where(flipped.view(-1, 1, 1, 1), images.flip(-1), images)
+            loss = F.cross_entropy(model(images), y[picked])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 50 == 0 or step == args.steps - 1:
+                print(f"  step {step}: loss {loss.item():.3f}", flush=True)
+
+    return cached_copy(path, start, f"{name} ({args.steps} steps of {args.batch})", train)
 
 
 def efficientnet_tuned(args: argparse.Namespace) -> str:
@@ -350,11 +362,10 @@ def efficientnet_tuned(args: argparse.Namespace) -> str:
     calibration = [(pool[i:i + 32],) for i in range(0, len(pool), 32)]
     lines = [f"Fine-tuning {args.steps} steps of {args.batch} images; calibration "
              f"{len(pool)} training images (the last {half} of each parent's share).", ""]
-    for title, pair in (("B fine-tuned from the pretrained model (a shared start)", (a, b)),
-                        ("B′ fine-tuned from a copy with every space permuted (no shared "
-                         "basis)", (a, b_moved))):
-        lines += [f"### {title}", "", *_tuned_table(pair, example, calibration, x_test,
-                                                     y_test), ""]
+    lines += pair_sections(
+        (("B fine-tuned from the pretrained model (a shared start)", (a, b)),
+         ("B′ fine-tuned from a copy with every space permuted (no shared basis)", (a, b_moved))),
+        lambda pair: _tuned_table(pair, example, calibration, x_test, y_test))
     return "\n".join(lines)
 
 

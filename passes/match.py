@@ -639,10 +639,10 @@ class Match:
         statistics at all: it is solved on its weight similarity alone. A leaf observed on
         fewer samples than it has units ties varying units too (collinear on those samples:
         :func:`~mergec.algorithms.covariance.activation_similarity`'s ``tied``); a rotation
-        leaf so observed (a pooled output over a few sequences)
-        has a cross moment of too low a rank to fix a rotation: the weight similarity, at a
-        small share, fixes the rest (:meth:`_rotation_similarity`). merge(A, π(A)) then
-        recovers A wherever the weights identify π."""
+        leaf so observed (a pooled output over a few sequences) has a cross moment of too low
+        a rank to fix a rotation: the weight similarity, at a small share, fixes the rest
+        (:meth:`_rotation_similarity`). merge(A, π(A)) then recovers A wherever the weights
+        identify π."""
         def unsettled(leaf: str) -> bool:
             if leaf not in moments:
                 return spec.is_free(leaf)

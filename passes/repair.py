@@ -363,9 +363,15 @@ def _repair_temperature(merged: fx.GraphModule, targets: dict[str, Target],
         calibration, device)
     wanted = sum(_logit_std(p[queries], p[keys], heads) for p in parents) / len(parents)
     got = _logit_std(measured[queries], measured[keys], heads)
-    scale = torch.where(got > 1e-8, wanted / got.clamp_min(1e-8), torch.ones_like(got))
+    scale = _std_ratio(wanted, got)
     size = measured[queries][0].shape[0] // heads
     _fold_correction(merged, targets[queries], scale.repeat_interleave(size), None)
+
+
+def _std_ratio(wanted: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    """``wanted / got`` per unit, 1 where ``got`` is (about) 0: a constant unit keeps its
+    scale."""
+    return torch.where(got > 1e-8, wanted / got.clamp_min(1e-8), torch.ones_like(got))
 
 
 def _unit_correction(plan: Any, sums_a: list, sums_b: list, sums_z: list
@@ -378,8 +384,7 @@ def _unit_correction(plan: Any, sums_a: list, sums_b: list, sums_z: list
     merge_a, merge_b = plan.merge_a.to(mean_a), plan.merge_b.to(mean_b)
     target_mean = merge_a @ mean_a + merge_b @ mean_b
     target_std = merge_a @ std_a + merge_b @ std_b
-    scale = torch.where(std_z > 1e-8, target_std / std_z.clamp_min(1e-8),
-                        torch.ones_like(std_z))
+    scale = _std_ratio(target_std, std_z)
     return scale, target_mean - scale * mean_z
 
 
@@ -398,8 +403,7 @@ def _rotated_correction(plan: Any, sums_a: list, sums_b: list, sums_z: list
     target_mean = (targets[0][0] + targets[1][0]) / 2
     target_std = (targets[0][1] + targets[1][1]) / 2
     mean_z, std_z = _mean_std(sums_z)
-    scale = torch.where(std_z > 1e-8, target_std / std_z.clamp_min(1e-8),
-                        torch.ones_like(std_z))
+    scale = _std_ratio(target_std, std_z)
     return scale, target_mean - scale * mean_z
 
 
