@@ -3,9 +3,11 @@ own begin and end markers and keeps everything else."""
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
 
 HEADER = ("# Merge benchmarks\n\n"
           "Measured by the scripts in `benchmarks/` (run them from the repository root with the "
@@ -36,3 +38,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return "unknown CPU"
+
+
+def git_commit() -> str:
+    """HEAD's short hash, and whether the library's tracked files (``mergec/``, ``passes/``)
+    differ from it, taken at the start of the run. Run the benchmark from a clean checkout
+    (e.g. ``git clone --shared``) when others edit the working tree."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "mergec", "passes"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        commit += (" (plus uncommitted changes to mergec/ or passes/ in the working tree)"
+                   if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return commit

@@ -12,23 +12,30 @@ architectures): per model whether it traces, its coverage as loaded, invariant 1
 permuted copy computes the same function), and whether merging the model with its permuted copy
 gives the model back (weight matching; activation matching on a few random batches), with the
 seconds of each step and the error of every step that fails. A failing model is a row, not a
-crash; the document is rewritten after every model.
+crash. Rows are kept in docs/zoo.json (one per model, with the commit that measured it) and the
+document is rendered from all of them after every model, so the zoo (hours on a 2-core CPU) can
+be measured over several runs.
 
 Weights are random (nothing is downloaded). Run from the repository root::
 
     python benchmarks/coverage.py                        # both parts, writes docs/coverage.md
     python benchmarks/coverage.py --part zoo --quick     # the zoo on a handful of models
-    python benchmarks/coverage.py --part zoo --only resnet18 BertModel --out /tmp/zoo.md
+    python benchmarks/coverage.py --part zoo --only resnet18 BertModel   # rerun two rows
+    python benchmarks/coverage.py --part zoo --resume    # the models docs/zoo.json lacks
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import functools
 import gc
 import inspect
+import json
 import os
 import platform
 import re
+import resource
 import statistics
 import sys
 import time
@@ -51,7 +58,7 @@ from mergec.ir.spec import UnitSpec
 from mergec.passes.annotate_units import annotate_units
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _doc import write_section  # noqa: E402
+from _doc import git_commit, write_section  # noqa: E402
 
 BATCH = 2
 
@@ -368,18 +375,25 @@ QUICK = ["resnet18", "mobilenet_v3_small", "regnet_x_400mf", "BertModel",
 
 @dataclass
 class ZooResult:
-    """What one zoo model gave; a step that failed holds its error's first line in
-    ``errors`` and the steps after it that needed its result are not run."""
+    """What one zoo model gave, in plain values (a row of the results file); a step that
+    failed holds its error's first line in ``errors`` and the steps after it that needed its
+    result are not run."""
 
-    entry: ZooEntry
+    name: str
+    family: str
     input: str = ""
     parameters: int = 0
     nodes: int | None = None
-    spec: UnitSpec | None = None
+    free: int | None = None  # spaces admitting a permutation other than the identity
+    spaces: int | None = None
+    coverage: float | None = None
+    reasons: list[tuple[str, int, str]] = field(default_factory=list)  # of fixed spaces
     invariant_error: float | None = None
     merge_errors: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    commit: str = ""
+    measured: str = ""  # UTC date and time
 
     def passed(self, step: str) -> bool:
         if step == "trace":
@@ -388,6 +402,17 @@ class ZooResult:
             return self.invariant_error is not None and self.invariant_error <= INVARIANT_TOLERANCE
         error = self.merge_errors.get(step.removeprefix("merge "))
         return error is not None and error <= MERGE_TOLERANCE
+
+    def describe(self, spec: UnitSpec) -> None:
+        self.free, self.spaces = len(spec.free_spaces()), len(spec.spaces)
+        self.coverage, self.reasons = spec.coverage(), _fixed_reasons(spec)
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> ZooResult:
+        known = {f.name for f in dataclasses.fields(cls)}
+        result = cls(**{key: value for key, value in row.items() if key in known})
+        result.reasons = [tuple(reason) for reason in result.reasons]
+        return result
 
 
 def _leaves(output: Any) -> list[torch.Tensor]:
@@ -454,7 +479,8 @@ def measure_zoo(entry: ZooEntry, methods: tuple[str, ...]) -> ZooResult:
     and check invariant 1, merge with a copy permuted under the spec as loaded (a backbone's
     hidden states permuted too) by each method (repair=None) and compare the merged outputs
     with the model's."""
-    result = ZooResult(entry)
+    result = ZooResult(entry.name, entry.family, entry.input, commit=git_commit(),
+                       measured=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"))
     built = _timed(result, "build", lambda: _build(entry, result))
     if built is None:
         return result
@@ -467,13 +493,14 @@ def measure_zoo(entry: ZooEntry, methods: tuple[str, ...]) -> ZooResult:
     if graph is None:
         return result
     result.nodes = len(graph.graph.nodes)
-    result.spec = _timed(result, "discover", lambda: mergec.discover(graph))
+    spec = _timed(result, "discover", lambda: mergec.discover(graph))
     fixed = _timed(result, "discover fixed", lambda: mergec.discover(graph, outputs="fixed"))
-    if result.spec is None or fixed is None:
+    if spec is None or fixed is None:
         return result
+    result.describe(spec)
     twin = _timed(result, "permute", lambda: mergec.permute(model, x, seed=1, spec=fixed))
-    moved = twin if result.spec == fixed else _timed(
-        result, "permute as loaded", lambda: mergec.permute(model, x, seed=1, spec=result.spec))
+    moved = twin if spec == fixed else _timed(
+        result, "permute as loaded", lambda: mergec.permute(model, x, seed=1, spec=spec))
     if twin is None or moved is None:
         return result
     result.invariant_error = _timed(
@@ -637,15 +664,14 @@ def _zoo_table(results: list[ZooResult], methods: tuple[str, ...]) -> list[str]:
               + " | ".join(f"{m} merge s" for m in methods) + " |")
     lines = [header, "|---|---|" + "---:|" * (8 + 2 * len(methods))]
     for r in results:
-        spec = r.spec
-        structure = f"{len(spec.free_spaces())} / {len(spec.spaces)}" if spec else "—"
-        coverage = f"{spec.coverage():.3f}" if spec else "—"
+        structure = f"{r.free} / {r.spaces}" if r.spaces is not None else "—"
+        coverage = f"{r.coverage:.3f}" if r.coverage is not None else "—"
         nodes = str(r.nodes) if r.nodes is not None else ("fails" if "trace" in r.errors
                                                            else "—")
         merges = [_error_cell(r, r.merge_errors.get(m), f"merge {m}", MERGE_TOLERANCE)
                   for m in methods]
         lines.append(
-            f"| {r.entry.name} | {r.input or r.entry.input} | {r.parameters / 1e6:.2f} "
+            f"| {r.name} | {r.input} | {r.parameters / 1e6:.2f} "
             f"| {nodes} | {structure} | {coverage} "
             f"| {_error_cell(r, r.invariant_error, 'invariant', INVARIANT_TOLERANCE)} "
             f"| {' | '.join(merges)} | {_seconds(r, 'trace')} | {_seconds(r, 'discover')} "
@@ -659,7 +685,7 @@ def _pass_rates(results: list[ZooResult], methods: tuple[str, ...]) -> list[str]
              + " | ".join(f"{m} merge exact (≤1e-3)" for m in methods) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(methods)]
     for family in ("torchvision", "transformers"):
-        rows = [r for r in results if r.entry.family == family]
+        rows = [r for r in results if r.family == family]
         if not rows:
             continue
         steps = ("trace", "invariant", *(f"merge {m}" for m in methods))
@@ -678,31 +704,43 @@ def _failures(results: list[ZooResult]) -> list[str]:
         problems += [f"{m} merge: merged outputs differ by {e:.1e} (relative)"
                      for m, e in r.merge_errors.items() if e > MERGE_TOLERANCE]
         if problems:
-            lines.append(f"- **{r.entry.name}**: " + "; ".join(problems))
+            lines.append(f"- **{r.name}**: " + "; ".join(problems))
     return lines or ["- none"]
 
 
 def _zoo_reasons(results: list[ZooResult]) -> list[str]:
     lines = []
     for r in results:
-        if r.spec is None:
+        if r.spaces is None:
             continue
-        reasons = _fixed_reasons(r.spec)
         text = "; ".join(f"{count} × {reason}" + (f" (first: {place})" if place else "")
-                         for reason, count, place in reasons)
-        lines.append(f"- **{r.entry.name}**: {text or 'nothing fixed'}")
+                         for reason, count, place in r.reasons)
+        lines.append(f"- **{r.name}**: {text or 'nothing fixed'}")
     return lines
 
 
-def render_zoo(results: list[ZooResult], left_out: list[ZooEntry], methods: tuple[str, ...],
-               total_s: float, command: str) -> str:
-    by_family = {family: [r for r in results if r.entry.family == family]
+def _provenance(results: list[ZooResult]) -> str:
+    """Which commits measured the rows, when, and how long the steps took in all."""
+    commits: dict[str, list[ZooResult]] = {}
+    for r in results:
+        commits.setdefault(r.commit or "unknown", []).append(r)
+    parts = [f"{commit} ({len(rows)} models, {min(r.measured for r in rows)[:10]})"
+             for commit, rows in commits.items()]
+    minutes = sum(sum(r.seconds.values()) for r in results) / 60
+    return (f"rows measured at {', '.join(parts)}; the steps took {minutes:.0f} min in all, "
+            "torch on 1 thread, a shared 2-core machine: times are noisy")
+
+
+def render_zoo(results: list[ZooResult], left_out: list[ZooEntry],
+               methods: tuple[str, ...], source: Path) -> str:
+    by_family = {family: [r for r in results if r.family == family]
                  for family in ("torchvision", "transformers")}
     lines = [
         ZOO_BEGIN, "## The zoo: trace, invariant 1 and merging a model with its permuted copy", "",
-        f"Generated by `{command}` ({total_s / 60:.0f} min, torch on "
-        f"{torch.get_num_threads()} thread(s), a shared 2-core machine: times are noisy). "
-        "Random weights, eval mode, batch 2. For each model:",
+        "Generated by `python benchmarks/coverage.py --part zoo` from its rows in "
+        f"`{source}` ({_provenance(results)}). Random weights, eval mode, batch 2. "
+        "A model too large for the run's memory limit (16 GiB of data segment by default) "
+        "fails the step that allocates past it. For each model:",
         "",
         "- *input*: torchvision models at 64×64 where their forward pass works, else at "
         "224×224 (the size is checked by the model, e.g. ViT); transformers models from small "
@@ -734,7 +772,7 @@ def render_zoo(results: list[ZooResult], left_out: list[ZooEntry], methods: tupl
               "### Fixed spaces in the zoo", "", "Per model (as loaded), the reason "
               "of every fixed space, grouped as above.", "", *_zoo_reasons(results), ""]
     if left_out:
-        lines += ["### Not measured in this run", "",
+        lines += ["### Not measured yet (`--resume` goes on with them)", "",
                   ", ".join(entry.name for entry in left_out), ""]
     lines.append(ZOO_END)
     return "\n".join(lines)
@@ -781,10 +819,10 @@ def run_discovery(args: argparse.Namespace) -> None:
 
 
 def _progress_line(index: int, total: int, result: ZooResult) -> str:
-    spec, errors = result.spec, result.errors
-    parts = [f"[{index}/{total}] {result.entry.name} ({result.input})"]
-    if spec is not None:
-        parts.append(f"coverage {spec.coverage():.3f}")
+    errors = result.errors
+    parts = [f"[{index}/{total}] {result.name} ({result.input})"]
+    if result.coverage is not None:
+        parts.append(f"coverage {result.coverage:.3f}")
     if result.invariant_error is not None:
         parts.append(f"invariant 1 {result.invariant_error:.1e}")
     parts += [f"merge {method} {error:.1e}" for method, error in result.merge_errors.items()]
@@ -792,23 +830,57 @@ def _progress_line(index: int, total: int, result: ZooResult) -> str:
     return ", ".join(parts) + f" [{sum(result.seconds.values()):.0f}s]"
 
 
+def load_results(path: Path) -> dict[str, ZooResult]:
+    """The rows of a results file by model name (none if there is no file)."""
+    if not path.is_file():
+        return {}
+    rows = json.loads(path.read_text())["models"]
+    return {row["name"]: ZooResult.from_json(row) for row in rows}
+
+
+def save_results(path: Path, results: dict[str, ZooResult]) -> None:
+    about = ("mergec zoo results, one row per model, written by benchmarks/coverage.py "
+             "(--part zoo); errors are relative (max |delta| / max |output|), seconds per step")
+    rows = [dataclasses.asdict(result) for result in results.values()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"about": about, "models": rows}, indent=1) + "\n")
+
+
+def limit_memory(gib: float) -> None:
+    """Caps the process's data segment (RLIMIT_DATA: heap and anonymous mappings), so that a
+    model too large for the machine fails its step with "can't allocate memory" and becomes a
+    row, rather than the kernel killing the run."""
+    limit = int(gib * 2**30)
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit if hard < 0 else min(limit, hard), hard))
+
+
 def run_zoo(args: argparse.Namespace) -> None:
-    """Measures the selected zoo models one by one, rewriting the doc's zoo part after each
-    (an interrupted run leaves a document of what it measured, and names what it did not)."""
+    """Measures the selected zoo models one by one. Each row goes into the results file
+    (``--results``, JSON) as soon as it is measured, and the doc's zoo part is rendered from
+    every stored row after each model: a long run can stop anywhere and ``--resume`` goes on
+    with the models the file does not hold yet."""
     zoo = transformers_zoo() + torchvision_zoo()  # the small and quick first
     only = QUICK if args.quick else args.only
-    selected = [entry for entry in zoo if _selected(entry.name, only)]
+    stored = {} if args.fresh else load_results(args.results)
+    selected = [entry for entry in zoo if _selected(entry.name, only)
+                and not (args.resume and entry.name in stored)]
     methods = tuple(args.methods)
-    command = "python benchmarks/coverage.py " + " ".join(sys.argv[1:])
-    start, results = time.perf_counter(), []
+    if args.memory_limit:
+        limit_memory(args.memory_limit)
+    def render() -> None:
+        rows = [stored[entry.name] for entry in zoo if entry.name in stored]
+        left_out = [entry for entry in zoo if entry.name not in stored]
+        write_doc(args.out, ZOO_BEGIN, ZOO_END, render_zoo(rows, left_out, methods, args.results))
+
     for index, entry in enumerate(selected, 1):
         result = measure_zoo(entry, methods)
         print(_progress_line(index, len(selected), result), flush=True)
-        results.append(result)
+        stored[entry.name] = result
         gc.collect()
-        write_doc(args.out, ZOO_BEGIN, ZOO_END,
-                  render_zoo(results, selected[index:], methods, time.perf_counter() - start,
-                             command.strip()))
+        save_results(args.results, stored)
+        render()
+    render()  # also when nothing was left to measure: the doc from the stored rows
 
 
 def main() -> None:
@@ -822,6 +894,14 @@ def main() -> None:
                         help=f"the zoo on a handful of models only ({', '.join(QUICK)})")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
                         help="merge methods tried on each zoo model")
+    parser.add_argument("--results", type=Path, default=Path("docs/zoo.json"),
+                        help="zoo rows, read and rewritten (JSON)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the zoo models the results file holds already")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard the results file's rows instead of updating them")
+    parser.add_argument("--memory-limit", type=float, default=16.0,
+                        help="GiB of data segment for the zoo run (0: no limit)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: stable timings on a shared machine)")
     args = parser.parse_args()

@@ -39,13 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _doc import cpu_name, write_section
+from _doc import cpu_name, git_commit, write_section
 from merge_benchmark import (
     TASK_A,
     TASK_B,
     Config,
     Data,
-    git_commit,
     load_data,
     task_subsets,
     train_parent,

@@ -35,7 +35,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _doc import cpu_name, write_section
+from _doc import cpu_name, git_commit, write_section
 from torch import nn
 
 from mergec.merge import merge
@@ -675,23 +674,6 @@ def heterogeneous_summary(result: HeterogeneousResult) -> str:
         lines.append(f"| {pairing.title} | {joint[0]:.3f} | {joint[1]:.3f} "
                      f"| {joint[1] - joint[0]:+.3f} | {other[0]:.3f} | {other[1]:.3f} |")
     return "\n".join(lines)
-
-
-def git_commit() -> str:
-    """HEAD's short hash, and whether the library's tracked files (``mergec/``, ``passes/``)
-    differ from it, taken at the start of the run. Run the benchmark from a clean checkout
-    (e.g. ``git clone --shared``) when others edit the working tree."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "mergec", "passes"],
-                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        commit += (" (plus uncommitted changes to mergec/ or passes/ in the working tree)"
-                   if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return commit
 
 
 def environment(config: Config, commit: str) -> str:

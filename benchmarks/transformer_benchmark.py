@@ -35,13 +35,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _doc import cpu_name, write_section
+from _doc import cpu_name, git_commit, write_section
 from merge_benchmark import (
     DOC_PATH,
     TASK_A,
     TASK_B,
     Config,
-    git_commit,
     hetero_parent,
     load_data,
     roles,
