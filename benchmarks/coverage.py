@@ -474,12 +474,12 @@ def _timed(result: ZooResult, step: str, function: Callable[[], Any]) -> Any:
         result.seconds[step] = time.perf_counter() - start
 
 
-def measure_zoo(entry: ZooEntry, methods: tuple[str, ...]) -> ZooResult:
+def measure_zoo(entry: ZooEntry, methods: tuple[str, ...], commit: str = "") -> ZooResult:
     """Build, trace and discover (as loaded), permute under the spec with every output fixed
     and check invariant 1, merge with a copy permuted under the spec as loaded (a backbone's
     hidden states permuted too) by each method (repair=None) and compare the merged outputs
     with the model's."""
-    result = ZooResult(entry.name, entry.family, entry.input, commit=git_commit(),
+    result = ZooResult(entry.name, entry.family, entry.input, commit=commit,
                        measured=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"))
     built = _timed(result, "build", lambda: _build(entry, result))
     if built is None:
@@ -865,7 +865,7 @@ def run_zoo(args: argparse.Namespace) -> None:
     stored = {} if args.fresh else load_results(args.results)
     selected = [entry for entry in zoo if _selected(entry.name, only)
                 and not (args.resume and entry.name in stored)]
-    methods = tuple(args.methods)
+    methods, commit = tuple(args.methods), git_commit()  # the code this run imported
     if args.memory_limit:
         limit_memory(args.memory_limit)
     def render() -> None:
@@ -874,7 +874,7 @@ def run_zoo(args: argparse.Namespace) -> None:
         write_doc(args.out, ZOO_BEGIN, ZOO_END, render_zoo(rows, left_out, methods, args.results))
 
     for index, entry in enumerate(selected, 1):
-        result = measure_zoo(entry, methods)
+        result = measure_zoo(entry, methods, commit)
         print(_progress_line(index, len(selected), result), flush=True)
         stored[entry.name] = result
         gc.collect()

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
                     vit_epochs=1 if args.quick else defaults.vit_epochs)
     output = args.output if args.output is not None else (None if args.quick else DOC_PATH)
     data = load_data(config)
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), git_commit()  # the code this run imported
     sections = []
     for title, disjoint, arch_a, arch_b, labels in PAIRINGS:
         roles_ = roles(config, data, same_task=not disjoint)
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     minutes = (time.perf_counter() - start) / 60
     if output is not None:
         body = (f"{BEGIN_MARK}\n## Transformers: permutations against rotations\n\n"
-                f"`benchmarks/transformer_benchmark.py` at {git_commit()} on {cpu_name()}, one "
+                f"`benchmarks/transformer_benchmark.py` at {commit} on {cpu_name()}, one "
                 f"thread, {minutes:.0f} min; {config.calibration_size} calibration images, "
                 f"{len(data.x_test)} test images. Loss barrier: the merged model's test loss "
                 "minus the parents' mean (cross-entropy; disjoint tasks: each task's images "

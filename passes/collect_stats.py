@@ -8,7 +8,8 @@ Calibration batches run once through both models on the chosen device, as genera
 returns the probe nodes' values (:class:`~mergec.ir.fx.Probes`). For every free space with a
 probe node, the features of A and B at that node (every other axis a sample: each pixel of a
 conv feature map counts) feed a streaming :class:`~mergec.algorithms.covariance.JointMoments`:
-one matrix product per space and batch, summed in float64. No activation outlives its batch.
+products per space and batch in the models' precision, summed in float64. No activation
+outlives its batch.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from mergec.algorithms.covariance import JointMoments, feature_rows, feature_view
+from mergec.algorithms.covariance import JointMoments, Scratch, feature_rows, feature_view
 from mergec.algorithms.distributed import total_batches
 from mergec.errors import MergeError
 from mergec.ir.fx import Probes, check_batch
@@ -105,7 +106,7 @@ def joint_moments(modules: Sequence[fx.GraphModule], specs: Sequence[UnitSpec],
     moments = {s: JointMoments(*(other.spaces[s].size for other in specs), device=device)
                for s in wanted}
     observers = [Probes(module.to(device), probes) for module in modules]
-    batches = 0
+    batches, scratch = 0, Scratch()  # one product buffer for every space and batch
     with torch.no_grad():
         for index, batch in enumerate(tqdm(calibration, desc="collect-stats",
                                            disable=not progress, leave=False)):
@@ -121,7 +122,7 @@ def joint_moments(modules: Sequence[fx.GraphModule], specs: Sequence[UnitSpec],
                         features = [_unit_energy(f) for f in features]
                     if samples_per_batch is not None:
                         features = _subsample(features, samples_per_batch, draw)
-                    moments[space_id].update(*features)
+                    moments[space_id].update(*features, scratch=scratch)
             _check_finite(moments, wanted, spec, index)
             batches += 1
     if total_batches(batches, device) == 0:

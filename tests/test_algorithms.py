@@ -127,7 +127,7 @@ def test_float32_moments_agree_with_a_float64_reference_to_a_millionth_of_the_va
     view = feature_view(features, axis=1)
     observed.update(view[:, :3], view[:, 3:])
     assert observed.count.item() == reference.count.item() == 8 * 50 * 500
-    torch.testing.assert_close(observed.mean, reference.mean, rtol=0, atol=1e-9)
+    torch.testing.assert_close(observed.mean, reference.mean, rtol=1e-7, atol=0)  # float32
     scale = reference.covariance().diagonal().max()
     error = (observed.covariance() - reference.covariance()).abs().max()
     assert error <= 2e-6 * scale

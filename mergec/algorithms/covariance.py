@@ -61,6 +61,41 @@ def feature_view(x: Tensor, axis: int) -> Tensor:
     return x.reshape(before, x.shape[axis], -1)
 
 
+# Samples per float32 product in JointMoments.update; the chunks' products add in float64.
+# One product over 10^5-10^6 samples accumulates float32 rounding to several 1e-6 of a variance.
+PRODUCT_CHUNK = 1 << 14
+
+
+ORIGIN_SAMPLES = 256  # samples (rows, positions) of the first batch averaged for the origin
+PRODUCT_BLOCK = 512  # feature rows per block of the scatter: blocks below the diagonal mirror
+
+
+def _upper_blocks(dim: int) -> list[tuple[slice, slice]]:
+    """The (rows, columns) blocks on and above the diagonal of a ``[dim, dim]`` matrix."""
+    bounds = [*range(0, dim, PRODUCT_BLOCK), dim]
+    edges = [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+    return [(rows, columns) for i, rows in enumerate(edges) for columns in edges[i:]]
+
+
+class Scratch:
+    """One reusable buffer per dtype and device for :meth:`JointMoments.update`: the spaces
+    and batches of a statistics pass share it rather than each filling fresh memory (on a CPU,
+    a new large tensor costs a page fault per 4 KiB). Holds the largest size asked for until
+    dropped."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat tensor of ``numel`` elements (uninitialised; valid until the next call)."""
+        key = (dtype, torch.device(device))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            self._buffers.pop(key, None)
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
+
+
 class JointMoments:
     """Count, sum and sum of outer products of ``[x_a; x_b]`` (of ``[x_1; ...; x_N]`` for N
     models: ``JointMoments(d_1, d_2, d_3)``), accumulated in float64. One accumulator holds the
@@ -82,9 +117,11 @@ class JointMoments:
         dim = sum(self.dims)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        # allocated by the first batch (its scatter becomes the accumulator): a wide space's
-        # float64 matrix is hundreds of megabytes, and zeroing it costs a pass over fresh memory
+        # Batches add their scatter about a fixed origin (the first batch's shift), block
+        # upper triangle only; reading sum_outer completes it in place (see update)
         self._sum_outer: Tensor | None = None
+        self._origin: Tensor | None = None
+        self._about_origin = False  # _sum_outer holds sum (x - o)(x - o)^T, upper blocks
 
     @property
     def sum_outer(self) -> Tensor:
@@ -92,11 +129,26 @@ class JointMoments:
         if self._sum_outer is None:
             dim = self.sum.shape[0]
             self._sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+        if self._about_origin:
+            self._shift_origin(mirror=True, sign=1.0)
         return self._sum_outer
 
     @sum_outer.setter
     def sum_outer(self, value: Tensor) -> None:
-        self._sum_outer = value
+        self._sum_outer, self._about_origin = value, False
+
+    def _shift_origin(self, mirror: bool, sign: float) -> None:
+        """In place: sum (x - o)(x - o)^T (upper blocks; ``mirror`` completes the lower ones)
+        to sum x x^T for ``sign=1``, and back for ``sign=-1``. sum x x^T = C + o r^T + r o^T
+        + n o o^T for the sum r of x - o: o u^T + u o^T with u = r + n o / 2."""
+        matrix, origin = self._sum_outer, self._origin
+        if mirror:
+            for rows, columns in _upper_blocks(matrix.shape[0]):
+                if rows != columns:
+                    matrix[columns, rows] = matrix[rows, columns].T
+        half = self.sum - self.count * origin + (self.count / 2) * origin
+        matrix.addr_(origin, half, alpha=sign).addr_(half, origin, alpha=sign)
+        self._about_origin = sign < 0
 
     @property
     def dim_a(self) -> int:
@@ -115,49 +167,51 @@ class JointMoments:
     def device(self) -> torch.device:
         return self.sum.device
 
-    def update(self, *features: Tensor) -> None:
+    def update(self, *features: Tensor, scratch: Scratch | None = None) -> None:
         """Add the samples of one batch: ``x_a`` is ``[n, dim_a]`` and ``x_b`` ``[n, dim_b]``
         (rows, see :func:`feature_rows`), or both ``[n, dim, m]`` (see :func:`feature_view`:
-        ``n * m`` samples, as a conv feature map's pixels are, without copying them to rows);
-        one such tensor per model.
+        ``n * m`` samples, as a conv feature map's pixels are); one such tensor per model.
 
-        The batch is centred on its own mean and its scatter computed by one matrix product in
-        the features' precision (float32 at least); the float64 accumulators add it exactly.
-        Centring keeps the product's rounding relative to the batch's variance, not to its mean
-        square: float32 scatters of 10^5-10^6 samples agree with a float64 computation to about
-        1e-6 of the largest variance (tested), and a constant unit stays exactly constant.
+        The features minus a fixed origin (the mean of the first batch's first samples) are
+        written, features first, into one ``[d, samples]`` buffer (``scratch``'s, reused
+        across spaces and batches, else a new one); its products with itself, in the features'
+        precision (float32 at least) over chunks of samples and only for the blocks on and
+        above the diagonal, are added to a float64 accumulator, completed and moved back to
+        the origin 0 when ``sum_outer`` is read. The origin keeps the products' rounding
+        relative to the spread, not to the mean square: float32 moments of 10^5 samples agree
+        with a float64 computation to about 1e-6 of the largest variance, the mean to float32
+        rounding (tested), and a constant unit stays exactly constant.
         """
         self._check_batch(features)
         compute = functools.reduce(torch.promote_types, [x.dtype for x in features],
                                    torch.float32)
-        joint = torch.cat([x.detach().to(compute) for x in features], dim=1)
-        if joint.dim() == 3 and joint.shape[2] < joint.shape[1]:
-            # few positions per sample (tokens, a linear layer's [n, d, 1]): a per-sample
-            # product would be bigger than the data; rows are cheaper
-            joint = feature_rows(joint, 1)
-        samples = joint.numel() // joint.shape[1]
-        total = joint.sum(dim=(0,) if joint.dim() == 2 else (0, 2), dtype=torch.float64)
-        shift = (total / samples).to(compute)
-        if joint.dim() == 2:
-            centred = joint - shift
-            scatter = centred.T @ centred
-        else:  # conv feature maps: one product per sample over its pixels
-            centred = joint - shift[:, None]
-            scatter = torch.bmm(centred, centred.transpose(1, 2)).sum(dim=0)
-        # sum x x^T = scatter + s r^T + r s^T + n s s^T for the shift s and the centred sum
-        # r = sum (x - s), which is zero up to the shift's rounding; as s u^T + u s^T with
-        # u = r + n s / 2, added in place: a wide space's float64 matrix is touched 3 times
-        shift = shift.to(torch.float64)
-        half = total - samples * shift + (samples / 2) * shift
-        shift, half = shift.to(self.device), half.to(self.device)
-        scatter = scatter.to(self.device, torch.float64)
-        if self._sum_outer is None:  # 0 + scatter is scatter
-            self._sum_outer = scatter
-        else:
-            self._sum_outer.add_(scatter)
-        self._sum_outer.addr_(shift, half).addr_(half, shift)
+        views = [x.detach()[:, :, None] if x.dim() == 2 else x.detach() for x in features]
+        batch, positions = views[0].shape[0], views[0].shape[2]
+        dim, samples = sum(self.dims), batch * positions
+        if self._origin is None:
+            first = max(1, min(batch, -(-ORIGIN_SAMPLES // positions)))
+            self._origin = torch.cat([v[:first].to(torch.float64).mean(dim=(0, 2)).to(compute)
+                                      for v in views]).to(self.device, torch.float64)
+        elif not self._about_origin and self._sum_outer is not None:
+            self._shift_origin(mirror=False, sign=-1.0)
+        origin = self._origin.to(views[0].device, compute)
+        shape = (dim, batch, positions)
+        buffer = (scratch.take(math.prod(shape), compute, views[0].device) if scratch
+                  else torch.empty(shape, dtype=compute, device=views[0].device)).view(shape)
+        for view, start, width in zip(views, self.offsets, self.dims):
+            torch.sub(view.transpose(0, 1), origin[start:start + width, None, None],
+                      out=buffer[start:start + width])
+        flat = buffer.view(dim, samples)
+        if self._sum_outer is None:
+            self._sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+        self._about_origin = True
+        blocks = _upper_blocks(dim)
+        for chunk in flat.split(PRODUCT_CHUNK, dim=1):  # float32 sums stay short
+            for rows, columns in blocks:
+                self._sum_outer[rows, columns] += (chunk[rows] @ chunk[columns].T).to(
+                    self.device)
         self.count += samples
-        self.sum += total.to(self.device)
+        self.sum += flat.sum(dim=1).to(self.device, torch.float64) + samples * self._origin
 
     def _check_batch(self, features: tuple[Tensor, ...]) -> None:
         if len(features) != len(self.dims):
@@ -217,9 +271,10 @@ class JointMoments:
         """Add ``other``'s accumulators into this one (the statistics of both sample sets)."""
         if other.dims != self.dims:
             raise MergeError(f"JointMoments.merge: widths differ, {self.dims} vs {other.dims}")
+        outer = self.sum_outer  # completed while count and sum are still its own
+        outer += other.sum_outer.to(self.device)
         self.count += other.count.to(self.device)
         self.sum += other.sum.to(self.device)
-        self.sum_outer += other.sum_outer.to(self.device)
 
     def all_reduce(self) -> None:
         """Sum the accumulators over all processes if torch.distributed is initialised."""
