@@ -67,13 +67,17 @@ PRODUCT_CHUNK = 1 << 14
 
 
 ORIGIN_SAMPLES = 256  # samples (rows, positions) of the first batch averaged for the origin
-PRODUCT_BLOCK = 512  # feature rows per block of the scatter: blocks below the diagonal mirror
+PRODUCT_BLOCK = 512  # feature rows per block of the scatter (blocks below the diagonal mirror)
 
 
-def _upper_blocks(dim: int) -> list[tuple[slice, slice]]:
-    """The (rows, columns) blocks on and above the diagonal of a ``[dim, dim]`` matrix."""
-    bounds = [*range(0, dim, PRODUCT_BLOCK), dim]
-    edges = [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+def _upper_blocks(dims: tuple[int, ...]) -> list[tuple[slice, slice]]:
+    """The (rows, columns) blocks on and above the diagonal of the ``[d, d]`` joint matrix of
+    models of widths ``dims``: each model's rows in blocks of at most ``PRODUCT_BLOCK``."""
+    edges, start = [], 0
+    for width in dims:
+        bounds = [*range(start, start + width, PRODUCT_BLOCK), start + width]
+        edges += [slice(low, high) for low, high in zip(bounds, bounds[1:])]
+        start += width
     return [(rows, columns) for i, rows in enumerate(edges) for columns in edges[i:]]
 
 
@@ -143,7 +147,7 @@ class JointMoments:
         + n o o^T for the sum r of x - o: o u^T + u o^T with u = r + n o / 2."""
         matrix, origin = self._sum_outer, self._origin
         if mirror:
-            for rows, columns in _upper_blocks(matrix.shape[0]):
+            for rows, columns in _upper_blocks(self.dims):
                 if rows != columns:
                     matrix[columns, rows] = matrix[rows, columns].T
         half = self.sum - self.count * origin + (self.count / 2) * origin
@@ -205,7 +209,7 @@ class JointMoments:
         if self._sum_outer is None:
             self._sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
         self._about_origin = True
-        blocks = _upper_blocks(dim)
+        blocks = _upper_blocks(self.dims)
         for chunk in flat.split(PRODUCT_CHUNK, dim=1):  # float32 sums stay short
             for rows, columns in blocks:
                 self._sum_outer[rows, columns] += (chunk[rows] @ chunk[columns].T).to(
