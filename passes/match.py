@@ -636,7 +636,9 @@ class Match:
         (:func:`~mergec.algorithms.covariance.activation_similarity`'s ``tie_break``), until
         no plan changes. A free leaf no activation carries (DeBERTa's relative position
         embeddings, read by the attention's position projections as a parameter) has no
-        statistics at all: it is solved on its weight similarity alone. A leaf observed on
+        statistics at all: it is solved on its weight similarity alone, first in weight matching's
+        order (:meth:`_first_sweep`: Swin v2's position-bias MLP, which reads a constant table,
+        has a hidden space and a 2-wide input no activation tells apart). A leaf observed on
         fewer samples than it has units ties varying units too (collinear on those samples:
         :func:`~mergec.algorithms.covariance.activation_similarity`'s ``tied``); a rotation
         leaf so observed (a pooled output over a few sequences) has a cross moment of too low
@@ -658,6 +660,9 @@ class Match:
         similarity = functools.partial(self._similarity, moments, None, spec=spec,
                                        ties=weights)
         update = functools.partial(_update, plans, weights, summary)
+        blind = [leaf for leaf in tied if leaf not in moments]
+        if blind:  # no statistics at all: propagated from the spaces whose order is known
+            self._first_sweep(spec, blind, groups, solve, similarity, weights, update)
         for _ in range(self.max_iter):
             changed = False
             for leaf in tied:

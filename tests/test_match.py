@@ -238,3 +238,31 @@ def test_merged_widths_of_flat_spaces_and_of_heads() -> None:
         assert target_widths(narrow, wide, width) == {hidden: expected}
     with pytest.raises(MergeError, match="width must be 'max', 'min'"):
         target_widths(narrow, wide, "widest")
+
+
+class _PositionBias(nn.Module):
+    """A layer plus a bias computed by an MLP from a constant table (Swin v2's continuous
+    position bias): the MLP's hidden units and its 2-wide input carry no activation that
+    depends on the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 6)
+        self.bias_mlp = nn.Sequential(nn.Linear(2, 48), nn.ReLU(), nn.Linear(48, 6, bias=False))
+        self.register_buffer("table", torch.randn(5, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[:, None, :] + self.bias_mlp(self.table)[None]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_spaces_no_activation_observes_are_matched_from_the_known_ones(seed: int) -> None:
+    torch.manual_seed(seed)
+    model, x = _PositionBias().eval(), torch.randn(4, 8)
+    spec = mergec.discover(mergec.trace(model, x))
+    moved = mergec.permute(model, x, seed=seed, spec=spec)
+    calibration = [(torch.randn(4, 8),) for _ in range(3)]
+    merged = mergec.merge(model, moved, x, calibration, method="permute", repair=None,
+                          progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.module(x), model(x), rtol=1e-5, atol=1e-5)
