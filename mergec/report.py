@@ -1,6 +1,7 @@
 """Human-readable views of a unit spec: the space table and the space graph."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import networkx as nx
@@ -45,6 +46,13 @@ def space_table(spec: UnitSpec, width: int = 60) -> str:
     lines.append("")
     lines.append(f"{len(spec.spaces)} spaces, {free} free; coverage {spec.coverage():.3f} "
                  f"(fraction of parameter elements with an axis in a free space)")
+    unread = spec.unread()
+    if unread:
+        elements = sum(math.prod(spec.shapes[key]) for key in unread)
+        shown = ", ".join(unread[:3]) + (", …" if len(unread) > 3 else "")
+        lines.append(f"{elements:,} elements in {len(unread)} entries the traced graph never "
+                     f"reads ({shown}); of what it reads, coverage "
+                     f"{spec.coverage(read_only=True):.3f}")
     return "\n".join(lines)
 
 

@@ -271,3 +271,25 @@ def test_real_minilm_merged_with_its_stream_permuted_copy_gives_it_back(minilm) 
                                rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(merged.pooler_output, expected.pooler_output, rtol=1e-4,
                                atol=1e-4)
+
+
+class _WithUnusedHead(nn.Module):
+    """An auxiliary classifier that forward never calls (GoogLeNet's in eval mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.aux = nn.Linear(16, 300)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_entries_the_graph_never_reads_are_named_and_left_out_of_read_coverage() -> None:
+    from mergec.report import space_table
+
+    spec = mergec.discover(mergec.trace(_WithUnusedHead().eval(), torch.randn(2, 4)))
+    assert sorted(spec.unread()) == ["aux.bias", "aux.weight"]
+    assert spec.coverage() < 0.05 and spec.coverage(read_only=True) == 128 / 131  # not: out bias
+    assert "5,100 elements in 2 entries the traced graph never reads (aux.bias, aux.weight)" \
+        in space_table(spec)

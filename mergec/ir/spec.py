@@ -131,15 +131,25 @@ class UnitSpec:
     def free_spaces(self) -> list[Space]:
         return [s for s in self.spaces.values() if self.is_free(s.id)]
 
-    def coverage(self) -> float:
-        """Fraction of parameter and buffer elements with at least one axis in a free space."""
+    def coverage(self, read_only: bool = False) -> float:
+        """Fraction of parameter and buffer elements with at least one axis in a free space;
+        with ``read_only``, of those the graph reads (not the :meth:`unread` entries)."""
         total = covered = 0
         free_keys = {b.key for b in self.bindings if self.is_free(b.space)}
+        skipped = set(self.unread()) if read_only else set()
         for key, shape in self.shapes.items():
+            if key in skipped:
+                continue
             count = math.prod(shape)
             total += count
             covered += count if key in free_keys else 0
         return covered / total if total else 0.0
+
+    def unread(self) -> tuple[str, ...]:
+        """State-dict entries with axes that no node of the traced graph reads (GoogLeNet's
+        auxiliary classifiers in eval mode): bound to no space, and no part of the function."""
+        bound = {binding.key for binding in self.bindings}
+        return tuple(key for key, shape in self.shapes.items() if shape and key not in bound)
 
     # -- JSON ------------------------------------------------------------------------------
     def to_json(self, indent: int | None = 2) -> str:
