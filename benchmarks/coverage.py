@@ -387,6 +387,7 @@ class ZooResult:
     free: int | None = None  # spaces admitting a permutation other than the identity
     spaces: int | None = None
     coverage: float | None = None
+    read_coverage: float | None = None  # of the entries the graph reads (None: not recorded)
     reasons: list[tuple[str, int, str]] = field(default_factory=list)  # of fixed spaces
     invariant_error: float | None = None
     merge_errors: dict[str, float] = field(default_factory=dict)
@@ -406,6 +407,7 @@ class ZooResult:
     def describe(self, spec: UnitSpec) -> None:
         self.free, self.spaces = len(spec.free_spaces()), len(spec.spaces)
         self.coverage, self.reasons = spec.coverage(), _fixed_reasons(spec)
+        self.read_coverage = spec.coverage(read_only=True)
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> ZooResult:
@@ -666,6 +668,8 @@ def _zoo_table(results: list[ZooResult], methods: tuple[str, ...]) -> list[str]:
     for r in results:
         structure = f"{r.free} / {r.spaces}" if r.spaces is not None else "—"
         coverage = f"{r.coverage:.3f}" if r.coverage is not None else "—"
+        if r.read_coverage is not None and f"{r.read_coverage:.3f}" != coverage:
+            coverage += f" ({r.read_coverage:.3f} of what the graph reads)"
         nodes = str(r.nodes) if r.nodes is not None else ("fails" if "trace" in r.errors
                                                            else "—")
         merges = [_error_cell(r, r.merge_errors.get(m), f"merge {m}", MERGE_TOLERANCE)
@@ -748,7 +752,9 @@ def render_zoo(results: list[ZooResult], left_out: list[ZooEntry],
         "std 0.2 where the config has an initializer range (attention far from uniform).",
         "- *free / spaces*, *coverage*: `mergec.discover(traced)`, the spec as loaded: what "
         "a merge aligns (a base model's hidden states are matched and mapped back at the "
-        "output; logits keep their order).",
+        "output; logits keep their order). Where the model holds entries the traced graph "
+        "never reads (GoogLeNet's auxiliary classifiers in eval mode), the coverage of what "
+        "it reads follows in parentheses (rows measured since b68c433).",
         "- *invariant 1 error*: `mergec.permute(model, x, seed=1)` (every output fixed) "
         "against the model, max |Δ| / max |output| over the output tensors; exact if ≤ 1e-4.",
         "- *merge error*: `mergec.merge(model, permuted, x, calibration, method=..., "
