@@ -954,3 +954,13 @@ def test_collinear_units_are_tied_and_the_weights_order_them():
     assert plain[0, 3] > plain[0, 4]  # the index decides, wrongly
     assert broken[0, 4] > broken[0, 3] and broken[1, 3] > broken[1, 4]
     assert torch.equal(broken[2], plain[2])  # a unit that is not tied is left alone
+
+
+def test_an_empty_batch_adds_nothing_to_the_moments() -> None:
+    data = torch.randn(20, 4, dtype=torch.float64)
+    moments, reference = JointMoments(2, 2), JointMoments(2, 2)
+    moments.update(data[:0, :2], data[:0, 2:])
+    for accumulator in (moments, reference):
+        accumulator.update(data[:, :2], data[:, 2:])
+    assert torch.equal(moments.sum_outer, reference.sum_outer)
+    assert moments.count.item() == 20

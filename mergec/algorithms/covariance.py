@@ -192,6 +192,8 @@ class JointMoments:
         views = [x.detach()[:, :, None] if x.dim() == 2 else x.detach() for x in features]
         batch, positions = views[0].shape[0], views[0].shape[2]
         dim, samples = sum(self.dims), batch * positions
+        if samples == 0:  # nothing to add (and no origin to take from it)
+            return
         if self._origin is None:
             first = max(1, min(batch, -(-ORIGIN_SAMPLES // positions)))
             self._origin = torch.cat([v[:first].to(torch.float64).mean(dim=(0, 2)).to(compute)
