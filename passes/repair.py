@@ -313,7 +313,7 @@ def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
             scale, shift = correct(plan, *stats)
             _fold_correction(merged, target, scale, shift)
             if name in pairs:
-                _repair_temperature(merged, targets, (name, pairs[name]), parents,
+                _repair_temperature(merged, targets, (name, pairs[name]), parents, plan,
                                     spec.spaces[target.space].block_count, calibration, device)
     log.info("repair: rescaled %d targets (REPAIR), %d heads' attention temperatures",
              len(targets), len(pairs))
@@ -350,22 +350,33 @@ def _logit_std(sums_q: list, sums_k: list, heads: int) -> torch.Tensor:
 
 
 def _repair_temperature(merged: fx.GraphModule, targets: dict[str, Target],
-                        pair: tuple[str, str], parents: list[dict], heads: int,
+                        pair: tuple[str, str], parents: list[dict], plan: Any, heads: int,
                         calibration: Iterable[Any], device: torch.device) -> None:
     """After REPAIR of a head's keys (``pair``: keys, queries), the attention's temperature:
     averaged queries and keys of two models whose heads' features are not one another's
     correlate less than either parent's, so their logits shrink and the attention flattens
-    even where every feature has its parents' std. Each head's queries are rescaled so that
-    its logits' std (:func:`_logit_std`) is the mean of the parents'."""
+    even where every feature has its parents' std. Each merged head's queries are rescaled so
+    that its logits' std (:func:`_logit_std`) is the mean of the parents' heads merged into it
+    (their features mapped by ``plan``, the heads space's: matched heads, rotated inside)."""
     keys, queries = pair
     axes = {queries: targets[queries].axis, keys: targets[keys].axis}
     measured = _ChannelStats(merged, axes, stop_early=True, outer=frozenset(axes)).collect(
         calibration, device)
-    wanted = sum(_logit_std(p[queries], p[keys], heads) for p in parents) / len(parents)
+    wanted = sum(_logit_std(_mapped(p[queries], merge), _mapped(p[keys], merge), heads)
+                 for p, merge in zip(parents, (plan.merge_a, plan.merge_b))) / len(parents)
     got = _logit_std(measured[queries], measured[keys], heads)
     scale = _std_ratio(wanted, got)
     size = measured[queries][0].shape[0] // heads
     _fold_correction(merged, targets[queries], scale.repeat_interleave(size), None)
+
+
+def _mapped(sums: list, merge: torch.Tensor) -> list:
+    """A parent's feature sums (``[sum, sum of squares, count, sum of outer products]``) in
+    the merged basis of a rotation space: its features as ``2 M x``, as in
+    :func:`_rotated_correction`."""
+    mapped = 2 * (merge.to_dense() if merge.is_sparse else merge).to(sums[0])
+    second = mapped @ sums[3] @ mapped.T
+    return [mapped @ sums[0], second.diagonal(), sums[2], second]
 
 
 def _std_ratio(wanted: torch.Tensor, got: torch.Tensor) -> torch.Tensor:

@@ -370,13 +370,41 @@ def test_logit_std_from_moments_is_that_of_every_query_key_pair():
     assert torch.allclose(_logit_std(sums(q), sums(k), 2), exact, rtol=1e-10)
 
 
+def _matched_heads(state, block: int, heads: int) -> torch.Tensor:
+    """For each merged head of attention ``block`` (graph order), B's head merged into it:
+    read from the plan of the space the block's queries write."""
+    from mergec.passes.repair import _query_key_pairs, repair_targets
+
+    targets = repair_targets(state.merged, state.specs[0], frozenset(
+        s for s, summary in state.summaries.items() if summary.get("group") == "orthogonal"))
+    queries = list(_query_key_pairs(targets).values())[block]
+    merge_b = state.plans[targets[queries].space].merge_b.to_dense().abs()
+    size = merge_b.shape[0] // heads
+    return merge_b.reshape(heads, size, heads, size).sum(dim=(1, 3)).argmax(1)
+
+
 def test_repair_gives_each_heads_logits_the_parents_mean_std():
     """Averaging the queries and keys of two models shrinks their products (the attention
-    flattens); REPAIR rescales each head's queries to the parents' mean logit std."""
+    flattens); REPAIR rescales each merged head's queries to the mean logit std of the two
+    parents' heads merged into it (A's head h and the B head matched to it)."""
+    from mergec.ir.state import MergeOptions
+    from mergec.merge import run_merge
+
     a, b = _vit(seed=0), _vit(seed=1)
+    attention = b.blocks[0].attn  # B's two heads swapped: head h of B is not A's head h
+    swap = torch.cat([torch.arange(16, 32), torch.arange(16)])
+    with torch.no_grad():
+        for layer in (attention.q, attention.k, attention.v):
+            layer.weight.copy_(layer.weight[swap])
+            layer.bias.copy_(layer.bias[swap])
+        attention.proj.weight.copy_(attention.proj.weight[:, swap])
     x = _images(32)
     calibration = [(x[:16],), (x[16:],)]
-    wanted = (_logits_std_by_head(a, x) + _logits_std_by_head(b, x)) / 2
+    state = run_merge(MergeOptions(method="zip", repair=None, progress=False), (a, b), x[:4],
+                      calibration)
+    matched = torch.stack([_matched_heads(state, block, 2) for block in range(2)])
+    assert matched[0].tolist() == [1, 0]
+    wanted = (_logits_std_by_head(a, x) + _logits_std_by_head(b, x).gather(1, matched)) / 2
     found = {}
     for repair in (None, "repair"):
         result = mergec.merge(a, b, x[:4], calibration, method="zip", repair=repair,
