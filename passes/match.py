@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import itertools
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -338,6 +339,10 @@ def weight_parameters(spec: UnitSpec, params: Mapping[str, torch.Tensor]
     return out
 
 
+#: What WeightSimilarities keeps of the leaves' weight similarities between calls, in bytes.
+SIMILARITY_CACHE_BYTES = 1 << 30
+
+
 class WeightSimilarities:
     """:func:`leaf_weight_similarity` of any leaf under the leaf plans in ``plans`` (the caller's
     dict, read when needed), for coordinate descent, where one leaf's plan changes at a time.
@@ -379,7 +384,8 @@ class WeightSimilarities:
         self.permutations: dict[str, torch.Tensor | None] = {}
         self.versions = dict.fromkeys(spaces, 0)  # how many times each alignment changed
         self.layouts: dict[str, tuple[dict, dict, tuple[str, ...]]] = {}
-        self.similarities: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # kept similarities, oldest first, at most SIMILARITY_CACHE_BYTES in all
+        self.similarities: OrderedDict[str, tuple[tuple, torch.Tensor]] = OrderedDict()
         self.unknown: set[str] = set()
         self._follow_block_orders(repeated or {})
 
@@ -414,8 +420,19 @@ class WeightSimilarities:
                    for space in aligned}
         similarity = weight_similarity(self.params_a, self.params_b, axes, units, align_b,
                                        self.spec.spaces[leaf].size, among)
-        self.similarities[leaf] = versions, similarity
+        self._keep(leaf, versions, similarity)
         return similarity
+
+    def _keep(self, leaf: str, versions: tuple, similarity: torch.Tensor) -> None:
+        """Caches ``leaf``'s similarity, dropping the oldest ones past the byte budget (a
+        wide model's similarities are as large as its statistics: recomputing one costs
+        time, keeping all can exhaust memory)."""
+        self.similarities.pop(leaf, None)
+        self.similarities[leaf] = versions, similarity
+        held = sum(kept.numel() * kept.element_size() for _, kept in self.similarities.values())
+        while held > SIMILARITY_CACHE_BYTES and len(self.similarities) > 1:
+            _, (_, dropped) = self.similarities.popitem(last=False)
+            held -= dropped.numel() * dropped.element_size()
 
     def known(self, space: str) -> bool:
         """Whether B's order of ``space`` is known: no leaf of it is in :attr:`unknown`."""

@@ -266,3 +266,22 @@ def test_spaces_no_activation_observes_are_matched_from_the_known_ones(seed: int
                           progress=False)
     with torch.no_grad():
         torch.testing.assert_close(merged.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_small_similarity_cache_changes_no_plan(monkeypatch) -> None:
+    """WeightSimilarities drops its oldest similarities past its byte budget; recomputed, they
+    are the same numbers, so weight matching ends where it does with every one kept."""
+    import mergec.passes.match as match_module
+    from mergec_lab.zoo import digits_cnn
+
+    torch.manual_seed(0)
+    a, b = digits_cnn(width=8).eval(), digits_cnn(width=8).eval()
+    x = torch.randn(4, 1, 8, 8)
+    merged = {}
+    for budget in (match_module.SIMILARITY_CACHE_BYTES, 1):
+        monkeypatch.setattr(match_module, "SIMILARITY_CACHE_BYTES", budget)
+        merged[budget] = mergec.merge(a, b, x, [(x,)], method="weight-match", repair=None,
+                                      progress=False).module.state_dict()
+    first, second = merged.values()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
