@@ -964,3 +964,21 @@ def test_an_empty_batch_adds_nothing_to_the_moments() -> None:
         accumulator.update(data[:, :2], data[:, 2:])
     assert torch.equal(moments.sum_outer, reference.sum_outer)
     assert moments.count.item() == 20
+
+
+def test_moments_merged_into_an_empty_accumulator_keep_accumulating() -> None:
+    """An accumulator that has a completed matrix but no origin yet (merged into, or set)
+    takes its origin from the next batch and moves the matrix there before adding to it."""
+    data = torch.randn(90, 5, dtype=torch.float64) * 2 + 3
+    parts = data.split(30)
+    first = JointMoments(2, 3)
+    first.update(parts[0][:, :2], parts[0][:, 2:])
+    merged, restored = JointMoments(2, 3), JointMoments(2, 3)
+    merged.merge(first)
+    restored.count, restored.sum = first.count.clone(), first.sum.clone()
+    restored.sum_outer = first.sum_outer.clone()
+    for accumulator in (merged, restored):
+        for part in parts[1:]:
+            accumulator.update(part[:, :2], part[:, 2:])
+        torch.testing.assert_close(accumulator.sum_outer, data.T @ data)
+        torch.testing.assert_close(accumulator.covariance(), torch.cov(data.T, correction=0))

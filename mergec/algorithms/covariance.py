@@ -198,7 +198,8 @@ class JointMoments:
             first = max(1, min(batch, -(-ORIGIN_SAMPLES // positions)))
             self._origin = torch.cat([v[:first].to(torch.float64).mean(dim=(0, 2)).to(compute)
                                       for v in views]).to(self.device, torch.float64)
-        elif not self._about_origin and self._sum_outer is not None:
+        if not self._about_origin and self._sum_outer is not None:
+            # a completed matrix (read, merged into or set): about the origin again
             self._shift_origin(mirror=False, sign=-1.0)
         origin = self._origin.to(views[0].device, compute)
         shape = (dim, batch, positions)
