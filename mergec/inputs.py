@@ -26,9 +26,10 @@ def _name(index: int) -> str:
     return f"model {NAMES[index]}" if index < len(NAMES) else f"model {index}"
 
 
-def check_models(models: Sequence[nn.Module], example: tuple) -> None:
+def check_models(models: Sequence[nn.Module], example: tuple) -> torch.device | None:
     """Every model's floating weights are finite and of one dtype, all models' the same; every
-    weight and every example input is on one device."""
+    weight and every example input is on one device, which is returned (None for models without
+    weights)."""
     dtypes, devices = [], []
     for index, model in enumerate(models):
         weights = _weights(model)
@@ -51,7 +52,9 @@ def check_models(models: Sequence[nn.Module], example: tuple) -> None:
     _check_same("dtype", dtypes, "cast one to the other's (model.to(dtype))")
     _check_same("device", devices, "move both to one device (model.to(device)); pass "
                 "device=... to merge there")
-    _check_example(example, next((d for d in devices if d is not None), None))
+    place = next((d for d in devices if d is not None), None)
+    _check_example(example, place)
+    return place
 
 
 def _check_finite(index: int, floating: dict[str, torch.Tensor]) -> None:
@@ -75,6 +78,14 @@ def _check_example(example: tuple, device: torch.device | None) -> None:
         if isinstance(value, torch.Tensor) and device is not None and value.device != device:
             raise MergeError(f"merge: example input {position} is on {value.device} and the "
                              f"models' weights on {device}; put them on one device")
+
+
+def merge_device(asked: str | None, models_device: torch.device | None) -> str | None:
+    """Where a merge runs: the device asked for, else the models' own when it is not the CPU
+    (models on a GPU are merged there)."""
+    if asked is not None or models_device is None or models_device.type == "cpu":
+        return asked
+    return str(models_device)
 
 
 def check_device(device: str | None) -> None:

@@ -41,8 +41,8 @@ from torch import fx, nn
 from mergec.algorithms.covariance import JointMoments, activation_similarity
 from mergec.algorithms.solvers import ManyPlan, zip_many
 from mergec.errors import MergeError
-from mergec.inputs import check_calibration, check_device, check_models
-from mergec.ir.fx import as_args
+from mergec.inputs import check_calibration, check_device, check_models, merge_device
+from mergec.ir.fx import as_args, follow_weights_device, to_device
 from mergec.ir.spec import UnitSpec
 from mergec.ir.state import MergeOptions, OutputAffine, PipelineState
 from mergec.merge import MergeResult, report_of, run_merge
@@ -108,7 +108,8 @@ def merge_many_state(options: MergeOptions, models: Sequence[nn.Module], example
     gap = _unsupported(options)
     example = as_args(example_inputs)
     if gap is None:
-        check_models(models, example)
+        options = replace(options,
+                          device=merge_device(options.device, check_models(models, example)))
         check_device(options.device)
     calibration = check_calibration(calibration)
     if isinstance(calibration, Iterator):
@@ -122,6 +123,7 @@ def merge_many_state(options: MergeOptions, models: Sequence[nn.Module], example
         log.info("merge_many: %s; the pair is merged by merge()", gap)
         return run_merge(options, models, example_inputs, calibration)
     state = _merge_prepared(options, prepared, example, calibration, rounds)
+    follow_weights_device(state.merged)  # the result moves with .to(device)
     return state.evolve(many={**state.many, "seconds": time.perf_counter() - start})
 
 
@@ -205,7 +207,7 @@ def _merge_prepared(options: MergeOptions, prepared: list[PipelineState], exampl
         merged, calibration, example, options.device, options.progress)
     timings["repair"] = time.perf_counter() - start
     if options.device:
-        merged.to(options.device)
+        to_device(merged, options.device)
     pairs = {s: plan.pair(1) for s, plan in plans.items()}
     return prepared[0].evolve(
         graphs=graphs, specs=specs, plans=pairs, summaries=summaries, merged=merged,

@@ -57,8 +57,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
 
     def stop(self) -> dict[str, int | None]:
-        """``{"host": bytes or None, "cuda": bytes or None}``."""
+        """``{"host": bytes or None, "cuda": bytes or None}``, once the GPU's queued work is
+        done."""
         cuda = None
         if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
             cuda = int(torch.cuda.max_memory_allocated())
         return {"host": _resident_peak() if self._host_resettable else None, "cuda": cuda}

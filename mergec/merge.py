@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -18,9 +18,9 @@ import torch
 from torch import fx, nn
 
 from mergec.errors import MergeError
-from mergec.inputs import check_calibration, check_device, check_models
+from mergec.inputs import check_calibration, check_device, check_models, merge_device
 from mergec.ir.blocks import DepthPlan
-from mergec.ir.fx import as_args
+from mergec.ir.fx import as_args, follow_weights_device
 from mergec.ir.spec import UnitSpec
 from mergec.ir.state import MergeOptions, PipelineState
 from mergec.pipeline import Callback, build_passes, run_pipeline
@@ -153,7 +153,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     A's basis; ``"fixed"`` keeps every output in order, ``"a"`` matches every output, ``"both"``
     returns A's and B's bases side by side. ``budget`` (of ``budget_measure``: ``"parameters"``
     or ``"flops"``) chooses the stop point and the width that agree best with the ensemble
-    within it (:mod:`mergec.budget`). The input models are not modified. ``callback(pass_name,
+    within it (:mod:`mergec.budget`). ``device`` is where the passes run (default: the
+    models' device) and where the merged module is left. The input models are not modified. ``callback(pass_name,
     state)`` is called after each pass with the :class:`~mergec.ir.state.PipelineState`.
 
     Example::
@@ -196,7 +197,7 @@ def run_merge(options: MergeOptions, models: tuple[nn.Module, ...], example_inpu
         raise MergeError(f"merge: needs two torch.nn.Module models, got "
                          f"{', '.join(type(m).__name__ for m in models)}")
     example = as_args(example_inputs)
-    check_models(models, example)
+    options = replace(options, device=merge_device(options.device, check_models(models, example)))
     check_device(options.device)
     calibration = check_calibration(calibration)
     if isinstance(calibration, Iterator):
@@ -205,7 +206,10 @@ def run_merge(options: MergeOptions, models: tuple[nn.Module, ...], example_inpu
         calibration = list(calibration)
     state = PipelineState(options=options, models=tuple(models),
                           example=example, calibration=calibration)
-    return run_pipeline(state, build_passes(options), callback=callback, stop_after=stop_after)
+    state = run_pipeline(state, build_passes(options), callback=callback, stop_after=stop_after)
+    if isinstance(state.merged, fx.GraphModule):
+        follow_weights_device(state.merged)  # the result moves with .to(device)
+    return state
 
 
 def report_of(state: PipelineState) -> MergeReport:

@@ -99,8 +99,8 @@ def run_pipeline(state: PipelineState, passes: Iterable[Pass], *,
             meter.start()
             start = time.perf_counter()
             state = current.run(state)
+            peak = meter.stop()  # waits for the GPU's queued work: it counts in the pass's time
             seconds = time.perf_counter() - start
-            peak = meter.stop()
             log.info("%s: %.2fs", current.name, seconds)
             state = state.evolve(timings={**state.timings, current.name: seconds},
                                  peak_memory={**state.peak_memory, current.name: peak})

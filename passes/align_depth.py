@@ -35,6 +35,7 @@ from mergec.ir.fx import (
     module_device,
     tensor_ancestors,
     tensor_leaves,
+    to_device,
 )
 from mergec.ir.spec import UnitSpec
 from mergec.ir.state import PipelineState
@@ -55,7 +56,7 @@ def block_cka(module_a: fx.GraphModule, module_b: fx.GraphModule, stages_a: list
     wanted_a = {block.output for stage in stages_a for block in stage}
     wanted_b = {block.output for stage in stages_b for block in stage}
     accumulators = [LinearCKA(len(a), len(b), device=device) for a, b in zip(stages_a, stages_b)]
-    module_a, module_b = module_a.to(device), module_b.to(device)
+    module_a, module_b = to_device(module_a, device), to_device(module_b, device)
     probes_a, probes_b = Probes(module_a, wanted_a), Probes(module_b, wanted_b)
     with torch.no_grad():
         for index, batch in enumerate(calibration):
@@ -280,7 +281,7 @@ def _check_padded(shallow: fx.GraphModule, padded: fx.GraphModule, example: tupl
     device = module_device(shallow)
     inputs = tuple(t.to(device) for t in example)
     with torch.no_grad():
-        expected, got = shallow(*inputs), padded.to(device)(*inputs)
+        expected, got = shallow(*inputs), to_device(padded, device)(*inputs)
     expected, got = tensor_leaves(expected), tensor_leaves(got)
     if len(expected) != len(got) or not all(
             a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-4)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mergec.algorithms.covariance import JointMoments, Scratch, feature_rows, feature_view
 from mergec.algorithms.distributed import total_batches
 from mergec.errors import MergeError
-from mergec.ir.fx import Probes, check_batch
+from mergec.ir.fx import Probes, check_batch, to_device
 from mergec.ir.groups import one_width
 from mergec.ir.spec import UnitSpec
 from mergec.ir.state import PipelineState
@@ -105,7 +105,7 @@ def joint_moments(modules: Sequence[fx.GraphModule], specs: Sequence[UnitSpec],
         probes |= {node for s in wanted for node, _ in spec.spaces[s].sites}
     moments = {s: JointMoments(*(other.spaces[s].size for other in specs), device=device)
                for s in wanted}
-    observers = [Probes(module.to(device), probes) for module in modules]
+    observers = [Probes(to_device(module, device), probes) for module in modules]
     batches, scratch = 0, Scratch()  # one product buffer for every space and batch
     with torch.no_grad():
         for index, batch in enumerate(tqdm(calibration, desc="collect-stats",

@@ -25,6 +25,7 @@ from mergec.ir.fx import (
     check_batch,
     module_device,
     runnable_copy,
+    to_device,
 )
 from mergec.ir.groups import ORTHOGONAL
 from mergec.ir.spec import UnitSpec
@@ -119,7 +120,7 @@ class Repair:
                 merged, graphs[0], graphs[1], state.plans, state.calibration, self.device,
                 state.specs[0] if state.specs else None, _rotated(state))
         if self.device:
-            merged.to(self.device)
+            to_device(merged, self.device)
         return state.evolve(repair={**state.repair, **result})
 
     def _reset(self, module: fx.GraphModule, calibration: Iterable[Any], example: tuple
@@ -140,7 +141,7 @@ def reset_batch_norms(module: fx.GraphModule, calibration: Iterable[Any], exampl
     if not norms:
         return 0
     device = torch.device(device) if device else torch.device("cpu")
-    module.to(device)
+    to_device(module, device)
     observed, recorders = _observed(module, norms)
     batches = 0
     with torch.no_grad():
@@ -299,10 +300,10 @@ def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
     device = torch.device(device) if device else torch.device("cpu")
     with torch.no_grad():
         outer = frozenset(name for name, t in targets.items() if t.kind == "rotated")
-        parents = [_ChannelStats(module.to(device), axes, outer=outer).collect(calibration,
+        parents = [_ChannelStats(to_device(module, device), axes, outer=outer).collect(calibration,
                                                                                device)
                    for module in (module_a, module_b)]
-        merged.to(device)
+        to_device(merged, device)
         pairs = _query_key_pairs(targets)
         for name, target in targets.items():
             measured = _ChannelStats(merged, {name: target.axis}, stop_early=True).collect(

@@ -668,3 +668,24 @@ def test_an_entry_bound_along_several_output_axes_is_averaged_once(models: int) 
     tensors = tuple(weight * (m + 1) for m in range(models))
     expected = weight * (models + 1) / 2
     torch.testing.assert_close(merge_entry(tensors, bindings, plans), expected)
+
+
+def test_a_merged_transformer_moves_with_to(tmp_path: Path) -> None:
+    """The merged graph's tensor factories read the device of its weights when it runs: the
+    module, and the saved code loaded back, run wherever ``.to(device)`` puts them."""
+    import transformers
+
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=50,
+                                     max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(1))
+    twin = mergec.permute(model, (ids[:2],), seed=1)
+    result = mergec.merge(model, twin, (ids[:2],), [(ids,)], method="permute", repair=None,
+                          progress=False)
+    assert_computes(lambda x: result.module(x).last_hidden_state, lambda x: model(x)[0], ids)
+    result.save(tmp_path / "merged")
+    for module in (copy.deepcopy(result.module), mergec.load(tmp_path / "merged")):
+        output = module.to("meta")(ids.to("meta"))
+        assert output[0].device.type == "meta" and output[0].shape == (4, 8, 32)

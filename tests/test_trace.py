@@ -8,7 +8,7 @@ from torch import fx, nn
 
 import mergec
 from mergec import TraceError
-from mergec.ir.fx import STATE_KEYS, Probes
+from mergec.ir.fx import STATE_KEYS, Probes, to_device
 
 
 class SmallNet(nn.Module):
@@ -229,3 +229,25 @@ def test_probes_return_intermediate_values_on_any_batch_size() -> None:
     assert graph_module.code == before
     with pytest.raises(mergec.MergecError, match="no node 'nowhere'"):
         Probes(graph_module, ["nowhere"])
+
+
+def _small_bert() -> nn.Module:
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=50,
+                                     max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def test_a_graph_moved_to_a_device_creates_its_tensors_there() -> None:
+    """BERT's graph builds position ids with aten.arange(..., device=cpu): moved by to_device,
+    it runs on the other device (meta here, where mixing devices is an error as on a GPU)."""
+    ids = torch.randint(0, 50, (2, 8))
+    graph_module = mergec.trace(_small_bert(), (ids,))
+    factories = [n for n in graph_module.graph.nodes if "device" in n.kwargs]
+    assert factories and all(n.kwargs["device"] == torch.device("cpu") for n in factories)
+    to_device(graph_module, "meta")
+    assert all(n.kwargs["device"] == torch.device("meta") for n in factories)
+    output = graph_module(ids.to("meta"))
+    assert all(t.device.type == "meta" for t in torch.utils._pytree.tree_leaves(output)
+               if isinstance(t, torch.Tensor))

@@ -116,6 +116,44 @@ def module_device(module: nn.Module) -> torch.device:
     return next((t.device for t in module.state_dict().values()), torch.device("cpu"))
 
 
+def to_device(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """``module.to(device)``, in place. A graph module's tensor factories carry the device
+    they were traced on (``aten.arange(..., device=cpu)``): they are moved too."""
+    module.to(device)
+    if isinstance(module, fx.GraphModule):
+        place = torch.device(device)
+        moved = [node for node in module.graph.nodes
+                 if isinstance(node.kwargs.get("device"), torch.device)
+                 and node.kwargs["device"] != place]
+        for node in moved:
+            node.update_kwarg("device", place)
+        if moved:
+            module.recompile()
+    return module
+
+
+def follow_weights_device(module: fx.GraphModule) -> fx.GraphModule:
+    """In place: every tensor factory of the graph creates its tensor on the device of the
+    module's first weight, read when the module runs, so that ``module.to(device)`` moves the
+    whole computation (the graph as traced names the device it was traced on). A graph with
+    no weights is left as it is."""
+    weights = set(dict(module.named_parameters())) | set(dict(module.named_buffers()))
+    graph = module.graph
+    reference = next((n for n in graph.nodes if n.op == "get_attr" and n.target in weights),
+                     None)
+    factories = [node for node in graph.nodes
+                 if isinstance(node.kwargs.get("device"), torch.device)]
+    if reference is None or not factories:
+        return module
+    with graph.inserting_after(reference):
+        device = graph.call_function(getattr, (reference, "device"))
+    for node in factories:
+        node.update_kwarg("device", device)
+    graph.lint()
+    module.recompile()
+    return module
+
+
 def tensor_leaves(value: Any) -> list[torch.Tensor]:
     """The tensors in a model's output (a tensor, a tuple, a dict, a transformers output)."""
     if hasattr(value, "to_tuple"):  # transformers' ModelOutput
