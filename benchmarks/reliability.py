@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from _doc import cpu_name, write_section
+from _doc import ROOT, cpu_name, write_section
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import faults  # noqa: E402 - tests/ holds the catalogue and the campaign

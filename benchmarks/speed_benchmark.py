@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from _doc import cpu_name, write_section
+from _doc import ROOT, cpu_name, write_section
 from torch import nn
 
 import mergec
@@ -46,7 +46,6 @@ from mergec.algorithms.covariance import JointMoments
 
 log = logging.getLogger("speed_benchmark")
 
-ROOT = Path(__file__).resolve().parent.parent
 DOC_PATH = ROOT / "docs" / "benchmarks.md"
 
 

@@ -154,8 +154,9 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     returns A's and B's bases side by side. ``budget`` (of ``budget_measure``: ``"parameters"``
     or ``"flops"``) chooses the stop point and the width that agree best with the ensemble
     within it (:mod:`mergec.budget`). ``device`` is where the passes run (default: the
-    models' device) and where the merged module is left. The input models are not modified. ``callback(pass_name,
-    state)`` is called after each pass with the :class:`~mergec.ir.state.PipelineState`.
+    models' device) and where the merged module is left. The input models are not modified.
+    ``callback(pass_name, state)`` is called after each pass with the
+    :class:`~mergec.ir.state.PipelineState`.
 
     Example::
 
