@@ -477,6 +477,20 @@ def test_place_writes_each_part_at_its_positions_and_zero_elsewhere() -> None:
     assert members(plan) == [frozenset({2, 5}), frozenset({1, 3}), frozenset({0, 4})]
 
 
+@pytest.mark.parametrize("order", [[0, 1, 2], [0, 2, 1]], ids=["in-order", "reordered"])
+def test_place_of_one_part_covering_the_space(order: list[int]) -> None:
+    """In order, a leaf's own plan comes back as float64 CPU matrices of the same values;
+    reordered, it is placed as any part is."""
+    part = solvers.zip(torch.corrcoef(torch.randn(6, 40, generator=torch.Generator()
+                                                  .manual_seed(0))).float(), 3, 3)
+    index = torch.tensor(order)
+    plan = place([Placement(part, torch.arange(3), index, torch.arange(3))], 3, 3, 3)
+    assert plan.merge_a.dtype == torch.float64
+    assert torch.equal(plan.merge_a[:, index], part.merge_a.double())
+    assert torch.equal(plan.unmerge_a[index], part.unmerge_a.double())
+    assert torch.equal(plan.merge_b, part.merge_b.double())
+
+
 def one_space(joint: torch.Tensor, width: int, solve: BlockSolver) -> blocks.BlockSpace:
     return blocks.BlockSpace(joint, width, width, solve, blocks.plan_score(solve))
 

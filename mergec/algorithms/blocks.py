@@ -56,8 +56,13 @@ def place(placements: Iterable[Placement], width: int, dim_a: int, dim_b: int) -
     tensor([[0.0000, 0.5000],
             [0.5000, 0.0000]], dtype=torch.float64)
     """
+    placements = list(placements)
     if width * max(dim_a, dim_b) > SPARSE_PLAN_ENTRIES:
-        return _place_sparse(list(placements), width, dim_a, dim_b)
+        return _place_sparse(placements, width, dim_a, dim_b)
+    if len(placements) == 1 and _in_order(placements[0], width, dim_a, dim_b):
+        # a leaf's own plan (most spaces): the same matrices, not copied into new zeros
+        matrices = _matrices(placements[0].plan)
+        return MergePlan(*(matrix.to("cpu", torch.float64) for matrix in matrices))
     merge_a = torch.zeros(width, dim_a, dtype=torch.float64)
     merge_b = torch.zeros(width, dim_b, dtype=torch.float64)
     unmerge_a = torch.zeros(dim_a, width, dtype=torch.float64)
@@ -68,6 +73,18 @@ def place(placements: Iterable[Placement], width: int, dim_a: int, dim_b: int) -
         unmerge_a[_block(units_a, merged)] = plan.unmerge_a.to(torch.float64).cpu()
         unmerge_b[_block(units_b, merged)] = plan.unmerge_b.to(torch.float64).cpu()
     return MergePlan(merge_a, merge_b, unmerge_a, unmerge_b)
+
+
+def _in_order(placement: Placement, width: int, dim_a: int, dim_b: int) -> bool:
+    """Whether a placement covers the whole plan, every position at its own index."""
+    return all(len(positions) == size and bool((positions == torch.arange(size)).all())
+               for positions, size in ((placement.merged, width), (placement.units_a, dim_a),
+                                       (placement.units_b, dim_b))) \
+        and not any(matrix.is_sparse for matrix in _matrices(placement.plan))
+
+
+def _matrices(plan: MergePlan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return plan.merge_a, plan.merge_b, plan.unmerge_a, plan.unmerge_b
 
 
 def _block(rows: Tensor, columns: Tensor) -> tuple[slice | Tensor, slice | Tensor]:
