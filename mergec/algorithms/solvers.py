@@ -626,16 +626,20 @@ class _ZipState:
             # a merged feature decays once it holds a unit of every model (two models: after
             # every merge) or merged within a model; one still missing a model (three models
             # or more) keeps its similarity to the units it lacks
-            finite = np.isfinite(decayed)
-            decayed[finite] *= alpha
+            if alpha > 0.0:  # -inf stays -inf
+                decayed *= alpha
+            else:
+                decayed[np.isfinite(decayed)] = 0.0
         self.similarity[gone, :] = -np.inf
         self.similarity[:, gone] = -np.inf
         newly_exhausted = self._spend_budget(within)
         for model in newly_exhausted:
             self._forbid_within(model)
-        exhausted = np.array([budget == 0 for budget in self.budgets])
-        conflicts = (self.has_model & self.has_model[keep] & exhausted).any(axis=1)
-        decayed[conflicts] = -np.inf
+        # no merge with a feature holding a unit of a model both would then hold twice, once
+        # that model's budget is spent
+        blocked = self.has_model[keep] & np.array([budget == 0 for budget in self.budgets])
+        if blocked.any():
+            decayed[self.has_model[:, blocked].any(axis=1)] = -np.inf
         decayed[[keep, gone]] = -np.inf
         self.similarity[keep, :] = decayed
         self.similarity[:, keep] = decayed
@@ -660,7 +664,7 @@ class _ZipState:
         stale[[keep, gone]] = True
         rows = stale.nonzero()[0]
         self.row_best[rows], self.row_best_index[rows] = _row_max(self.similarity[rows])
-        column = self.similarity[:, keep]
+        column = self.similarity[keep]  # column keep, just written: the rows read it
         improved = (column > self.row_best) & ~stale
         self.row_best[improved] = column[improved]
         self.row_best_index[improved] = keep
@@ -728,17 +732,19 @@ class _ZipBatch:
         # every merge) or merged within a model; one still missing a model (three models
         # or more) keeps its similarity to the units it lacks
         decays = within.any(axis=1) | has_model[problems, keep].all(axis=1)
-        scaled = decays[:, None] & np.isfinite(decayed)
-        decayed[scaled] *= alpha
+        if alpha > 0.0:  # -inf stays -inf
+            decayed[decays] *= alpha
+        else:
+            decayed[decays[:, None] & np.isfinite(decayed)] = 0.0
         similarity[problems, gone, :] = -np.inf
         similarity[problems, :, gone] = -np.inf
         self.budgets -= within
         newly_exhausted = within & (self.budgets == 0)
         for problem, model in builtins.zip(*newly_exhausted.nonzero()):
             self._forbid_within(problem, model)
-        exhausted = self.budgets == 0
-        conflicts = (has_model & (has_model[problems, keep] & exhausted)[:, None, :]).any(axis=2)
-        decayed[conflicts] = -np.inf
+        blocked = has_model[problems, keep] & (self.budgets == 0)  # see _ZipState.merge
+        if blocked.any():
+            decayed[(has_model & blocked[:, None, :]).any(axis=2)] = -np.inf
         decayed[problems, keep] = -np.inf
         decayed[problems, gone] = -np.inf
         similarity[problems, keep, :] = decayed
@@ -757,7 +763,7 @@ class _ZipBatch:
         stale &= ~full[:, None]
         rows = stale.nonzero()
         self.row_best[rows], self.row_best_index[rows] = _row_max(self.similarity[rows])
-        column = self.similarity[problems, :, keep]
+        column = self.similarity[problems, keep]  # column keep, just written
         improved = (column > self.row_best) & ~stale & ~full[:, None]
         self.row_best[improved] = column[improved]
         self.row_best_index[improved] = np.broadcast_to(keep[:, None], improved.shape)[improved]
