@@ -14,6 +14,7 @@ import mergec
 import mergec.passes.trace as trace_module
 from mergec import MergeError
 from mergec.algorithms.solvers import average
+from mergec.inputs import merge_device
 from mergec.ir.state import MergeOptions, PipelineState
 from mergec.merge import report_of, run_merge
 from mergec.passes import PIPELINE
@@ -348,3 +349,10 @@ def test_a_one_shot_iterator_and_a_loader_give_the_same_merge() -> None:
             assert torch.equal(result.module.state_dict()[key], value), key
     with pytest.raises(MergeError, match="one-shot iterator"):
         mergec.calibration_from_loader(iter(loader))
+
+
+@pytest.mark.parametrize("asked, models, runs_on", [
+    (None, torch.device("cpu"), None), (None, None, None), ("cpu", torch.device("cuda:1"), "cpu"),
+    (None, torch.device("cuda:1"), "cuda:1"), ("cuda", torch.device("cpu"), "cuda")])
+def test_a_merge_runs_where_asked_else_where_the_models_are(asked, models, runs_on) -> None:
+    assert merge_device(asked, models) == runs_on
