@@ -116,33 +116,45 @@ def module_device(module: nn.Module) -> torch.device:
     return next((t.device for t in module.state_dict().values()), torch.device("cpu"))
 
 
+def same_device(first: torch.device, second: torch.device) -> bool:
+    """Whether two devices are one: ``cuda`` is ``cuda:0`` where one of them names no index."""
+    return first.type == second.type and (first.index is None or second.index is None
+                                          or first.index == second.index)
+
+
+def _factories(module: fx.GraphModule, on: torch.device) -> list[fx.Node]:
+    """The nodes that create tensors on ``on`` (``aten.arange(..., device=cpu)``)."""
+    return [node for node in module.graph.nodes
+            if isinstance(node.kwargs.get("device"), torch.device)
+            and same_device(node.kwargs["device"], on)]
+
+
 def to_device(module: nn.Module, device: torch.device | str) -> nn.Module:
     """``module.to(device)``, in place. A graph module's tensor factories carry the device
-    they were traced on (``aten.arange(..., device=cpu)``): they are moved too."""
-    module.to(device)
-    if isinstance(module, fx.GraphModule):
-        place = torch.device(device)
-        moved = [node for node in module.graph.nodes
-                 if isinstance(node.kwargs.get("device"), torch.device)
-                 and node.kwargs["device"] != place]
-        for node in moved:
-            node.update_kwarg("device", place)
-        if moved:
-            module.recompile()
+    they were traced on (``aten.arange(..., device=cpu)``): those on the weights' device move
+    with them (a tensor the model puts on another device on purpose stays there)."""
+    place = torch.device(device)
+    moved = _factories(module, module_device(module)) \
+        if isinstance(module, fx.GraphModule) else []
+    module.to(place)
+    moved = [node for node in moved if node.kwargs["device"] != place]
+    for node in moved:
+        node.update_kwarg("device", place)
+    if moved:
+        module.recompile()
     return module
 
 
 def follow_weights_device(module: fx.GraphModule) -> fx.GraphModule:
-    """In place: every tensor factory of the graph creates its tensor on the device of the
-    module's first weight, read when the module runs, so that ``module.to(device)`` moves the
-    whole computation (the graph as traced names the device it was traced on). A graph with
-    no weights is left as it is."""
+    """In place: every tensor factory of the graph on its weights' device creates its tensor on
+    the device of the module's first weight, read when the module runs, so that
+    ``module.to(device)`` moves the whole computation (the graph as traced names the device it
+    was traced on). A graph with no weights is left as it is."""
     weights = set(dict(module.named_parameters())) | set(dict(module.named_buffers()))
     graph = module.graph
     reference = next((n for n in graph.nodes if n.op == "get_attr" and n.target in weights),
                      None)
-    factories = [node for node in graph.nodes
-                 if isinstance(node.kwargs.get("device"), torch.device)]
+    factories = _factories(module, module_device(module))
     if reference is None or not factories:
         return module
     with graph.inserting_after(reference):
