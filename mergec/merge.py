@@ -153,10 +153,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, example_inputs: Any,
     A's basis; ``"fixed"`` keeps every output in order, ``"a"`` matches every output, ``"both"``
     returns A's and B's bases side by side. ``budget`` (of ``budget_measure``: ``"parameters"``
     or ``"flops"``) chooses the stop point and the width that agree best with the ensemble
-    within it (:mod:`mergec.budget`). ``device`` is where the passes run (default: the
-    models' device) and where the merged module is left. The input models are not modified.
-    ``callback(pass_name, state)`` is called after each pass with the
-    :class:`~mergec.ir.state.PipelineState`.
+    within it (:mod:`mergec.budget`). ``device``: where it runs (default: the models'). The
+    inputs are not modified. ``callback(pass_name, state)`` runs after each pass.
 
     Example::
 
