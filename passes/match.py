@@ -35,7 +35,7 @@ import itertools
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
 from torch import fx
@@ -281,11 +281,11 @@ def leaf_weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, tor
     (``params``: no running statistics) bound along a space where the leaf occurs, B's other
     axes put in A's order by the current full ``plans`` (twice B's merge matrix: a pair's merged
     unit averages two). A grouped convolution's weight is compared as the block-diagonal matrix
-    it holds the blocks of, where that is not too large (:func:`weight_parameters`). This is
+    it holds the blocks of, where that is not too large (:class:`WeightParameters`). This is
     the computation from scratch; the pass uses :class:`WeightSimilarities`, which gives the
     same numbers while leaf plans change one at a time."""
     axes = _weight_axes(spec, params_a)
-    params_a, params_b = weight_parameters(spec, params_a), weight_parameters(spec, params_b)
+    params_a, params_b = WeightParameters(spec, params_a), WeightParameters(spec, params_b)
     spaces = {space for bound in axes.values() for _, space in bound}
     units = {}
     for space in spaces:
@@ -325,18 +325,33 @@ MAX_EXPANDED = 2**22
 TIE_SHARE = 1e-3
 
 
-def weight_parameters(spec: UnitSpec, params: Mapping[str, torch.Tensor]
-                      ) -> dict[str, torch.Tensor]:
+class WeightParameters(Mapping):
     """The parameters weight matching compares (those of :func:`_weight_axes`), float64 on the
-    CPU. A grouped convolution's ``(out, in/groups, ...)`` weight becomes the ``(out, in, ...)``
+    CPU, each converted when it is first read (a leaf's similarity reads only the parameters
+    bound along its spaces: breaking one leaf's ties converts a few, not the whole model). A
+    grouped convolution's ``(out, in/groups, ...)`` weight becomes the ``(out, in, ...)``
     block-diagonal matrix it holds the blocks of, whose axes are the spaces' full widths (the
     zeros off the blocks stay off them under every permutation the spec allows)."""
-    out = {}
-    groups = {b.key: b.groups for b in spec.bindings if b.groups > 1}
-    for key in _weight_axes(spec, params):
-        tensor = params[key].detach().to("cpu", torch.float64)
-        out[key] = block_diagonal(tensor, groups[key]) if key in groups else tensor
-    return out
+
+    def __init__(self, spec: UnitSpec, params: Mapping[str, torch.Tensor]) -> None:
+        self._params, self._keys = params, list(_weight_axes(spec, params))
+        self._groups = {b.key: b.groups for b in spec.bindings if b.groups > 1}
+        self.converted: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.converted:
+            if key not in self._keys:
+                raise KeyError(key)
+            tensor = self._params[key].detach().to("cpu", torch.float64)
+            self.converted[key] = block_diagonal(tensor, self._groups[key]) \
+                if key in self._groups else tensor
+        return self.converted[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 #: What WeightSimilarities keeps of the leaves' weight similarities between calls, in bytes.
@@ -365,13 +380,13 @@ class WeightSimilarities:
     def __init__(self, spec: UnitSpec, params_a: Mapping[str, torch.Tensor],
                  params_b: Mapping[str, torch.Tensor], plans: Mapping[str, MergePlan],
                  repeated: Mapping[str, dict] | None = None) -> None:
-        """Reads the spec; converts the parameters it binds to float64 on the CPU.
+        """Reads the spec; the parameters it binds become float64 on the CPU when first read.
         ``repeated`` holds the grouped-query attention groups whose separated parts follow
         their block order (:func:`_free_repeated`)."""
         self.spec, self.plans = spec, plans
         self.axes = _weight_axes(spec, params_a)
-        self.params_a = weight_parameters(spec, params_a)
-        self.params_b = weight_parameters(spec, params_b)
+        self.params_a = WeightParameters(spec, params_a)
+        self.params_b = WeightParameters(spec, params_b)
         spaces = {space for bound in self.axes.values() for _, space in bound}
         self.occurrences = {space: occurrences(spec, space) for space in spaces}
         self.leaves_of = {space: {leaf for leaf, _ in found}

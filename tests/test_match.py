@@ -139,6 +139,23 @@ def test_incremental_weight_similarities_equal_the_computation_from_scratch() ->
     assert weights(leaves[0]) is weights(leaves[0])  # kept while no alignment it reads changes
 
 
+def test_a_leafs_weight_similarity_converts_only_the_parameters_along_its_spaces() -> None:
+    """The parameters become float64 when first read: one leaf's similarity (breaking one
+    leaf's ties) converts those bound along the spaces it occurs in, not the whole model."""
+    torch.manual_seed(0)
+    model, twin = DenseBlock().eval(), DenseBlock().eval()
+    spec = mergec.discover(model, torch.randn(2, 2, 6, 6))
+    params_a, params_b = dict(model.named_parameters()), dict(twin.named_parameters())
+    plans = {s: average(spec.spaces[s].size) for s in spec.spaces
+             if spec.spaces[s].kind == "flat" or spec.spaces[s].fixed is not None}
+    weights = WeightSimilarities(spec, params_a, params_b, plans)
+    leaf = next(s for s in spec.spaces if spec.spaces[s].kind == "flat" and spec.is_free(s))
+    weights(leaf)
+    assert 0 < len(weights.params_a.converted) < len(weights.params_a)
+    for key, tensor in weights.params_a.converted.items():
+        assert tensor.dtype == torch.float64 and torch.equal(tensor, params_a[key].double())
+
+
 def test_a_permutation_matrix_and_its_index_align_weights_alike() -> None:
     perm = torch.randperm(5, generator=torch.Generator().manual_seed(0))
     matrix = torch.eye(5, dtype=torch.float64)[perm]
