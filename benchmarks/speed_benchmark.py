@@ -47,6 +47,7 @@ from mergec.algorithms.covariance import JointMoments
 log = logging.getLogger("speed_benchmark")
 
 DOC_PATH = ROOT / "docs" / "benchmarks.md"
+PASSES = ("trace", "annotate-units", "collect-stats", "match", "zip", "repair")
 
 
 def marks(device: str) -> tuple[str, str]:
@@ -59,7 +60,6 @@ def marks(device: str) -> tuple[str, str]:
 def suffix(device: str) -> str:
     """Figure names' suffix: none for the CPU run."""
     return "" if device == "cpu" else f"_{device}"
-PASSES = ("trace", "annotate-units", "collect-stats", "match", "zip", "repair")
 
 
 @dataclass

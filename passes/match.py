@@ -334,7 +334,7 @@ class WeightParameters(Mapping):
     zeros off the blocks stay off them under every permutation the spec allows)."""
 
     def __init__(self, spec: UnitSpec, params: Mapping[str, torch.Tensor]) -> None:
-        self._params, self._keys = params, list(_weight_axes(spec, params))
+        self._params, self._keys = params, dict.fromkeys(_weight_axes(spec, params))
         self._groups = {b.key: b.groups for b in spec.bindings if b.groups > 1}
         self.converted: dict[str, torch.Tensor] = {}
 

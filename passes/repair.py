@@ -300,9 +300,8 @@ def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
     device = torch.device(device) if device else torch.device("cpu")
     with torch.no_grad():
         outer = frozenset(name for name, t in targets.items() if t.kind == "rotated")
-        parents = [_ChannelStats(to_device(module, device), axes, outer=outer).collect(calibration,
-                                                                               device)
-                   for module in (module_a, module_b)]
+        parents = [_ChannelStats(to_device(module, device), axes, outer=outer)
+                   .collect(calibration, device) for module in (module_a, module_b)]
         to_device(merged, device)
         pairs = _query_key_pairs(targets)
         for name, target in targets.items():
