@@ -49,6 +49,10 @@ def assert_permutations_keep_outputs(model: nn.Module, x: torch.Tensor,
                                      spec: UnitSpec | None = None) -> None:
     spec = spec or mergec.discover(model, x)
     assert spec.free_spaces(), "nothing to permute: the test would be vacuous"
+    # In float64: unit-variance random weights make attention logits large and the softmax
+    # sharp, so float32 sums taken in another order (another CPU's kernels) differ by 1e-4.
+    model = copy.deepcopy(model).double()
+    x = x.double() if x.is_floating_point() else x
     with torch.no_grad():
         expected = model(x)
         for seed in range(3):
@@ -105,8 +109,8 @@ class Attention(nn.Module):
         return self.head(x + self.out(merge_heads(y)))
 
 
-TOKENS = torch.randn(2, 5, 3)
-IMAGES = torch.randn(2, 3, 6, 6)
+TOKENS = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+IMAGES = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
 
 
 # ---------------------------------------------------------------------------------------------
