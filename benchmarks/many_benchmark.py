@@ -106,6 +106,7 @@ MERGES: list[tuple[str, dict[str, Any]]] = [
     ("weight-match, refined (MergeMany rounds)", {"method": "weight-match"}),
     ("zip (α=0.5, β=0.5)", {"method": "zip", "alpha": 0.5, "beta": 0.5}),
     ("zip (α=0.5, β=0)", {"method": "zip", "alpha": 0.5, "beta": 0.0}),
+    ("mudsc (α=0.5, β=0.5, weight share 0.5)", {"method": "mudsc", "alpha": 0.5, "beta": 0.5}),
     # partial zipping: the trunk merged up to the cut, each model's own tail after it; the N
     # outputs are combined as the ensemble combines the parents (mean of the softmax)
     ("zip partial (α=0.5, β=0.5), stop after layer2", {"method": "zip", "stop_at": "layer2"}),

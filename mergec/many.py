@@ -8,6 +8,9 @@ Every model is traced and annotated by the pipeline's own passes (run pairwise a
   (one accumulator per space holds every pair's statistics); each model has its own budget of
   within-model merges (β of its width). The flat spaces (channels, hidden units) are zipped;
   structured ones (attention heads, GroupNorm groups) are not merged N-way yet.
+- ``mudsc``: the same zip on MuDSC's dual similarity, the weights' cosine similarity of all N
+  models' units mixed with the activations' correlation, in two sweeps over the spaces as for
+  two models (each model's other axes read in model 0's order under the plans found so far).
 - ``permute`` and ``weight-match``: each model is first aligned to model 0 by the pairwise
   match (Hungarian on the activations' correlation, or Git Re-Basin's weight matching), then
   the alignment is refined MergeMany-style: in rounds, each model in a seeded random order,
@@ -24,12 +27,13 @@ The merged weights are Σ_m M_m W_m U_m over the N models (:func:`~mergec.passes
 merged_state`), and BatchNorm statistics are reset on the calibration data (``repair="reset"``).
 Partial zipping (``stop_at``, ``heads="separate"``) merges the trunk of the N models and runs
 each model's own tail after the cut: the module returns N outputs. Two models go through the
-same code; the options it does not cover (mudsc, REPAIR, ``outputs="both"``, models of
-different depths, zipping heads) are merged by :func:`mergec.merge` for two models and
+same code; the options it does not cover (REPAIR, ``outputs="both"``, models of different
+depths, zipping heads) are merged by :func:`mergec.merge` for two models and
 refused for more.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import replace
@@ -47,15 +51,23 @@ from mergec.ir.spec import UnitSpec
 from mergec.ir.state import MergeOptions, OutputAffine, PipelineState
 from mergec.merge import MergeResult, report_of, run_merge
 from mergec.passes.collect_stats import joint_moments
-from mergec.passes.match import flat_width, full_plan, is_leaf, output_leaves, resized
+from mergec.passes.match import (
+    flat_width,
+    full_plan,
+    is_leaf,
+    leaf_weight_similarity_many,
+    output_leaves,
+    parameters_of,
+    resized,
+)
 from mergec.passes.repair import reset_batch_norms
 from mergec.passes.zip import Zip, check_runs, full_module, map_outputs, merged_state, partial_of
 from mergec.pipeline import build_passes, run_pipeline
 
 log = logging.getLogger(__name__)
 
-#: The methods that merge N models at once.
-MANY_METHODS = ("average", "permute", "weight-match", "zip")
+#: The methods that zip N models (ZipIt!'s N-way greedy): on permutation spaces only.
+ZIPS = ("zip", "mudsc")
 #: A transport of a model's units into the universe is orthogonal to this tolerance.
 ORTHOGONAL_TOLERANCE = 1e-6
 
@@ -129,9 +141,6 @@ def merge_many_state(options: MergeOptions, models: Sequence[nn.Module], example
 
 def _unsupported(options: MergeOptions) -> str | None:
     """Why the N-way code does not merge with ``options``, or None."""
-    if options.method not in MANY_METHODS:
-        return (f"method {options.method!r} merges two models; N models merge with "
-                f"{', '.join(MANY_METHODS)}")
     if options.repair == "repair":
         return "REPAIR (repair='repair') merges two models; use repair='reset'"
     if options.outputs == "both":
@@ -148,8 +157,8 @@ def _unsupported(options: MergeOptions) -> str | None:
 def _prepare(options: MergeOptions, models: tuple[nn.Module, ...], example: tuple,
              calibration: Iterable[Any]) -> list[PipelineState]:
     """One pipeline state per model m ≥ 1, of the pair (model 0, model m), run up to
-    align-depth. N-way zip merges permutation spaces only (no rotations)."""
-    if options.method == "zip":
+    align-depth. N-way zip and mudsc merge permutation spaces only (no rotations)."""
+    if options.method in ZIPS:
         options = replace(options, symmetry="permutation")
     states = []
     for index, model in enumerate(models[1:], start=1):
@@ -165,13 +174,14 @@ def _unsupported_graphs(options: MergeOptions, prepared: list[PipelineState]) ->
     if any(state.depth is not None for state in prepared):
         return "the models differ in depth; merge_many merges models of one depth"
     spec = prepared[0].specs[0]
-    if options.method == "zip":
+    if options.method in ZIPS:
         for space_id, space in spec.spaces.items():
             if is_leaf(spec, space_id) and spec.is_free(space_id) and space.kind != "flat":
-                return (f"zip merges the flat spaces of N models; space {space_id} "
+                return (f"{options.method} merges the flat spaces of N models; space {space_id} "
                         f"({space.origin}) is {space.block_count} blocks (attention heads or "
                         "GroupNorm groups): use method='permute' or 'weight-match'")
-    elif any(state.specs[0].shapes != state.specs[1].shapes for state in prepared):
+    if options.method != "zip" and any(state.specs[0].shapes != state.specs[1].shapes
+                                       for state in prepared):
         return f"the models differ in width; {options.method} merges models of one width (zip)"
     return None
 
@@ -188,13 +198,13 @@ def _merge_prepared(options: MergeOptions, prepared: list[PipelineState], exampl
     start = time.perf_counter()
     moments = joint_moments(graphs, specs, calibration, example, options.device,
                             options.progress, options.samples_per_batch, options.seed,
-                            rotations=options.method != "zip" and options.symmetry == "auto") \
-        if options.method in ("zip", "permute") else {}
+                            rotations=options.method == "permute" and options.symmetry == "auto") \
+        if options.method in ZIPS + ("permute",) else {}
     if moments:
         timings["collect-stats"] = time.perf_counter() - start
     start = time.perf_counter()
-    if options.method == "zip":
-        plans, summaries, many = _zip_plans(options, specs, moments)
+    if options.method in ZIPS:
+        plans, summaries, many = _zip_plans(options, specs, moments, graphs)
     else:
         plans, summaries, many = _aligned_plans(options, graphs, specs, moments, rounds)
     timings["match"] = time.perf_counter() - start
@@ -245,36 +255,59 @@ def _emit(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
 # zip: ZipIt!'s N-way greedy on one joint accumulator per space
 # ---------------------------------------------------------------------------------------------
 def _zip_plans(options: MergeOptions, specs: tuple[UnitSpec, ...],
-               moments: dict[str, JointMoments]
+               moments: dict[str, JointMoments], graphs: tuple[fx.GraphModule, ...]
                ) -> tuple[dict[str, ManyPlan], dict[str, dict], dict]:
     """Every space's N-way plan: the flat free leaves zipped on their joint correlation
     (``moments``; β = 0 in a space that reaches an output, relabelled to model 0's order
-    there), the others kept unit by unit."""
+    there), the others kept unit by unit. mudsc zips on MuDSC's dual similarity
+    ``β_w · S_weight + (1 − β_w) · S_act`` (the weights alone where a leaf has no statistics) in
+    two sweeps over the leaves, as for two models: each leaf's weight similarity reads the other
+    spaces under the plans found so far (:func:`~mergec.passes.match.
+    leaf_weight_similarity_many`)."""
     spec, count = specs[0], len(specs)
     outputs = set(output_leaves(spec))
-    leaf_plans, summaries, widths = {}, {}, {}
-    for space_id, space in spec.spaces.items():
-        if not is_leaf(spec, space_id):
-            continue
-        dims = tuple(other.spaces[space_id].size for other in specs)
-        if not spec.is_free(space_id) or space_id not in moments:
-            leaf_plans[space_id] = ManyPlan.average(space.size, count)
-            continue
-        target = flat_width(dims, options.width)
-        similarity = activation_similarity(moments[space_id], space.size)
-        plan = zip_many(similarity, dims, target, alpha=options.alpha,
-                        beta=0.0 if space_id in outputs else options.beta)
-        leaf_plans[space_id] = plan.in_order_of(0) if space_id in outputs else plan
-        widths[space_id] = plan.width
-        summaries[space_id] = _zip_summary(leaf_plans[space_id], similarity)
-    merged = resized(spec, widths)
-    plans = {}
-    for space_id in spec.spaces:
-        pairs = [full_plan(spec, space_id, {s: p.pair(m) for s, p in leaf_plans.items()},
-                           spec_b=specs[m], merged=merged) for m in range(1, count)]
-        plans[space_id] = ManyPlan((pairs[0].merge_a, *(p.merge_b for p in pairs)),
-                                   (pairs[0].unmerge_a, *(p.unmerge_b for p in pairs)))
-    return plans, summaries, {"alpha": options.alpha, "beta": options.beta}
+    leaf_plans = {s: ManyPlan.average(space.size, count) for s, space in spec.spaces.items()
+                  if is_leaf(spec, s)}
+    mudsc = options.method == "mudsc"
+    zipped = [s for s in leaf_plans if spec.is_free(s) and (s in moments or mudsc)]
+    params = [parameters_of(graph) for graph in graphs] if mudsc else []
+    similarities = {}
+    for _ in range(2 if mudsc else 1):
+        for space_id in zipped:
+            dims = tuple(other.spaces[space_id].size for other in specs)
+            similarity = activation_similarity(moments[space_id], dims[0]) \
+                if space_id in moments else None
+            if mudsc:
+                weights = leaf_weight_similarity_many(
+                    spec, space_id, params,
+                    functools.partial(_full_many, specs, spec, leaf_plans))
+                similarity = weights if similarity is None else \
+                    options.weight_beta * weights + (1 - options.weight_beta) * similarity
+            leaf_plans[space_id] = zip_many(
+                similarity, dims, flat_width(dims, options.width), alpha=options.alpha,
+                beta=0.0 if space_id in outputs else options.beta)
+            similarities[space_id] = similarity
+    summaries = {}
+    for space_id in zipped:
+        if space_id in outputs:
+            leaf_plans[space_id] = leaf_plans[space_id].in_order_of(0)
+        summaries[space_id] = _zip_summary(leaf_plans[space_id], similarities[space_id])
+    merged = resized(spec, {s: leaf_plans[s].width for s in zipped})
+    plans = {s: _full_many(specs, merged, leaf_plans, s) for s in spec.spaces}
+    settings = {"alpha": options.alpha, "beta": options.beta}
+    return plans, summaries, {**settings, "weight_beta": options.weight_beta} if mudsc \
+        else settings
+
+
+def _full_many(specs: tuple[UnitSpec, ...], merged: UnitSpec, leaf_plans: dict[str, ManyPlan],
+               space_id: str) -> ManyPlan:
+    """The N-way plan of ``space_id`` assembled from its leaves' plans (``merged``: the
+    merged model's widths)."""
+    spec = specs[0]
+    pairs = [full_plan(spec, space_id, {s: p.pair(m) for s, p in leaf_plans.items()},
+                       spec_b=specs[m], merged=merged) for m in range(1, len(specs))]
+    return ManyPlan((pairs[0].merge_a, *(p.merge_b for p in pairs)),
+                    (pairs[0].unmerge_a, *(p.unmerge_b for p in pairs)))
 
 
 def _zip_summary(plan: ManyPlan, similarity: torch.Tensor) -> dict:

@@ -35,7 +35,7 @@ import itertools
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import fx
@@ -47,9 +47,9 @@ from mergec.algorithms.covariance import (
     JointMoments,
     activation_similarity,
 )
-from mergec.algorithms.solvers import BlockSolver, MergePlan
+from mergec.algorithms.solvers import BlockSolver, ManyPlan, MergePlan
 from mergec.algorithms.tensors import as_permutation, block_diagonal
-from mergec.algorithms.weight_matching import weight_similarity
+from mergec.algorithms.weight_matching import weight_similarity, weight_similarity_many
 from mergec.errors import MergeError
 from mergec.ir.fx import aten_name
 from mergec.ir.groups import ORTHOGONAL
@@ -287,16 +287,40 @@ def leaf_weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, tor
     axes = _weight_axes(spec, params_a)
     params_a, params_b = WeightParameters(spec, params_a), WeightParameters(spec, params_b)
     spaces = {space for bound in axes.values() for _, space in bound}
+    align_b = {space: 2.0 * plans[space].merge_b for space in spaces}
+    return weight_similarity(params_a, params_b, axes, _leaf_units(spec, leaf, spaces), align_b,
+                             spec.spaces[leaf].size)
+
+
+def leaf_weight_similarity_many(spec: UnitSpec, leaf: str,
+                                params: Sequence[Mapping[str, torch.Tensor]],
+                                full_plans: Callable[[str], ManyPlan]) -> torch.Tensor:
+    """:func:`leaf_weight_similarity` of N models of one width: the ``(N d × N d)`` joint
+    similarity of ``leaf``'s units, model m ≥ 1's other axes put in model 0's order by N times
+    its merge matrix of the space's full plan (``full_plans(space)``; a merged unit of every
+    model averages N). Two models give the two-model similarity."""
+    axes = _weight_axes(spec, params[0])
+    params = [WeightParameters(spec, p) for p in params]
+    units = _leaf_units(spec, leaf, {space for bound in axes.values() for _, space in bound})
+    read = {space for bound in axes.values() if any(s in units for _, s in bound)
+            for _, space in bound}
+    plans = {space: full_plans(space) for space in read}
+    aligns = [None] + [{space: len(params) * plan.merges[model].to_dense()
+                        for space, plan in plans.items()} for model in range(1, len(params))]
+    return weight_similarity_many(params, axes, units, aligns, spec.spaces[leaf].size)
+
+
+def _leaf_units(spec: UnitSpec, leaf: str, spaces: set[str]) -> dict[str, list[torch.Tensor]]:
+    """Where ``leaf``'s units sit in each of ``spaces`` that holds them."""
     units = {}
     for space in spaces:
         places = [positions for found, positions in occurrences(spec, space) if found == leaf]
         if places:
             units[space] = places
-    align_b = {space: 2.0 * plans[space].merge_b for space in spaces}
-    return weight_similarity(params_a, params_b, axes, units, align_b, spec.spaces[leaf].size)
+    return units
 
 
-def _parameters(graph: fx.GraphModule) -> dict[str, torch.Tensor]:
+def parameters_of(graph: fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every parameter of ``graph`` under each of its names: a tied weight (T5's token
     embedding, ``shared.weight`` and ``encoder.embed_tokens.weight``) is listed once by
     ``named_parameters()``, and the spec may bind it under the other name."""
@@ -587,8 +611,8 @@ class Match:
         resizing = spec_a.shapes != spec_b.shapes or any(
             widths[s] != spec_a.spaces[s].size for s in widths)
         plans, summaries = self._plan(
-            spec_a, state.moments, _parameters(graphs[0]), _parameters(graphs[1]), spec_b=spec_b,
-            widths=widths if resizing else None, exclude=state.unaligned_spaces,
+            spec_a, state.moments, parameters_of(graphs[0]), parameters_of(graphs[1]),
+            spec_b=spec_b, widths=widths if resizing else None, exclude=state.unaligned_spaces,
             attention=attention_roles(graphs[0], spec_a),
             # align-depth makes the shallow model "A"; the caller's A is then plans' B
             outputs_in=int(state.depth is not None and state.depth.swapped))

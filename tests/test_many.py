@@ -36,7 +36,7 @@ def inputs(seed: int = 0, shape: tuple = (256, 6)) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("method", ["permute", "weight-match", "zip"])
+@pytest.mark.parametrize("method", ["permute", "weight-match", "zip", "mudsc"])
 @pytest.mark.parametrize("family", ["mlp", "cnn"])
 def test_a_model_and_its_permuted_copies_merge_into_it(method: str, family: str) -> None:
     model, x = (mlp(), inputs()) if family == "mlp" else (cnn(), inputs(shape=(128, 1, 8, 8)))
@@ -47,7 +47,7 @@ def test_a_model_and_its_permuted_copies_merge_into_it(method: str, family: str)
     assert result.report.many["models"] == 3
 
 
-@pytest.mark.parametrize("method", ["average", "permute", "weight-match", "zip"])
+@pytest.mark.parametrize("method", ["average", "permute", "weight-match", "zip", "mudsc"])
 def test_two_models_merge_as_merge_merges_them(method: str) -> None:
     x = inputs()
     model_a, model_b = mlp(seed=0), mlp(seed=1)
@@ -137,7 +137,7 @@ def test_many_plan_refuses_inconsistent_shapes() -> None:
 
 @pytest.mark.parametrize("models, options, message", [
     (1, {}, "at least two"),
-    (3, {"method": "mudsc"}, "merges two models"),
+    (3, {"method": "mudsc", "width": 0.75}, "zip option"),
     (3, {"stop_at": "2", "outputs": "both"}, "outputs='both'"),
     (3, {"repair": "repair"}, "REPAIR"),
     (3, {"method": "permute", "width": "sum"}, "zip option"),
@@ -154,9 +154,9 @@ def test_what_n_models_cannot_do_is_refused(models: int, options: dict, message:
 def test_two_models_the_n_way_code_does_not_cover_go_to_merge() -> None:
     x = inputs()
     model_a, model_b = mlp(seed=0), mlp(seed=1)
-    result = mergec.merge_many([model_a, model_b], x[:4], calibration_of(x), method="mudsc",
-                               repair=None, progress=False)
-    assert result.report.method == "mudsc" and result.report.many == {}
+    result = mergec.merge_many([model_a, model_b], x[:4], calibration_of(x), method="zip",
+                               repair="repair", progress=False)
+    assert result.report.repair and result.report.many == {}
 
 
 def test_models_of_different_architectures_are_refused() -> None:

@@ -50,31 +50,67 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
     """
     chosen = torch.arange(2 * size) if among is None else among.cpu().sort().values
     chosen_a, chosen_b = chosen[chosen < size], chosen[chosen >= size] - size
-    gram = torch.zeros(len(chosen), len(chosen), dtype=torch.float64)
-    for key, bound in axes.items():
-        for index, (axis, space) in enumerate(bound):
-            if space not in units:
-                continue
-            others = [(other_axis, align_b[other_space])
-                      for other, (other_axis, other_space) in enumerate(bound) if other != index]
-            if any(alignment is None for _, alignment in others):
-                continue
-            a = params_a[key].detach().to(torch.float64).cpu()
-            b = params_b[key].detach().to(torch.float64).cpu()
-            for positions in units[space]:
-                vectors_a = a.index_select(axis, positions[chosen_a])
-                vectors_b = b.index_select(axis, positions[chosen_b])
-                for other_axis, alignment in others:
-                    vectors_b = _align(vectors_b, other_axis, alignment)
-                stacked = torch.cat([_unit_rows(vectors_a, axis), _unit_rows(vectors_b, axis)])
-                gram += stacked @ stacked.T
-    norms = gram.diagonal().clamp_min(1e-12).sqrt()
-    similarity = gram / norms[:, None] / norms[None, :]
+    similarity = _cosine(_gram((params_a, params_b), axes, units, (None, align_b),
+                               (chosen_a, chosen_b)))
     if among is None:
         return similarity
     full = torch.zeros(2 * size, 2 * size, dtype=torch.float64)
     full[chosen[:, None], chosen[None, :]] = similarity
     return full
+
+
+def weight_similarity_many(params: Sequence[Mapping[str, Tensor]], axes: Axes,
+                           units: Mapping[str, Sequence[Tensor]],
+                           aligns: Sequence[Mapping[str, Tensor | None] | None], size: int
+                           ) -> Tensor:
+    """:func:`weight_similarity` of N models: the joint ``(N size × N size)`` cosine
+    similarity of ``size`` units in each, model m's other axes mapped by ``aligns[m]`` (None:
+    that model's order is the common one, as A's is for two models).
+
+    >>> params = {"fc.weight": torch.tensor([[1.0, 0.0], [1.0, 1.0]])}
+    >>> weight_similarity_many([params] * 3, {"fc.weight": [(0, "h")]},
+    ...                        {"h": [torch.arange(2)]}, [None, {}, {}], 2).shape
+    torch.Size([6, 6])
+    """
+    everything = torch.arange(size)
+    return _cosine(_gram(params, axes, units, aligns, [everything] * len(params)))
+
+
+def _gram(params: Sequence[Mapping[str, Tensor]], axes: Axes,
+          units: Mapping[str, Sequence[Tensor]],
+          aligns: Sequence[Mapping[str, Tensor | None] | None], chosen: Sequence[Tensor]
+          ) -> Tensor:
+    """The Gram matrix of the chosen units' weight vectors, model after model (see
+    :func:`weight_similarity`); a slice along an axis whose alignment is not known yet (None)
+    is left out for every model."""
+    gram = torch.zeros(sum(len(c) for c in chosen), sum(len(c) for c in chosen),
+                       dtype=torch.float64)
+    for key, bound in axes.items():
+        for index, (axis, space) in enumerate(bound):
+            if space not in units:
+                continue
+            others = [(other_axis, other_space)
+                      for other, (other_axis, other_space) in enumerate(bound) if other != index]
+            if any(align is not None and align[other_space] is None
+                   for align in aligns for _, other_space in others):
+                continue
+            tensors = [p[key].detach().to(torch.float64).cpu() for p in params]
+            for positions in units[space]:
+                rows = []
+                for tensor, align, picked in zip(tensors, aligns, chosen):
+                    vectors = tensor.index_select(axis, positions[picked])
+                    for other_axis, other_space in others if align is not None else ():
+                        vectors = _align(vectors, other_axis, align[other_space])
+                    rows.append(_unit_rows(vectors, axis))
+                stacked = torch.cat(rows)
+                gram += stacked @ stacked.T
+    return gram
+
+
+def _cosine(gram: Tensor) -> Tensor:
+    """Cosine similarities from a Gram matrix; a unit without weights is similar to nothing."""
+    norms = gram.diagonal().clamp_min(1e-12).sqrt()
+    return gram / norms[:, None] / norms[None, :]
 
 
 def _unit_rows(vectors: Tensor, axis: int) -> Tensor:
