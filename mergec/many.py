@@ -6,11 +6,13 @@ Every model is traced and annotated by the pipeline's own passes (run pairwise a
 - ``zip``: ZipIt!'s N-way greedy zip on the joint correlation of all N models' features,
   ``[x_1; ...; x_N]``, accumulated in one pass of the calibration data through all of them
   (one accumulator per space holds every pair's statistics); each model has its own budget of
-  within-model merges (β of its width). The flat spaces (channels, hidden units) are zipped;
-  structured ones (attention heads, GroupNorm groups) are not merged N-way yet.
+  within-model merges (β of its width). Heads and GroupNorm groups stay blocks: each model's
+  blocks are paired with model 0's as for two models, and the N blocks at each position are
+  zipped N-way inside.
 - ``mudsc``: the same zip on MuDSC's dual similarity, the weights' cosine similarity of all N
   models' units mixed with the activations' correlation, in two sweeps over the spaces as for
-  two models (each model's other axes read in model 0's order under the plans found so far).
+  two models (each model's other axes read in model 0's order under the plans found so far);
+  flat spaces only (a model with heads or groups is refused).
 - ``permute`` and ``weight-match``: each model is first aligned to model 0 by the pairwise
   match (Hungarian on the activations' correlation, or Git Re-Basin's weight matching), then
   the alignment is refined MergeMany-style: in rounds, each model in a seeded random order,
@@ -27,8 +29,8 @@ The merged weights are Σ_m M_m W_m U_m over the N models (:func:`~mergec.passes
 merged_state`), and BatchNorm statistics are reset on the calibration data (``repair="reset"``).
 Partial zipping (``stop_at``, ``heads="separate"``) merges the trunk of the N models and runs
 each model's own tail after the cut: the module returns N outputs. Two models go through the
-same code; the options it does not cover (REPAIR, ``outputs="both"``, models of different
-depths, zipping heads) are merged by :func:`mergec.merge` for two models and
+same code; the options it does not cover (``outputs="both"``, models of different depths,
+mudsc on heads) are merged by :func:`mergec.merge` for two models and
 refused for more.
 """
 from __future__ import annotations
@@ -42,16 +44,19 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import fx, nn
 
+from mergec.algorithms.blocks import BlockSpace, block_scores, block_units, plan_score
 from mergec.algorithms.covariance import JointMoments, activation_similarity
-from mergec.algorithms.solvers import ManyPlan, zip_many
+from mergec.algorithms.solvers import ManyPlan, MergePlan, ZipSolver, average, hungarian, zip_many
 from mergec.errors import MergeError
 from mergec.inputs import check_calibration, check_device, check_models, merge_device
 from mergec.ir.fx import as_args, follow_weights_device, to_device
+from mergec.ir.groups import ORTHOGONAL
 from mergec.ir.spec import UnitSpec
 from mergec.ir.state import MergeOptions, OutputAffine, PipelineState
 from mergec.merge import MergeResult, report_of, run_merge
 from mergec.passes.collect_stats import joint_moments
 from mergec.passes.match import (
+    block_groups,
     flat_width,
     full_plan,
     is_leaf,
@@ -60,7 +65,7 @@ from mergec.passes.match import (
     parameters_of,
     resized,
 )
-from mergec.passes.repair import reset_batch_norms
+from mergec.passes.repair import repair_statistics, reset_batch_norms
 from mergec.passes.zip import Zip, check_runs, full_module, map_outputs, merged_state, partial_of
 from mergec.pipeline import build_passes, run_pipeline
 
@@ -141,8 +146,6 @@ def merge_many_state(options: MergeOptions, models: Sequence[nn.Module], example
 
 def _unsupported(options: MergeOptions) -> str | None:
     """Why the N-way code does not merge with ``options``, or None."""
-    if options.repair == "repair":
-        return "REPAIR (repair='repair') merges two models; use repair='reset'"
     if options.outputs == "both":
         return "outputs='both' returns two models' bases"
     if options.method != "zip" and options.width not in ("max", "min", "a"):
@@ -174,12 +177,12 @@ def _unsupported_graphs(options: MergeOptions, prepared: list[PipelineState]) ->
     if any(state.depth is not None for state in prepared):
         return "the models differ in depth; merge_many merges models of one depth"
     spec = prepared[0].specs[0]
-    if options.method in ZIPS:
+    if options.method == "mudsc":
         for space_id, space in spec.spaces.items():
             if is_leaf(spec, space_id) and spec.is_free(space_id) and space.kind != "flat":
-                return (f"{options.method} merges the flat spaces of N models; space {space_id} "
+                return (f"mudsc merges the flat spaces of N models; space {space_id} "
                         f"({space.origin}) is {space.block_count} blocks (attention heads or "
-                        "GroupNorm groups): use method='permute' or 'weight-match'")
+                        "GroupNorm groups): use method='zip', 'permute' or 'weight-match'")
     if options.method != "zip" and any(state.specs[0].shapes != state.specs[1].shapes
                                        for state in prepared):
         return f"the models differ in width; {options.method} merges models of one width (zip)"
@@ -213,8 +216,12 @@ def _merge_prepared(options: MergeOptions, prepared: list[PipelineState], exampl
     merged, maps = _emit(options, graphs, specs, plans, example, affines)
     timings["zip"] = time.perf_counter() - start
     start = time.perf_counter()
-    reset = 0 if options.repair is None else reset_batch_norms(
-        merged, calibration, example, options.device, options.progress)
+    repair = {"batch_norms_reset": 0 if options.repair is None else reset_batch_norms(
+        merged, calibration, example, options.device, options.progress)}
+    if options.repair == "repair":
+        repair["normalisations_repaired"] = repair_statistics(
+            merged, graphs, plans, calibration, options.device, specs[0],
+            _rotated(options, specs[0]))
     timings["repair"] = time.perf_counter() - start
     if options.device:
         to_device(merged, options.device)
@@ -222,8 +229,16 @@ def _merge_prepared(options: MergeOptions, prepared: list[PipelineState], exampl
     return prepared[0].evolve(
         graphs=graphs, specs=specs, plans=pairs, summaries=summaries, merged=merged,
         moments={s: m.pair(0, 1) for s, m in moments.items()}, output_maps=tuple(maps),
-        repair={"batch_norms_reset": reset}, timings=timings,
+        repair=repair, timings=timings,
         many={"models": len(graphs), **many})
+
+
+def _rotated(options: MergeOptions, spec: UnitSpec) -> frozenset[str]:
+    """The spaces the N models were aligned in by rotations: the orthogonal ones, where permute
+    and weight-match rotate them (zip and mudsc permute every space)."""
+    if options.method not in ("permute", "weight-match") or options.symmetry != "auto":
+        return frozenset()
+    return frozenset(s for s, space in spec.spaces.items() if space.group == ORTHOGONAL)
 
 
 def _affines_of(state: PipelineState, model: int) -> Mapping[int, OutputAffine]:
@@ -269,7 +284,10 @@ def _zip_plans(options: MergeOptions, specs: tuple[UnitSpec, ...],
     leaf_plans = {s: ManyPlan.average(space.size, count) for s, space in spec.spaces.items()
                   if is_leaf(spec, s)}
     mudsc = options.method == "mudsc"
-    zipped = [s for s in leaf_plans if spec.is_free(s) and (s in moments or mudsc)]
+    in_blocks = _zip_blocks(options, specs, moments) if not mudsc else {}
+    leaf_plans.update(in_blocks)
+    zipped = [s for s in leaf_plans if spec.is_free(s) and (s in moments or mudsc)
+              and spec.spaces[s].kind == "flat" and s not in in_blocks]
     params = [parameters_of(graph) for graph in graphs] if mudsc else []
     similarities = {}
     for _ in range(2 if mudsc else 1):
@@ -287,7 +305,8 @@ def _zip_plans(options: MergeOptions, specs: tuple[UnitSpec, ...],
                 similarity, dims, flat_width(dims, options.width), alpha=options.alpha,
                 beta=0.0 if space_id in outputs else options.beta)
             similarities[space_id] = similarity
-    summaries = {}
+    summaries = {s: _zip_summary(plan, activation_similarity(moments[s], plan.dims[0]))
+                 for s, plan in in_blocks.items() if s in moments}
     for space_id in zipped:
         if space_id in outputs:
             leaf_plans[space_id] = leaf_plans[space_id].in_order_of(0)
@@ -297,6 +316,75 @@ def _zip_plans(options: MergeOptions, specs: tuple[UnitSpec, ...],
     settings = {"alpha": options.alpha, "beta": options.beta}
     return plans, summaries, {**settings, "weight_beta": options.weight_beta} if mudsc \
         else settings
+
+
+def _zip_blocks(options: MergeOptions, specs: tuple[UnitSpec, ...],
+                moments: dict[str, JointMoments]) -> dict[str, ManyPlan]:
+    """N-way zip of the blocks spaces (attention heads, GroupNorm groups) that share each
+    block order: model m's blocks are paired with model 0's as for two models (a pair of
+    blocks scores the similarity its within-block zip merges, summed over the spaces of the
+    order: q·k and v of one attention), then the N blocks paired at each position are zipped
+    N-way inside, so merged heads stay heads. The order's plan pairs the blocks. A group with a
+    member without statistics stays averaged; an order other spaces' parts depend on keeps
+    block i with block i."""
+    spec, count = specs[0], len(specs)
+    groups = block_groups(spec, [s for s in spec.spaces if is_leaf(spec, s)])
+    plans = {}
+    for order, members in groups["members"].items():
+        if any(member not in moments for member in members):
+            continue
+        blocks_count = spec.spaces[members[0]].block_count
+        inside = {m: spec.spaces[m].within_fixed is None for m in members}
+        solves = {m: ZipSolver(options.alpha, options.beta) if inside[m] else _keep_units
+                  for m in members}
+        pairings = [torch.arange(blocks_count)]
+        for model in range(1, count):
+            spaces = [BlockSpace(activation_similarity(moments[m].pair(0, model),
+                                                       spec.spaces[m].size),
+                                 spec.spaces[m].block_size, spec.spaces[m].block_size,
+                                 solves[m], plan_score(solves[m])) for m in members]
+            pairings.append(hungarian(block_scores(spaces, blocks_count))[1]
+                            if order not in groups["fixed_order"] else torch.arange(blocks_count))
+        for member in members:
+            similarity = activation_similarity(moments[member], spec.spaces[member].size)
+            plans[member] = _zipped_blocks(options, similarity, pairings, inside[member])
+        if order not in groups["fixed_order"] and spec.is_free(order):
+            orders = [torch.eye(blocks_count, dtype=torch.float64)[p] for p in pairings]
+            plans[order] = ManyPlan(tuple(o / count for o in orders),
+                                    tuple(o.T.contiguous() for o in orders))
+    return plans
+
+
+def _keep_units(joint: torch.Tensor, d_a: int, d_b: int) -> MergePlan:
+    """The block solver of a space whose order inside blocks is pinned: unit i with unit i."""
+    return average(d_a)
+
+
+def _zipped_blocks(options: MergeOptions, similarity: torch.Tensor,
+                   pairings: list[torch.Tensor], inside: bool) -> ManyPlan:
+    """The N-way plan of one blocks space (``similarity``: its N-model joint correlation): at
+    each block position k, block ``pairings[m][k]`` of every model m zipped N-way into merged
+    block k (``inside`` False: averaged unit by unit, the order inside blocks pinned)."""
+    count, blocks_count = len(pairings), len(pairings[0])
+    size = similarity.shape[0] // count
+    width = size // blocks_count
+    inner = []
+    for block in range(blocks_count):
+        index = torch.cat([block_units(int(p[block]), width, model * size)
+                           for model, p in enumerate(pairings)])
+        inner.append(zip_many(similarity[index][:, index], (width,) * count, width,
+                              alpha=options.alpha, beta=options.beta) if inside
+                     else ManyPlan.average(width, count))
+    dtype = inner[0].merges[0].dtype
+    merges = [torch.zeros(size, size, dtype=dtype) for _ in range(count)]
+    unmerges = [torch.zeros(size, size, dtype=dtype) for _ in range(count)]
+    for block, plan in enumerate(inner):
+        rows = block_units(block, width)
+        for model, p in enumerate(pairings):
+            columns = block_units(int(p[block]), width)
+            merges[model][rows[:, None], columns[None, :]] = plan.merges[model]
+            unmerges[model][columns[:, None], rows[None, :]] = plan.unmerges[model]
+    return ManyPlan(tuple(merges), tuple(unmerges))
 
 
 def _full_many(specs: tuple[UnitSpec, ...], merged: UnitSpec, leaf_plans: dict[str, ManyPlan],

@@ -656,7 +656,7 @@ class Match:
         plans: dict[str, MergePlan] = {s: solvers.average(spec.spaces[s].size)
                                        for s in all_leaves}
         summary: dict[str, dict] = {}
-        groups = _block_groups(spec, all_leaves, free_repeated=True)
+        groups = block_groups(spec, all_leaves, free_repeated=True)
         solve = _solver(self.method, self.alpha, self.beta)
         weights = WeightSimilarities(spec, params_a, params_b, plans, groups["repeated"]) \
             if self.method in ("weight-match", "mudsc") else None
@@ -923,7 +923,7 @@ class Match:
         if self.method != "zip":
             raise MergeError(f"match: models or merged widths differ, which only method 'zip' "
                              f"(elastic zip) handles, not {self.method!r}")
-        groups = _block_groups(spec_a, leaves)
+        groups = block_groups(spec_a, leaves)
         plans: dict[str, MergePlan] = {}
         summary: dict[str, dict] = {}
         elastic = set(elastic)  # grows by every space of a group that changes width
@@ -1046,7 +1046,7 @@ class Match:
         return plans, summary
 
 
-def _block_groups(spec: UnitSpec, leaves: list[str], free_repeated: bool = False) -> dict:
+def block_groups(spec: UnitSpec, leaves: list[str], free_repeated: bool = False) -> dict:
     """Blocks spaces grouped by their shared block order. ``orders`` holds every space that is
     some space's block order: those are never matched on their own. ``fixed_order`` holds the
     orders that must stay the identity because a space with separated parts or a repeated

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, NamedTuple
+from typing import Any, ClassVar, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,7 @@ class Repair:
         if self.mode == "repair":
             graphs = state.require("graphs", self.name)
             result["normalisations_repaired"] = repair_statistics(
-                merged, graphs[0], graphs[1], state.plans, state.calibration, self.device,
+                merged, graphs, state.plans, state.calibration, self.device,
                 state.specs[0] if state.specs else None, _rotated(state))
         if self.device:
             to_device(merged, self.device)
@@ -285,14 +285,16 @@ def repair_targets(merged: fx.GraphModule, spec: UnitSpec | None = None,
     return targets
 
 
-def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
-                      module_b: fx.GraphModule, plans: dict, calibration: Iterable[Any],
-                      device: str | None, spec: UnitSpec | None = None,
-                      rotated: frozenset[str] = frozenset()) -> int:
+def repair_statistics(merged: fx.GraphModule, parents: Sequence[fx.GraphModule], plans: dict,
+                      calibration: Iterable[Any], device: str | None,
+                      spec: UnitSpec | None = None, rotated: frozenset[str] = frozenset()
+                      ) -> int:
     """REPAIR: rescales the merged units at every target (:func:`repair_targets`) so that their
-    statistics match the interpolation of the parents' (M_a·stat_a + M_b·stat_b), folding the
-    correction into the target's parameters; each target is measured after the ones before it
-    are repaired. Returns the number of targets repaired."""
+    statistics match the interpolation of the ``parents``' (Σ_m M_m·stat_m over two models or
+    more, ``plans`` the spaces' :class:`~mergec.algorithms.solvers.MergePlan` or
+    :class:`~mergec.algorithms.solvers.ManyPlan`), folding the correction into the target's
+    parameters; each target is measured after the ones before it are repaired. Returns the
+    number of targets repaired."""
     targets = repair_targets(merged, spec, rotated)
     if not targets:
         return 0
@@ -301,16 +303,15 @@ def repair_statistics(merged: fx.GraphModule, module_a: fx.GraphModule,
     with torch.no_grad():
         outer = frozenset(name for name, t in targets.items() if t.kind == "rotated")
         parents = [_ChannelStats(to_device(module, device), axes, outer=outer)
-                   .collect(calibration, device) for module in (module_a, module_b)]
+                   .collect(calibration, device) for module in parents]
         to_device(merged, device)
         pairs = _query_key_pairs(targets)
         for name, target in targets.items():
             measured = _ChannelStats(merged, {name: target.axis}, stop_early=True).collect(
                 calibration, device)
             plan = plans[target.space]
-            stats = (parents[0][name], parents[1][name], measured[name])
             correct = _rotated_correction if target.kind == "rotated" else _unit_correction
-            scale, shift = correct(plan, *stats)
+            scale, shift = correct(plan, [p[name] for p in parents], measured[name])
             _fold_correction(merged, target, scale, shift)
             if name in pairs:
                 _repair_temperature(merged, targets, (name, pairs[name]), parents, plan,
@@ -362,19 +363,21 @@ def _repair_temperature(merged: fx.GraphModule, targets: dict[str, Target],
     axes = {queries: targets[queries].axis, keys: targets[keys].axis}
     measured = _ChannelStats(merged, axes, stop_early=True, outer=frozenset(axes)).collect(
         calibration, device)
-    wanted = sum(_logit_std(_mapped(p[queries], merge), _mapped(p[keys], merge), heads)
-                 for p, merge in zip(parents, (plan.merge_a, plan.merge_b))) / len(parents)
+    count = len(parents)
+    wanted = sum(_logit_std(_mapped(p[queries], merge, count), _mapped(p[keys], merge, count),
+                            heads)
+                 for p, merge in zip(parents, plan.merges)) / count
     got = _logit_std(measured[queries], measured[keys], heads)
     scale = _std_ratio(wanted, got)
     size = measured[queries][0].shape[0] // heads
     _fold_correction(merged, targets[queries], scale.repeat_interleave(size), None)
 
 
-def _mapped(sums: list, merge: torch.Tensor) -> list:
+def _mapped(sums: list, merge: torch.Tensor, count: int) -> list:
     """A parent's feature sums (``[sum, sum of squares, count, sum of outer products]``) in
-    the merged basis of a rotation space: its features as ``2 M x``, as in
-    :func:`_rotated_correction`."""
-    mapped = 2 * (merge.to_dense() if merge.is_sparse else merge).to(sums[0])
+    the merged basis of a rotation space: its features as ``N M x`` (N = ``count`` models),
+    as in :func:`_rotated_correction`."""
+    mapped = count * (merge.to_dense() if merge.is_sparse else merge).to(sums[0])
     second = mapped @ sums[3] @ mapped.T
     return [mapped @ sums[0], second.diagonal(), sums[2], second]
 
@@ -385,34 +388,34 @@ def _std_ratio(wanted: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
     return torch.where(got > 1e-8, wanted / got.clamp_min(1e-8), torch.ones_like(got))
 
 
-def _unit_correction(plan: Any, sums_a: list, sums_b: list, sums_z: list
+def _unit_correction(plan: Any, parents: list[list], sums_z: list
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per merged unit, the scale and shift that give it the interpolated parents' mean and
-    std."""
-    mean_a, std_a = _mean_std(sums_a)
-    mean_b, std_b = _mean_std(sums_b)
+    std (``parents``: each parent's sums at the target)."""
+    target_mean, target_std = 0, 0
+    for sums, merge in zip(parents, plan.merges):
+        mean, std = _mean_std(sums)
+        merge = merge.to(mean)
+        target_mean, target_std = target_mean + merge @ mean, target_std + merge @ std
     mean_z, std_z = _mean_std(sums_z)
-    merge_a, merge_b = plan.merge_a.to(mean_a), plan.merge_b.to(mean_b)
-    target_mean = merge_a @ mean_a + merge_b @ mean_b
-    target_std = merge_a @ std_a + merge_b @ std_b
     scale = _std_ratio(target_std, std_z)
     return scale, target_mean - scale * mean_z
 
 
-def _rotated_correction(plan: Any, sums_a: list, sums_b: list, sums_z: list
+def _rotated_correction(plan: Any, parents: list[list], sums_z: list
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """REPAIR in the merged basis of a rotation space: each parent's features mapped there
-    (``2 M x``: A's as they are, B's rotated), the target per merged unit the mean of the two
-    mapped features' means and stds (from the parents' covariances)."""
+    """REPAIR in the merged basis of a rotation space: each of the N parents' features mapped
+    there (``N M x``: model 0's as they are, the others rotated), the target per merged unit
+    the mean of the mapped features' means and stds (from the parents' covariances)."""
     targets = []
-    for sums, merge in ((sums_a, plan.merge_a), (sums_b, plan.merge_b)):
+    for sums, merge in zip(parents, plan.merges):
         mean = sums[0] / sums[2]
         covariance = sums[3] / sums[2] - torch.outer(mean, mean)
-        mapped = 2 * merge.to(mean)
+        mapped = len(parents) * merge.to(mean)
         targets.append((mapped @ mean, torch.einsum("ij,jk,ik->i", mapped, covariance, mapped)
                         .clamp_min(0).sqrt()))
-    target_mean = (targets[0][0] + targets[1][0]) / 2
-    target_std = (targets[0][1] + targets[1][1]) / 2
+    target_mean = sum(t[0] for t in targets) / len(parents)
+    target_std = sum(t[1] for t in targets) / len(parents)
     mean_z, std_z = _mean_std(sums_z)
     scale = _std_ratio(target_std, std_z)
     return scale, target_mean - scale * mean_z

@@ -139,7 +139,6 @@ def test_many_plan_refuses_inconsistent_shapes() -> None:
     (1, {}, "at least two"),
     (3, {"method": "mudsc", "width": 0.75}, "zip option"),
     (3, {"stop_at": "2", "outputs": "both"}, "outputs='both'"),
-    (3, {"repair": "repair"}, "REPAIR"),
     (3, {"method": "permute", "width": "sum"}, "zip option"),
     (3, {"rounds": -1}, "rounds"),
     (3, {"colour": "red"}, "unknown option"),
@@ -152,11 +151,10 @@ def test_what_n_models_cannot_do_is_refused(models: int, options: dict, message:
 
 
 def test_two_models_the_n_way_code_does_not_cover_go_to_merge() -> None:
-    x = inputs()
-    model_a, model_b = mlp(seed=0), mlp(seed=1)
-    result = mergec.merge_many([model_a, model_b], x[:4], calibration_of(x), method="zip",
-                               repair="repair", progress=False)
-    assert result.report.repair and result.report.many == {}
+    x = inputs(shape=(64, 5, 6))
+    result = mergec.merge_many([transformer(0), transformer(1)], x[:4], calibration_of(x),
+                               method="mudsc", repair=None, progress=False)
+    assert result.report.method == "mudsc" and result.report.many == {}
 
 
 def test_models_of_different_architectures_are_refused() -> None:
@@ -208,3 +206,101 @@ def test_partial_zipping_of_n_models_returns_n_outputs(cut: dict) -> None:
     assert isinstance(merged, tuple) and len(merged) == 3
     for output in merged:  # each tail is its own model's, on the trunk's unmerged features
         torch.testing.assert_close(output, outputs(model, x), rtol=RTOL, atol=ATOL)
+
+
+def transformer(seed: int = 0, qkv: str = "separate") -> nn.Module:
+    """A pre-norm transformer block of 2 heads of 4 on 6 features over 5 tokens."""
+    import archgen
+
+    torch.manual_seed(seed)
+    return archgen.Net(archgen.Embed(6, 8, 5, True, False),
+                       [archgen.AttentionBlock(8, 2, qkv, "sdpa", True, False),
+                        archgen.MLPBlock(8, 12, "gelu", False)],
+                       archgen.TokenHead(8, 3, False)).eval()
+
+
+def group_norm_cnn(seed: int = 0) -> nn.Module:
+    """A convolution, GroupNorm over 4 groups of 3 channels, and a pooled head."""
+    import archgen
+
+    torch.manual_seed(seed)
+    return archgen.Net(archgen.ConvBN(1, 8, 3, True, "gelu"),
+                       [archgen.GroupNormBlock(8, 12, 4, "gelu")],
+                       archgen.PoolHead(12, 3, True)).eval()
+
+
+BLOCK_FAMILIES = {"attention": (transformer, (256, 5, 6)),
+                  "group_norm": (group_norm_cnn, (128, 1, 8, 8))}
+
+
+@pytest.mark.parametrize("family", sorted(BLOCK_FAMILIES))
+def test_n_way_zip_of_permuted_copies_with_heads_or_groups_gives_the_model(family: str) -> None:
+    """Blocks permuted and units permuted inside them: the N-way zip pairs the blocks and
+    zips inside, and recovers the model."""
+    build, shape = BLOCK_FAMILIES[family]
+    model, x = build(), inputs(shape=shape)
+    copies = twins(model, x, 3)
+    spec = mergec.discover(model, x[:4])
+    assert any(space.kind == "blocks" and spec.is_free(s) for s, space in spec.spaces.items())
+    for twin in copies[1:]:  # every copy is permuted
+        assert any(not torch.equal(tensor, model.state_dict()[key])
+                   for key, tensor in twin.state_dict().items())
+    result = mergec.merge_many(copies, x[:4], calibration_of(x), method="zip", beta=0.0,
+                               repair=None, progress=False)
+    assert result.report.many["models"] == 3
+    torch.testing.assert_close(outputs(result.module, x), outputs(model, x), rtol=RTOL,
+                               atol=ATOL)
+
+
+@pytest.mark.parametrize("family", sorted(BLOCK_FAMILIES))
+def test_n_way_zip_of_two_models_with_heads_or_groups_is_merge(family: str) -> None:
+    build, shape = BLOCK_FAMILIES[family]
+    x = inputs(shape=shape)
+    options = dict(method="zip", alpha=0.5, beta=0.5, repair=None, progress=False,
+                   symmetry="permutation")
+    pair = mergec.merge(build(0), build(1), x[:4], calibration_of(x), **options)
+    many = mergec.merge_many([build(0), build(1)], x[:4], calibration_of(x), **options)
+    assert many.report.many["models"] == 2
+    expected, got = pair.module.state_dict(), many.module.state_dict()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
+def test_mudsc_of_n_models_with_heads_is_refused() -> None:
+    x = inputs(shape=(64, 5, 6))
+    with pytest.raises(MergeError, match="mudsc merges the flat spaces"):
+        mergec.merge_many([transformer(s) for s in range(3)], x[:4], calibration_of(x),
+                          method="mudsc", progress=False)
+
+
+REPAIRED = {"cnn": (cnn, (128, 1, 8, 8), "zip"),
+            "transformer": (transformer, (128, 5, 6), "permute")}
+
+
+@pytest.mark.parametrize("family", sorted(REPAIRED))
+def test_repair_of_n_permuted_copies_keeps_the_model(family: str) -> None:
+    """REPAIR's targets are the parents' interpolated statistics: for copies of one model,
+    merged exactly, every target already has them (BatchNorms; under rotations the heads'
+    queries, keys and values and the MLP's pre-activations)."""
+    build, shape, method = REPAIRED[family]
+    model, x = build(), inputs(shape=shape)
+    result = mergec.merge_many(twins(model, x, 3), x[:4], calibration_of(x), method=method,
+                               beta=0.0, repair="repair", progress=False)
+    assert result.report.repair["normalisations_repaired"] > 0
+    torch.testing.assert_close(outputs(result.module, x), outputs(model, x), rtol=RTOL,
+                               atol=ATOL)
+
+
+@pytest.mark.parametrize("family", sorted(REPAIRED))
+def test_repair_of_two_models_is_merges_repair(family: str) -> None:
+    build, shape, method = REPAIRED[family]
+    x = inputs(shape=shape)
+    options = dict(method=method, repair="repair", progress=False)
+    pair = mergec.merge(build(seed=0), build(seed=1), x[:4], calibration_of(x), **options)
+    many = mergec.merge_many([build(seed=0), build(seed=1)], x[:4], calibration_of(x),
+                             **options)
+    assert many.report.many["models"] == 2
+    assert many.report.repair == pair.report.repair
+    expected, got = pair.module.state_dict(), many.module.state_dict()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
