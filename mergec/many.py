@@ -11,8 +11,7 @@ Every model is traced and annotated by the pipeline's own passes (run pairwise a
   zipped N-way inside.
 - ``mudsc``: the same zip on MuDSC's dual similarity, the weights' cosine similarity of all N
   models' units mixed with the activations' correlation, in two sweeps over the spaces as for
-  two models (each model's other axes read in model 0's order under the plans found so far);
-  flat spaces only (a model with heads or groups is refused).
+  two models (each model's other axes read in model 0's order under the plans found so far).
 - ``permute`` and ``weight-match``: each model is first aligned to model 0 by the pairwise
   match (Hungarian on the activations' correlation, or Git Re-Basin's weight matching), then
   the alignment is refined MergeMany-style: in rounds, each model in a seeded random order,
@@ -29,9 +28,8 @@ The merged weights are Σ_m M_m W_m U_m over the N models (:func:`~mergec.passes
 merged_state`), and BatchNorm statistics are reset on the calibration data (``repair="reset"``).
 Partial zipping (``stop_at``, ``heads="separate"``) merges the trunk of the N models and runs
 each model's own tail after the cut: the module returns N outputs. Two models go through the
-same code; the options it does not cover (``outputs="both"``, models of different depths,
-mudsc on heads) are merged by :func:`mergec.merge` for two models and
-refused for more.
+same code; the options it does not cover (``outputs="both"``, models of different depths)
+are merged by :func:`mergec.merge` for two models and refused for more.
 """
 from __future__ import annotations
 
@@ -39,7 +37,7 @@ import functools
 import logging
 import time
 from dataclasses import replace
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -176,13 +174,6 @@ def _unsupported_graphs(options: MergeOptions, prepared: list[PipelineState]) ->
     """Why the N-way code does not merge these graphs, or None."""
     if any(state.depth is not None for state in prepared):
         return "the models differ in depth; merge_many merges models of one depth"
-    spec = prepared[0].specs[0]
-    if options.method == "mudsc":
-        for space_id, space in spec.spaces.items():
-            if is_leaf(spec, space_id) and spec.is_free(space_id) and space.kind != "flat":
-                return (f"mudsc merges the flat spaces of N models; space {space_id} "
-                        f"({space.origin}) is {space.block_count} blocks (attention heads or "
-                        "GroupNorm groups): use method='zip', 'permute' or 'weight-match'")
     if options.method != "zip" and any(state.specs[0].shapes != state.specs[1].shapes
                                        for state in prepared):
         return f"the models differ in width; {options.method} merges models of one width (zip)"
@@ -272,87 +263,105 @@ def _emit(options: MergeOptions, graphs: tuple[fx.GraphModule, ...],
 def _zip_plans(options: MergeOptions, specs: tuple[UnitSpec, ...],
                moments: dict[str, JointMoments], graphs: tuple[fx.GraphModule, ...]
                ) -> tuple[dict[str, ManyPlan], dict[str, dict], dict]:
-    """Every space's N-way plan: the flat free leaves zipped on their joint correlation
+    """Every space's N-way plan: the free flat leaves zipped on their joint correlation
     (``moments``; β = 0 in a space that reaches an output, relabelled to model 0's order
-    there), the others kept unit by unit. mudsc zips on MuDSC's dual similarity
-    ``β_w · S_weight + (1 − β_w) · S_act`` (the weights alone where a leaf has no statistics) in
-    two sweeps over the leaves, as for two models: each leaf's weight similarity reads the other
-    spaces under the plans found so far (:func:`~mergec.passes.match.
-    leaf_weight_similarity_many`)."""
+    there), the heads and groups of each block order zipped inside paired blocks
+    (:func:`_zipped_group`), the others kept unit by unit. mudsc zips on MuDSC's dual
+    similarity (:func:`_similarity_of`) in two sweeps over the leaves, as for two models: each
+    leaf's weight similarity reads the other spaces under the plans found so far."""
     spec, count = specs[0], len(specs)
     outputs = set(output_leaves(spec))
-    leaf_plans = {s: ManyPlan.average(space.size, count) for s, space in spec.spaces.items()
-                  if is_leaf(spec, s)}
-    mudsc = options.method == "mudsc"
-    in_blocks = _zip_blocks(options, specs, moments) if not mudsc else {}
-    leaf_plans.update(in_blocks)
-    zipped = [s for s in leaf_plans if spec.is_free(s) and (s in moments or mudsc)
-              and spec.spaces[s].kind == "flat" and s not in in_blocks]
-    params = [parameters_of(graph) for graph in graphs] if mudsc else []
-    similarities = {}
-    for _ in range(2 if mudsc else 1):
-        for space_id in zipped:
-            dims = tuple(other.spaces[space_id].size for other in specs)
-            similarity = activation_similarity(moments[space_id], dims[0]) \
-                if space_id in moments else None
-            if mudsc:
-                weights = leaf_weight_similarity_many(
-                    spec, space_id, params,
-                    functools.partial(_full_many, specs, spec, leaf_plans))
-                similarity = weights if similarity is None else \
-                    options.weight_beta * weights + (1 - options.weight_beta) * similarity
-            leaf_plans[space_id] = zip_many(
-                similarity, dims, flat_width(dims, options.width), alpha=options.alpha,
-                beta=0.0 if space_id in outputs else options.beta)
-            similarities[space_id] = similarity
-    summaries = {s: _zip_summary(plan, activation_similarity(moments[s], plan.dims[0]))
-                 for s, plan in in_blocks.items() if s in moments}
-    for space_id in zipped:
-        if space_id in outputs:
-            leaf_plans[space_id] = leaf_plans[space_id].in_order_of(0)
-        summaries[space_id] = _zip_summary(leaf_plans[space_id], similarities[space_id])
-    merged = resized(spec, {s: leaf_plans[s].width for s in zipped})
+    leaves = [s for s in spec.spaces if is_leaf(spec, s)]
+    leaf_plans = {s: ManyPlan.average(spec.spaces[s].size, count) for s in leaves}
+    groups = block_groups(spec, leaves)
+    similarity = _similarity_of(options, specs, moments, graphs, leaf_plans)
+    solved: dict[str, torch.Tensor] = {}  # the similarity each zipped leaf was solved on
+    for _ in range(2 if options.method == "mudsc" else 1):
+        for leaf in leaves:
+            space = spec.spaces[leaf]
+            if not spec.is_free(leaf) or leaf in groups["order_of"]:
+                continue
+            if space.kind == "flat" and (joint := similarity(leaf)) is not None:
+                dims = tuple(other.spaces[leaf].size for other in specs)
+                leaf_plans[leaf] = zip_many(joint, dims, flat_width(dims, options.width),
+                                            alpha=options.alpha,
+                                            beta=0.0 if leaf in outputs else options.beta)
+                solved[leaf] = joint
+            members = groups["members"].get(space.block_space, [])
+            if space.kind == "blocks" and members[:1] == [leaf]:  # a group, at its first
+                joints = {member: similarity(member) for member in members}
+                if all(joint is not None for joint in joints.values()):
+                    leaf_plans.update(_zipped_group(options, spec, space.block_space, joints,
+                                                    groups))
+                    solved.update(joints)
+    summaries = {}
+    for leaf, joint in solved.items():
+        if leaf in outputs:
+            leaf_plans[leaf] = leaf_plans[leaf].in_order_of(0)
+        summaries[leaf] = _zip_summary(leaf_plans[leaf], joint)
+    merged = resized(spec, {s: leaf_plans[s].width for s in solved})
     plans = {s: _full_many(specs, merged, leaf_plans, s) for s in spec.spaces}
     settings = {"alpha": options.alpha, "beta": options.beta}
-    return plans, summaries, {**settings, "weight_beta": options.weight_beta} if mudsc \
-        else settings
+    return plans, summaries, {**settings, "weight_beta": options.weight_beta} \
+        if options.method == "mudsc" else settings
 
 
-def _zip_blocks(options: MergeOptions, specs: tuple[UnitSpec, ...],
-                moments: dict[str, JointMoments]) -> dict[str, ManyPlan]:
-    """N-way zip of the blocks spaces (attention heads, GroupNorm groups) that share each
-    block order: model m's blocks are paired with model 0's as for two models (a pair of
-    blocks scores the similarity its within-block zip merges, summed over the spaces of the
-    order: q·k and v of one attention), then the N blocks paired at each position are zipped
-    N-way inside, so merged heads stay heads. The order's plan pairs the blocks. A group with a
-    member without statistics stays averaged; an order other spaces' parts depend on keeps
-    block i with block i."""
-    spec, count = specs[0], len(specs)
-    groups = block_groups(spec, [s for s in spec.spaces if is_leaf(spec, s)])
-    plans = {}
-    for order, members in groups["members"].items():
-        if any(member not in moments for member in members):
-            continue
-        blocks_count = spec.spaces[members[0]].block_count
-        inside = {m: spec.spaces[m].within_fixed is None for m in members}
-        solves = {m: ZipSolver(options.alpha, options.beta) if inside[m] else _keep_units
-                  for m in members}
-        pairings = [torch.arange(blocks_count)]
-        for model in range(1, count):
-            spaces = [BlockSpace(activation_similarity(moments[m].pair(0, model),
-                                                       spec.spaces[m].size),
-                                 spec.spaces[m].block_size, spec.spaces[m].block_size,
-                                 solves[m], plan_score(solves[m])) for m in members]
-            pairings.append(hungarian(block_scores(spaces, blocks_count))[1]
-                            if order not in groups["fixed_order"] else torch.arange(blocks_count))
-        for member in members:
-            similarity = activation_similarity(moments[member], spec.spaces[member].size)
-            plans[member] = _zipped_blocks(options, similarity, pairings, inside[member])
-        if order not in groups["fixed_order"] and spec.is_free(order):
-            orders = [torch.eye(blocks_count, dtype=torch.float64)[p] for p in pairings]
-            plans[order] = ManyPlan(tuple(o / count for o in orders),
-                                    tuple(o.T.contiguous() for o in orders))
+def _similarity_of(options: MergeOptions, specs: tuple[UnitSpec, ...],
+                   moments: dict[str, JointMoments], graphs: tuple[fx.GraphModule, ...],
+                   leaf_plans: dict[str, ManyPlan]) -> Callable[[str], torch.Tensor | None]:
+    """What a leaf is zipped on: the joint correlation of the N models' features (None
+    without statistics); for mudsc ``β_w · S_weight + (1 − β_w) · S_act``, the weights alone
+    where a leaf has no statistics, the weights read under the current ``leaf_plans``
+    (:func:`~mergec.passes.match.leaf_weight_similarity_many`)."""
+    spec = specs[0]
+    params = [parameters_of(graph) for graph in graphs] if options.method == "mudsc" else None
+    full_plans = functools.partial(_full_many, specs, spec, leaf_plans)
+
+    def similarity(leaf: str) -> torch.Tensor | None:
+        activations = activation_similarity(moments[leaf], spec.spaces[leaf].size) \
+            if leaf in moments else None
+        if params is None:
+            return activations
+        weights = leaf_weight_similarity_many(spec, leaf, params, full_plans)
+        return weights if activations is None else \
+            options.weight_beta * weights + (1 - options.weight_beta) * activations
+    return similarity
+
+
+def _zipped_group(options: MergeOptions, spec: UnitSpec, order: str,
+                  joints: dict[str, torch.Tensor], groups: dict) -> dict[str, ManyPlan]:
+    """N-way zip of the blocks spaces (attention heads, GroupNorm groups) of block order
+    ``order``, ``joints`` each one's N-model similarity: model m's blocks are paired with model
+    0's as for two models (a pair of blocks scores the similarity its within-block zip merges,
+    summed over the spaces of the order: q·k and v of one attention), then the N blocks paired
+    at each position are zipped N-way inside, so merged heads stay heads. The order's plan
+    pairs the blocks; an order other spaces' parts depend on keeps block i with block i."""
+    members = list(joints)
+    count = len(joints[members[0]]) // spec.spaces[members[0]].size
+    blocks_count = spec.spaces[members[0]].block_count
+    inside = {m: spec.spaces[m].within_fixed is None for m in members}
+    solves = {m: ZipSolver(options.alpha, options.beta) if inside[m] else _keep_units
+              for m in members}
+    pair = order not in groups["fixed_order"]
+    pairings = [torch.arange(blocks_count)]
+    for model in range(1, count):
+        spaces = [BlockSpace(_pair_of(joints[m], spec.spaces[m].size, model),
+                             spec.spaces[m].block_size, spec.spaces[m].block_size, solves[m],
+                             plan_score(solves[m])) for m in members]
+        pairings.append(hungarian(block_scores(spaces, blocks_count))[1] if pair
+                        else torch.arange(blocks_count))
+    plans = {m: _zipped_blocks(options, joints[m], pairings, inside[m]) for m in members}
+    if pair and spec.is_free(order):
+        orders = [torch.eye(blocks_count, dtype=torch.float64)[p] for p in pairings]
+        plans[order] = ManyPlan(tuple(o / count for o in orders),
+                                tuple(o.T.contiguous() for o in orders))
     return plans
+
+
+def _pair_of(joint: torch.Tensor, size: int, model: int) -> torch.Tensor:
+    """Model 0's and model ``model``'s block of an N-model joint similarity."""
+    index = torch.cat([torch.arange(size), model * size + torch.arange(size)])
+    return joint[index][:, index]
 
 
 def _keep_units(joint: torch.Tensor, d_a: int, d_b: int) -> MergePlan:

@@ -151,10 +151,12 @@ def test_what_n_models_cannot_do_is_refused(models: int, options: dict, message:
 
 
 def test_two_models_the_n_way_code_does_not_cover_go_to_merge() -> None:
-    x = inputs(shape=(64, 5, 6))
-    result = mergec.merge_many([transformer(0), transformer(1)], x[:4], calibration_of(x),
-                               method="mudsc", repair=None, progress=False)
-    assert result.report.method == "mudsc" and result.report.many == {}
+    from mergec_lab import zoo
+
+    x = torch.randn(32, 1, 8, 8)
+    shallow, deep = zoo.digits_mlp(width=16, depth=2), zoo.digits_mlp(width=16, depth=3)
+    result = mergec.merge_many([shallow, deep], x[:2], [(x,)], repair=None, progress=False)
+    assert result.report.depth is not None and result.report.many == {}
 
 
 def test_models_of_different_architectures_are_refused() -> None:
@@ -233,8 +235,10 @@ BLOCK_FAMILIES = {"attention": (transformer, (256, 5, 6)),
                   "group_norm": (group_norm_cnn, (128, 1, 8, 8))}
 
 
+@pytest.mark.parametrize("method", ["zip", "mudsc"])
 @pytest.mark.parametrize("family", sorted(BLOCK_FAMILIES))
-def test_n_way_zip_of_permuted_copies_with_heads_or_groups_gives_the_model(family: str) -> None:
+def test_n_way_zip_of_permuted_copies_with_heads_or_groups_gives_the_model(family: str,
+                                                                           method: str) -> None:
     """Blocks permuted and units permuted inside them: the N-way zip pairs the blocks and
     zips inside, and recovers the model."""
     build, shape = BLOCK_FAMILIES[family]
@@ -245,18 +249,19 @@ def test_n_way_zip_of_permuted_copies_with_heads_or_groups_gives_the_model(famil
     for twin in copies[1:]:  # every copy is permuted
         assert any(not torch.equal(tensor, model.state_dict()[key])
                    for key, tensor in twin.state_dict().items())
-    result = mergec.merge_many(copies, x[:4], calibration_of(x), method="zip", beta=0.0,
+    result = mergec.merge_many(copies, x[:4], calibration_of(x), method=method, beta=0.0,
                                repair=None, progress=False)
     assert result.report.many["models"] == 3
     torch.testing.assert_close(outputs(result.module, x), outputs(model, x), rtol=RTOL,
                                atol=ATOL)
 
 
+@pytest.mark.parametrize("method", ["zip", "mudsc"])
 @pytest.mark.parametrize("family", sorted(BLOCK_FAMILIES))
-def test_n_way_zip_of_two_models_with_heads_or_groups_is_merge(family: str) -> None:
+def test_n_way_zip_of_two_models_with_heads_or_groups_is_merge(family: str, method: str) -> None:
     build, shape = BLOCK_FAMILIES[family]
     x = inputs(shape=shape)
-    options = dict(method="zip", alpha=0.5, beta=0.5, repair=None, progress=False,
+    options = dict(method=method, alpha=0.5, beta=0.5, repair=None, progress=False,
                    symmetry="permutation")
     pair = mergec.merge(build(0), build(1), x[:4], calibration_of(x), **options)
     many = mergec.merge_many([build(0), build(1)], x[:4], calibration_of(x), **options)
@@ -264,13 +269,6 @@ def test_n_way_zip_of_two_models_with_heads_or_groups_is_merge(family: str) -> N
     expected, got = pair.module.state_dict(), many.module.state_dict()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
-
-
-def test_mudsc_of_n_models_with_heads_is_refused() -> None:
-    x = inputs(shape=(64, 5, 6))
-    with pytest.raises(MergeError, match="mudsc merges the flat spaces"):
-        mergec.merge_many([transformer(s) for s in range(3)], x[:4], calibration_of(x),
-                          method="mudsc", progress=False)
 
 
 REPAIRED = {"cnn": (cnn, (128, 1, 8, 8), "zip"),
