@@ -144,6 +144,19 @@ def test_merge_of_three_checkpoints_merges_them_at_once(tmp_path, capsys):
     assert code != 0 and "--stop-after" in capsys.readouterr().err
 
 
+def test_three_checkpoints_merge_with_mudsc_and_repair(tmp_path, capsys):
+    paths = digits_checkpoints(tmp_path, 3)
+    output = tmp_path / "merged"
+    code = main(["merge", *paths, "--model", "mergec_lab.zoo:digits_cnn",
+                 "--kwargs", '{"width": 4}', "--calibration", "digits", "--batches", "2",
+                 "--method", "mudsc", "--repair", "repair", "--quiet", "-o", str(output)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((output / "report.json").read_text())
+    assert report["many"]["models"] == 3 and report["many"]["weight_beta"] == 0.5
+    assert report["repair"]["normalisations_repaired"] > 0
+    assert mergec.load(output)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
 def test_merge_to_a_budget_from_the_command_line(tmp_path, capsys):
     paths = digits_checkpoints(tmp_path, 2)
     size = sum(p.numel() for p in zoo.digits_cnn(width=4).parameters())
