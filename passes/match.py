@@ -403,11 +403,13 @@ class WeightSimilarities:
 
     def __init__(self, spec: UnitSpec, params_a: Mapping[str, torch.Tensor],
                  params_b: Mapping[str, torch.Tensor], plans: Mapping[str, MergePlan],
-                 repeated: Mapping[str, dict] | None = None) -> None:
+                 repeated: Mapping[str, dict] | None = None, cross_only: bool = False) -> None:
         """Reads the spec; the parameters it binds become float64 on the CPU when first read.
         ``repeated`` holds the grouped-query attention groups whose separated parts follow
-        their block order (:func:`_free_repeated`)."""
-        self.spec, self.plans = spec, plans
+        their block order (:func:`_free_repeated`). ``cross_only``: every similarity holds the
+        cross-model block alone (:func:`~mergec.algorithms.weight_matching.weight_similarity`),
+        for callers whose solvers read nothing else."""
+        self.spec, self.plans, self.cross_only = spec, plans, cross_only
         self.axes = _weight_axes(spec, params_a)
         self.params_a = WeightParameters(spec, params_a)
         self.params_b = WeightParameters(spec, params_b)
@@ -458,7 +460,7 @@ class WeightSimilarities:
         align_b = {space: self._alignment(space) if self.known(space) else None
                    for space in aligned}
         similarity = weight_similarity(self.params_a, self.params_b, axes, units, align_b,
-                                       self.spec.spaces[leaf].size, among)
+                                       self.spec.spaces[leaf].size, among, self.cross_only)
         self._keep(leaf, versions, similarity)
         return similarity
 
@@ -658,7 +660,8 @@ class Match:
         summary: dict[str, dict] = {}
         groups = block_groups(spec, all_leaves, free_repeated=True)
         solve = _solver(self.method, self.alpha, self.beta)
-        weights = WeightSimilarities(spec, params_a, params_b, plans, groups["repeated"]) \
+        weights = WeightSimilarities(spec, params_a, params_b, plans, groups["repeated"],
+                                     cross_only=self.method == "weight-match") \
             if self.method in ("weight-match", "mudsc") else None
         similarity = functools.partial(self._similarity, moments, weights, spec=spec)
         update = functools.partial(_update, plans, weights, summary)
@@ -712,7 +715,10 @@ class Match:
                              if unsettled(leaf))
         if not tied:
             return
-        weights = WeightSimilarities(spec, *params, plans, groups["repeated"])
+        # permute's solvers and every tie-break read the cross-model block only; zip solves a
+        # leaf without statistics on its weights alone, within-model merges included
+        weights = WeightSimilarities(spec, *params, plans, groups["repeated"],
+                                     cross_only=self.method == "permute")
         similarity = functools.partial(self._similarity, moments, None, spec=spec,
                                        ties=weights)
         update = functools.partial(_update, plans, weights, summary)

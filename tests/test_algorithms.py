@@ -679,6 +679,23 @@ def test_weight_similarity_finds_a_permuted_copy_and_adds_every_place() -> None:
                                expected)
 
 
+def test_cross_only_weight_similarity_is_the_cross_block_alone() -> None:
+    params_a, params_b = random_mlp(0), random_mlp(1)
+    conv_order = torch.eye(8, dtype=torch.float64)[torch.randperm(8, generator=random_generator(2))]
+    arguments = (params_a, params_b, mlp_spec(), {"hidden": [torch.arange(6)]},
+                 {"conv": conv_order, "hidden": torch.eye(6)}, 6)
+    full = weight_similarity(*arguments)
+    cross = weight_similarity(*arguments, cross_only=True)
+    torch.testing.assert_close(cross[:6, 6:], full[:6, 6:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cross[6:, :6], full[6:, :6], rtol=1e-12, atol=1e-12)
+    for block in (cross[:6, :6], cross[6:, 6:]):  # within a model: nothing but the diagonal
+        torch.testing.assert_close(block, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-12)
+        assert not block.fill_diagonal_(0).any()
+    some = torch.tensor([1, 4, 7, 9])
+    torch.testing.assert_close(weight_similarity(*arguments, some, cross_only=True)[1, 7],
+                               full[1, 7], rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- CKA
 
 

@@ -25,7 +25,7 @@ Axes = Mapping[str, Sequence[tuple[int, str]]]
 def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Tensor],
                       axes: Axes, units: Mapping[str, Sequence[Tensor]],
                       align_b: Mapping[str, Tensor | None], size: int,
-                      among: Tensor | None = None) -> Tensor:
+                      among: Tensor | None = None, cross_only: bool = False) -> Tensor:
     """Joint ``(2 size × 2 size)`` cosine similarity of ``size`` units in A and in B.
 
     ``units[space]`` says where the units sit along the axes of ``space``: one tensor of
@@ -40,7 +40,10 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
     the units and is left out (weight matching's first sweep, :mod:`mergec.passes.match`).
     Float64, on the CPU; a unit without weights is similar to nothing (0). ``among`` (indices
     into the ``2 size`` units, A's first) asks only for the similarities between those units,
-    at a fraction of the cost when they are few; the other entries are 0.
+    at a fraction of the cost when they are few; the other entries are 0. ``cross_only``
+    computes the similarities between A's and B's units alone, the within-model ones left 0
+    (the diagonal 1): a quarter of the products, for the solvers that read the cross-model
+    block only (the Hungarian, Procrustes, tie-breaks between models).
 
     >>> params = {"fc.weight": torch.tensor([[1.0, 0.0], [1.0, 1.0]])}
     >>> weight_similarity(params, params, {"fc.weight": [(0, "h")]},
@@ -51,7 +54,7 @@ def weight_similarity(params_a: Mapping[str, Tensor], params_b: Mapping[str, Ten
     chosen = torch.arange(2 * size) if among is None else among.cpu().sort().values
     chosen_a, chosen_b = chosen[chosen < size], chosen[chosen >= size] - size
     similarity = _cosine(_gram((params_a, params_b), axes, units, (None, align_b),
-                               (chosen_a, chosen_b)))
+                               (chosen_a, chosen_b), cross_only))
     if among is None:
         return similarity
     full = torch.zeros(2 * size, 2 * size, dtype=torch.float64)
@@ -78,13 +81,15 @@ def weight_similarity_many(params: Sequence[Mapping[str, Tensor]], axes: Axes,
 
 def _gram(params: Sequence[Mapping[str, Tensor]], axes: Axes,
           units: Mapping[str, Sequence[Tensor]],
-          aligns: Sequence[Mapping[str, Tensor | None] | None], chosen: Sequence[Tensor]
-          ) -> Tensor:
+          aligns: Sequence[Mapping[str, Tensor | None] | None], chosen: Sequence[Tensor],
+          cross_only: bool = False) -> Tensor:
     """The Gram matrix of the chosen units' weight vectors, model after model (see
     :func:`weight_similarity`); a slice along an axis whose alignment is not known yet (None)
-    is left out for every model."""
+    is left out for every model. ``cross_only`` (two models): the products between the two
+    models' vectors and each vector's squared norm, nothing else."""
     gram = torch.zeros(sum(len(c) for c in chosen), sum(len(c) for c in chosen),
                        dtype=torch.float64)
+    first = len(chosen[0])
     for key, bound in axes.items():
         for index, (axis, space) in enumerate(bound):
             if space not in units:
@@ -98,13 +103,29 @@ def _gram(params: Sequence[Mapping[str, Tensor]], axes: Axes,
             for positions in units[space]:
                 rows = []
                 for tensor, align, picked in zip(tensors, aligns, chosen):
-                    vectors = tensor.index_select(axis, positions[picked])
+                    vectors = _select(tensor, axis, positions[picked])
                     for other_axis, other_space in others if align is not None else ():
                         vectors = _align(vectors, other_axis, align[other_space])
                     rows.append(_unit_rows(vectors, axis))
+                if cross_only:
+                    gram[:first, first:] += rows[0] @ rows[1].T
+                    gram.diagonal().add_(torch.cat([torch.einsum("ij,ij->i", r, r)
+                                                    for r in rows]))
+                    continue
                 stacked = torch.cat(rows)
                 gram += stacked @ stacked.T
+    if cross_only:
+        gram[first:, :first] = gram[:first, first:].T
     return gram
+
+
+def _select(tensor: Tensor, axis: int, index: Tensor) -> Tensor:
+    """``tensor.index_select(axis, index)``; a view where ``index`` is a run of consecutive
+    positions (a leaf that fills its space: no copy of a wide weight)."""
+    if len(index) and int(index[-1]) - int(index[0]) == len(index) - 1 \
+            and bool((index.diff() == 1).all()):
+        return tensor.narrow(axis, int(index[0]), len(index))
+    return tensor.index_select(axis, index)
 
 
 def _cosine(gram: Tensor) -> Tensor:
