@@ -44,7 +44,7 @@ from torch import fx, nn
 
 from mergec.algorithms.blocks import BlockSpace, block_scores, block_units, plan_score
 from mergec.algorithms.covariance import JointMoments, activation_similarity
-from mergec.algorithms.solvers import ManyPlan, MergePlan, ZipSolver, average, hungarian, zip_many
+from mergec.algorithms.solvers import ManyPlan, ZipSolver, hungarian, zip_many
 from mergec.errors import MergeError
 from mergec.inputs import check_calibration, check_device, check_models, merge_device
 from mergec.ir.fx import as_args, follow_weights_device, to_device
@@ -54,11 +54,12 @@ from mergec.ir.state import MergeOptions, OutputAffine, PipelineState
 from mergec.merge import MergeResult, report_of, run_merge
 from mergec.passes.collect_stats import joint_moments
 from mergec.passes.match import (
+    ManyWeightSimilarities,
     block_groups,
     flat_width,
     full_plan,
     is_leaf,
-    leaf_weight_similarity_many,
+    keep_order,
     output_leaves,
     parameters_of,
     resized,
@@ -312,17 +313,22 @@ def _similarity_of(options: MergeOptions, specs: tuple[UnitSpec, ...],
     """What a leaf is zipped on: the joint correlation of the N models' features (None
     without statistics); for mudsc ``β_w · S_weight + (1 − β_w) · S_act``, the weights alone
     where a leaf has no statistics, the weights read under the current ``leaf_plans``
-    (:func:`~mergec.passes.match.leaf_weight_similarity_many`)."""
+    (:class:`~mergec.passes.match.ManyWeightSimilarities`)."""
     spec = specs[0]
-    params = [parameters_of(graph) for graph in graphs] if options.method == "mudsc" else None
+    weight_similarity = ManyWeightSimilarities(spec, [parameters_of(g) for g in graphs]) \
+        if options.method == "mudsc" else None
     full_plans = functools.partial(_full_many, specs, spec, leaf_plans)
 
-    def similarity(leaf: str) -> torch.Tensor | None:
-        activations = activation_similarity(moments[leaf], spec.spaces[leaf].size) \
+    @functools.cache
+    def correlation(leaf: str) -> torch.Tensor | None:  # the same in every sweep
+        return activation_similarity(moments[leaf], spec.spaces[leaf].size) \
             if leaf in moments else None
-        if params is None:
+
+    def similarity(leaf: str) -> torch.Tensor | None:
+        activations = correlation(leaf)
+        if weight_similarity is None:
             return activations
-        weights = leaf_weight_similarity_many(spec, leaf, params, full_plans)
+        weights = weight_similarity(leaf, full_plans)
         return weights if activations is None else \
             options.weight_beta * weights + (1 - options.weight_beta) * activations
     return similarity
@@ -340,16 +346,18 @@ def _zipped_group(options: MergeOptions, spec: UnitSpec, order: str,
     count = len(joints[members[0]]) // spec.spaces[members[0]].size
     blocks_count = spec.spaces[members[0]].block_count
     inside = {m: spec.spaces[m].within_fixed is None for m in members}
-    solves = {m: ZipSolver(options.alpha, options.beta) if inside[m] else _keep_units
+    solves = {m: ZipSolver(options.alpha, options.beta) if inside[m] else keep_order
               for m in members}
     pair = order not in groups["fixed_order"]
     pairings = [torch.arange(blocks_count)]
     for model in range(1, count):
+        if not pair:
+            pairings.append(torch.arange(blocks_count))
+            continue
         spaces = [BlockSpace(_pair_of(joints[m], spec.spaces[m].size, model),
                              spec.spaces[m].block_size, spec.spaces[m].block_size, solves[m],
                              plan_score(solves[m])) for m in members]
-        pairings.append(hungarian(block_scores(spaces, blocks_count))[1] if pair
-                        else torch.arange(blocks_count))
+        pairings.append(hungarian(block_scores(spaces, blocks_count))[1])
     plans = {m: _zipped_blocks(options, joints[m], pairings, inside[m]) for m in members}
     if pair and spec.is_free(order):
         orders = [torch.eye(blocks_count, dtype=torch.float64)[p] for p in pairings]
@@ -362,11 +370,6 @@ def _pair_of(joint: torch.Tensor, size: int, model: int) -> torch.Tensor:
     """Model 0's and model ``model``'s block of an N-model joint similarity."""
     index = torch.cat([torch.arange(size), model * size + torch.arange(size)])
     return joint[index][:, index]
-
-
-def _keep_units(joint: torch.Tensor, d_a: int, d_b: int) -> MergePlan:
-    """The block solver of a space whose order inside blocks is pinned: unit i with unit i."""
-    return average(d_a)
 
 
 def _zipped_blocks(options: MergeOptions, similarity: torch.Tensor,

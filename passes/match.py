@@ -288,33 +288,44 @@ def leaf_weight_similarity(spec: UnitSpec, leaf: str, params_a: Mapping[str, tor
     params_a, params_b = WeightParameters(spec, params_a), WeightParameters(spec, params_b)
     spaces = {space for bound in axes.values() for _, space in bound}
     align_b = {space: 2.0 * plans[space].merge_b for space in spaces}
-    return weight_similarity(params_a, params_b, axes, _leaf_units(spec, leaf, spaces), align_b,
-                             spec.spaces[leaf].size)
+    units = _leaf_units({space: occurrences(spec, space) for space in spaces}, leaf)
+    return weight_similarity(params_a, params_b, axes, units, align_b, spec.spaces[leaf].size)
 
 
-def leaf_weight_similarity_many(spec: UnitSpec, leaf: str,
-                                params: Sequence[Mapping[str, torch.Tensor]],
-                                full_plans: Callable[[str], ManyPlan]) -> torch.Tensor:
-    """:func:`leaf_weight_similarity` of N models of one width: the ``(N d × N d)`` joint
-    similarity of ``leaf``'s units, model m ≥ 1's other axes put in model 0's order by N times
-    its merge matrix of the space's full plan (``full_plans(space)``; a merged unit of every
-    model averages N). Two models give the two-model similarity."""
-    axes = _weight_axes(spec, params[0])
-    params = [WeightParameters(spec, p) for p in params]
-    units = _leaf_units(spec, leaf, {space for bound in axes.values() for _, space in bound})
-    read = {space for bound in axes.values() if any(s in units for _, s in bound)
-            for _, space in bound}
-    plans = {space: full_plans(space) for space in read}
-    aligns = [None] + [{space: len(params) * plan.merges[model].to_dense()
-                        for space, plan in plans.items()} for model in range(1, len(params))]
-    return weight_similarity_many(params, axes, units, aligns, spec.spaces[leaf].size)
+class ManyWeightSimilarities:
+    """:func:`leaf_weight_similarity` of N models of one width, for the N-way zip's sweeps: the
+    ``(N d × N d)`` joint similarity of a leaf's units, model m ≥ 1's other axes put in model
+    0's order by N times its merge matrix of the space's full plan (a merged unit of every
+    model averages N). The bindings and occurrences are read once and each parameter becomes
+    float64 once, as in :class:`WeightSimilarities`. Two models give the two-model
+    similarity."""
+
+    def __init__(self, spec: UnitSpec, params: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        self.spec = spec
+        self.axes = _weight_axes(spec, params[0])
+        self.params = [WeightParameters(spec, p) for p in params]
+        self.spaces = {space for bound in self.axes.values() for _, space in bound}
+        self.occurrences = {space: occurrences(spec, space) for space in self.spaces}
+
+    def __call__(self, leaf: str, full_plans: Callable[[str], ManyPlan]) -> torch.Tensor:
+        """``leaf``'s similarity under the plans ``full_plans(space)`` gives."""
+        units = _leaf_units(self.occurrences, leaf)
+        read = {space for bound in self.axes.values() if any(s in units for _, s in bound)
+                for _, space in bound}
+        plans = {space: full_plans(space) for space in read}
+        count = len(self.params)
+        aligns = [None] + [{space: count * plan.merges[model].to_dense()
+                            for space, plan in plans.items()} for model in range(1, count)]
+        return weight_similarity_many(self.params, self.axes, units, aligns,
+                                      self.spec.spaces[leaf].size)
 
 
-def _leaf_units(spec: UnitSpec, leaf: str, spaces: set[str]) -> dict[str, list[torch.Tensor]]:
-    """Where ``leaf``'s units sit in each of ``spaces`` that holds them."""
+def _leaf_units(occurrences_of: Mapping[str, list[Occurrence]], leaf: str
+                ) -> dict[str, list[torch.Tensor]]:
+    """Where ``leaf``'s units sit in each space of ``occurrences_of`` that holds them."""
     units = {}
-    for space in spaces:
-        places = [positions for found, positions in occurrences(spec, space) if found == leaf]
+    for space, found in occurrences_of.items():
+        places = [positions for got, positions in found if got == leaf]
         if places:
             units[space] = places
     return units
@@ -571,7 +582,7 @@ def _parent_units(parts: tuple[str, ...], spaces_of: Mapping[str, list[str]],
 # ---------------------------------------------------------------------------------------------
 # Solving leaves
 # ---------------------------------------------------------------------------------------------
-def _keep_order(joint: torch.Tensor, d_a: int, d_b: int) -> MergePlan:
+def keep_order(joint: torch.Tensor, d_a: int, d_b: int) -> MergePlan:
     """A :data:`~mergec.algorithms.solvers.BlockSolver` that averages unit i with unit i."""
     return solvers.average(d_a)
 
@@ -579,7 +590,7 @@ def _keep_order(joint: torch.Tensor, d_a: int, d_b: int) -> MergePlan:
 def _solver(method: str, alpha: float, beta: float) -> BlockSolver:
     """The solver of a same-width leaf, or of one block pair, for ``method``."""
     if method == "average":
-        return _keep_order
+        return keep_order
     if method in ("permute", "weight-match"):
         return solvers.permute_joint
     return solvers.ZipSolver(alpha, beta)  # zip, and mudsc's zip
@@ -866,7 +877,7 @@ class Match:
             times = repeated["times"].get(space_id, 1)
             pinned = space.within_fixed is not None if not space.parts else \
                 any(not spec.is_free(part) for part in space.parts)
-            within = _keep_order if pinned else solve
+            within = keep_order if pinned else solve
             width = space.size // space.block_count
             block_space = blocks.BlockSpace(joint, width, width, within, blocks.plan_score(within))
             layouts.append((space, times, block_space))
@@ -885,7 +896,7 @@ class Match:
                 plans[space.id] = blocks.paired_plan(block_space, repeat)
                 continue
             for index, part in enumerate(space.parts):
-                solver = solve if spec.is_free(part) else _keep_order
+                solver = solve if spec.is_free(part) else keep_order
                 pair = block_space.pair(index, int(pairing[index]), count)
                 plans[part] = solver(pair, block_space.width_a, block_space.width_b)
         return plans
@@ -902,7 +913,7 @@ class Match:
         count = spec.spaces[members[0]].block_count
         spaces = []
         for member, joint in zip(members, joints):
-            within = _keep_order if spec.spaces[member].within_fixed is not None else solve
+            within = keep_order if spec.spaces[member].within_fixed is not None else solve
             score = blocks.plan_score(within)
             if self.rotates(spec, member):  # heads rotated inside, paired by aligned energy
                 within, score = solvers.procrustes, blocks.rotation_score

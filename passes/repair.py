@@ -302,8 +302,8 @@ def repair_statistics(merged: fx.GraphModule, parents: Sequence[fx.GraphModule],
     device = torch.device(device) if device else torch.device("cpu")
     with torch.no_grad():
         outer = frozenset(name for name, t in targets.items() if t.kind == "rotated")
-        parents = [_ChannelStats(to_device(module, device), axes, outer=outer)
-                   .collect(calibration, device) for module in parents]
+        sums = [_ChannelStats(to_device(module, device), axes, outer=outer)
+                .collect(calibration, device) for module in parents]
         to_device(merged, device)
         pairs = _query_key_pairs(targets)
         for name, target in targets.items():
@@ -311,10 +311,10 @@ def repair_statistics(merged: fx.GraphModule, parents: Sequence[fx.GraphModule],
                 calibration, device)
             plan = plans[target.space]
             correct = _rotated_correction if target.kind == "rotated" else _unit_correction
-            scale, shift = correct(plan, [p[name] for p in parents], measured[name])
+            scale, shift = correct(plan, [p[name] for p in sums], measured[name])
             _fold_correction(merged, target, scale, shift)
             if name in pairs:
-                _repair_temperature(merged, targets, (name, pairs[name]), parents, plan,
+                _repair_temperature(merged, targets, (name, pairs[name]), sums, plan,
                                     spec.spaces[target.space].block_count, calibration, device)
     log.info("repair: rescaled %d targets (REPAIR), %d heads' attention temperatures",
              len(targets), len(pairs))
